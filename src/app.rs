@@ -1,0 +1,239 @@
+//! Wires the threads together and owns the shutdown order.
+//!
+//! Start-up, in order: database reachable and table ready → rings → writer
+//! threads → listeners bound (SO_REUSEPORT, one per shard) → shard threads →
+//! signal handler → the readiness line on stdout. Nothing is announced
+//! before it can be served.
+//!
+//! Shutdown cascades through ownership, never through a polled flag:
+//! SIGTERM/SIGINT → each shard's trigger fires → shards stop accepting,
+//! finish in-flight requests and drop their ring senders → writers see their
+//! ring disconnect, commit what is left and return their reports → the pool
+//! closes → the exit code says whether everything accepted was committed. A
+//! second signal, or `server.shutdown_timeout_ms` passing, ends the wait.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::pipeline::{self, RingGauge};
+use crate::shard::{self, ShardSetup};
+use crate::writer::db::{self, Statements};
+use crate::writer::{Writer, WriterReport};
+
+/// Why ingestd could not run; each maps to an exit code in `main`.
+#[derive(Debug)]
+pub enum RunError {
+    /// PostgreSQL unreachable or the table unusable at start-up (69).
+    Database(String),
+    /// A listener could not be bound (71).
+    Bind(String),
+    /// A thread or the signal handler could not start (70).
+    Internal(String),
+}
+
+impl std::fmt::Display for RunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RunError::Database(m) => write!(f, "database: {m}"),
+            RunError::Bind(m) => write!(f, "listen: {m}"),
+            RunError::Internal(m) => write!(f, "internal: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for RunError {}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Every accepted event was committed or answered with a retryable error.
+    Clean,
+    /// The shutdown deadline passed, or queued events could not be committed.
+    Incomplete,
+}
+
+/// Runs ingestd until a signal, then shuts down gracefully.
+pub fn run(config: Config) -> Result<Ended, RunError> {
+    let config = Arc::new(config);
+    let shards = config.shard_count();
+    let writers = config.writer.writers;
+
+    let sql = Arc::new(Statements::new(&config.database.table));
+    let pool = db::pool(&config.database, config.pool_size()).map_err(|e| RunError::Database(e.to_string()))?;
+    {
+        let mut client = pool.get().map_err(|e| RunError::Database(format!("cannot connect: {e}")))?;
+        db::prepare_table(&mut client, &sql, config.database.create_table)
+            .map_err(|e| RunError::Database(format!("table {}: {e}", config.database.table)))?;
+    }
+
+    let (ring_set, receivers) = pipeline::rings(writers, config.pipeline.ring_capacity);
+    let metrics = Arc::new(Metrics::new(shards, writers, RingGauge::new(&receivers, config.pipeline.ring_capacity)));
+    let deadline: Arc<OnceLock<Instant>> = Arc::new(OnceLock::new());
+
+    let mut writer_threads = Vec::with_capacity(writers);
+    for (id, ring) in receivers.into_iter().enumerate() {
+        let writer = Writer {
+            id,
+            ring,
+            pool: pool.clone(),
+            sql: sql.clone(),
+            config: config.writer.clone(),
+            metrics: metrics.clone(),
+            deadline: deadline.clone(),
+        };
+        let handle = std::thread::Builder::new()
+            .name(format!("writer-{id}"))
+            .spawn(move || writer.run())
+            .map_err(|e| RunError::Internal(format!("cannot start writer thread: {e}")))?;
+        writer_threads.push(handle);
+    }
+
+    let listeners = bind_listeners(&config, shards)?;
+    let local = listeners[0].local_addr().map_err(|e| RunError::Bind(e.to_string()))?;
+    let cores = if config.server.pin_cores { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };
+    let mut triggers = Vec::with_capacity(shards);
+    let mut shard_threads = Vec::with_capacity(shards);
+    for (id, listener) in listeners.into_iter().enumerate() {
+        let (trigger, shutdown) = futures_channel::oneshot::channel();
+        triggers.push(trigger);
+        let setup = ShardSetup {
+            id,
+            core: (!cores.is_empty()).then(|| cores[id % cores.len()]),
+            listener,
+            rings: ring_set.clone(),
+            config: config.clone(),
+            metrics: metrics.clone(),
+            shutdown,
+        };
+        let handle = shard::spawn(setup).map_err(|e| RunError::Internal(format!("cannot start shard thread: {e}")))?;
+        shard_threads.push(handle);
+    }
+    // Only shards hold ring senders now; their exit is what closes the rings.
+    drop(ring_set);
+
+    let signals = signal_channel()?;
+    crate::info!(
+        "ingestd ready",
+        listen = local,
+        shards = shards,
+        writers = writers,
+        ack = format!("{:?}", config.ingest.ack).to_lowercase(),
+        table = config.database.table
+    );
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "ingestd listening on http://{local}");
+    let _ = stdout.flush();
+    drop(stdout);
+
+    let signal = signals.recv().unwrap_or(signal_hook::consts::SIGTERM);
+    let started = Instant::now();
+    let timeout = config.server.shutdown_timeout();
+    let _ = deadline.set(started + timeout);
+    metrics.shutting_down.store(true, Ordering::Relaxed);
+    crate::info!("shutdown started", signal = signal, timeout_ms = timeout.as_millis());
+    for trigger in triggers {
+        let _ = trigger.send(());
+    }
+
+    // Join on a helper thread so that the deadline and a second signal can
+    // still end the wait.
+    let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+    std::thread::Builder::new()
+        .name("joiner".into())
+        .spawn(move || {
+            for t in shard_threads {
+                let _ = t.join();
+            }
+            let mut total = WriterReport::default();
+            for t in writer_threads {
+                if let Ok(r) = t.join() {
+                    total.committed += r.committed;
+                    total.uncommitted += r.uncommitted;
+                    total.lost += r.lost;
+                }
+            }
+            let _ = done_tx.send(total);
+        })
+        .map_err(|e| RunError::Internal(format!("cannot start joiner thread: {e}")))?;
+    let until = started + timeout;
+    let ended = crossbeam_channel::select! {
+        recv(done_rx) -> report => match report {
+            Ok(report) => {
+                crate::info!(
+                    "shutdown complete",
+                    committed = report.committed,
+                    not_committed = report.uncommitted,
+                    lost = report.lost,
+                    elapsed_ms = started.elapsed().as_millis()
+                );
+                if report.lost == 0 { Ended::Clean } else { Ended::Incomplete }
+            }
+            Err(_) => Ended::Incomplete,
+        },
+        recv(signals) -> _ => {
+            crate::warn!("second signal: exiting before shutdown finished");
+            Ended::Incomplete
+        },
+        recv(crossbeam_channel::at(until)) -> _ => {
+            crate::error!(
+                "shutdown deadline passed with work in flight",
+                timeout_ms = timeout.as_millis(),
+                ring_depth = metrics.rings.depths().iter().sum::<usize>()
+            );
+            Ended::Incomplete
+        },
+    };
+    drop(pool);
+    Ok(ended)
+}
+
+/// One listener per shard on the same address with SO_REUSEPORT; with port
+/// 0 the first one picks the port and the others join it.
+fn bind_listeners(config: &Config, shards: usize) -> Result<Vec<std::net::TcpListener>, RunError> {
+    let mut addr: SocketAddr = config.server.listen_addr().map_err(|e| RunError::Bind(e.to_string()))?;
+    let mut out = Vec::with_capacity(shards);
+    for _ in 0..shards {
+        let listener = bind_one(addr).map_err(|e| RunError::Bind(format!("{addr}: {e}")))?;
+        if addr.port() == 0 {
+            addr = listener.local_addr().map_err(|e| RunError::Bind(e.to_string()))?;
+        }
+        out.push(listener);
+    }
+    Ok(out)
+}
+
+fn bind_one(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
+}
+
+/// SIGTERM and SIGINT as a channel: the first starts a graceful shutdown,
+/// the second cuts it short.
+fn signal_channel() -> Result<crossbeam_channel::Receiver<i32>, RunError> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .map_err(|e| RunError::Internal(format!("cannot install signal handlers: {e}")))?;
+    let (tx, rx) = crossbeam_channel::bounded(4);
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                if tx.send(signal).is_err() {
+                    break;
+                }
+            }
+        })
+        .map_err(|e| RunError::Internal(format!("cannot start signal thread: {e}")))?;
+    Ok(rx)
+}

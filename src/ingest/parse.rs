@@ -1,0 +1,510 @@
+//! Request body → validated events → COPY rows, with simd-json: pure, no I/O.
+//!
+//! simd-json parses a scratch copy of the body in place into a flat tape.
+//! Walking the tape gives the typed top-level fields; the payload is kept as
+//! the exact JSON text the client sent (numbers and all), cut out of the
+//! original body with simd-json's structural indexes, so it is never rebuilt.
+//! The tape walk maps a node to its structural characters: a scalar or
+//! string is one, an object adds `{`, one `:` per key and one `,`/`}` per
+//! entry (at least one), an array `[` and one `,`/`]` per element.
+//!
+//! One [`Parser`] lives on each shard and reuses its buffers across requests.
+
+use simd_json::{Buffers, Node, StaticNode, Tape};
+use uuid::timestamp::context::ContextV7;
+
+use super::event::{self, Field, Reason, RejectKind, TsWindow};
+use crate::writer::copy::{PgMicros, RowBuf, RowFields};
+
+/// The shape of a request body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyKind {
+    /// `POST /events`: one JSON object.
+    Single,
+    /// `POST /events/batch`: a JSON array of objects.
+    JsonArray,
+    /// `POST /events/batch` with `application/x-ndjson`: one object per line.
+    Ndjson,
+}
+
+/// The per-event rules that come from configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct Rules {
+    pub max_events: usize,
+    pub max_payload_bytes: usize,
+    pub max_future_skew_us: i64,
+    pub allow_unknown_fields: bool,
+}
+
+/// One rejected event: its position in the request and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub index: usize,
+    pub error: Reason,
+}
+
+/// What a body turned into.
+#[derive(Debug, Default)]
+pub struct Parsed {
+    /// COPY tuples of the accepted events.
+    pub rows: RowBuf,
+    /// The rejected events, in index order.
+    pub rejected: Vec<Rejection>,
+}
+
+/// Why a whole body was refused (400 or 413), as opposed to single events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BodyError {
+    /// Not JSON at all (for NDJSON, a bad line is a per-event rejection instead).
+    Malformed(String),
+    /// `POST /events/batch` whose JSON body is not an array.
+    NotAnArray,
+    /// No events at all.
+    Empty,
+    /// More events than `ingest.max_events_per_request`.
+    TooManyEvents { limit: usize },
+}
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BodyError::Malformed(detail) => write!(f, "malformed JSON: {detail}"),
+            BodyError::NotAnArray => f.write_str(
+                "a batch must be a JSON array of events, or NDJSON with Content-Type: application/x-ndjson",
+            ),
+            BodyError::Empty => f.write_str("the request holds no events"),
+            BodyError::TooManyEvents { limit } => {
+                write!(f, "more than {limit} events in one request (ingest.max_events_per_request)")
+            }
+        }
+    }
+}
+
+/// A shard's parser: rules plus buffers reused from one request to the next.
+pub struct Parser {
+    rules: Rules,
+    buffers: Buffers,
+    scratch: Vec<u8>,
+    tape: Tape<'static>,
+    uuid_context: ContextV7,
+}
+
+/// Time facts of one request.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    /// Server clock when the request was received, Unix microseconds.
+    pub now_unix_us: i64,
+}
+
+impl Parser {
+    pub fn new(rules: Rules) -> Self {
+        Self {
+            rules,
+            buffers: Buffers::new(64 * 1024),
+            scratch: Vec::new(),
+            tape: Tape::null(),
+            uuid_context: ContextV7::new(),
+        }
+    }
+
+    pub fn rules(&self) -> &Rules {
+        &self.rules
+    }
+
+    /// Parses and validates a whole body.
+    pub fn parse(&mut self, body: &[u8], kind: BodyKind, clock: Clock) -> Result<Parsed, BodyError> {
+        let mut out = Parsed { rows: RowBuf::with_capacity(body.len() + body.len() / 4, 0), rejected: Vec::new() };
+        match kind {
+            BodyKind::Single => self.parse_json(body, false, clock, &mut out)?,
+            BodyKind::JsonArray => self.parse_json(body, true, clock, &mut out)?,
+            BodyKind::Ndjson => self.parse_ndjson(body, clock, &mut out)?,
+        }
+        Ok(out)
+    }
+
+    fn parse_json(&mut self, body: &[u8], array: bool, clock: Clock, out: &mut Parsed) -> Result<(), BodyError> {
+        let mut tape = std::mem::replace(&mut self.tape, Tape::null()).reset();
+        self.scratch.clear();
+        self.scratch.extend_from_slice(body);
+        let result = match simd_json::fill_tape(&mut self.scratch, &mut self.buffers, &mut tape) {
+            Err(e) => Err(BodyError::Malformed(e.to_string())),
+            Ok(()) => {
+                let doc = Doc {
+                    nodes: &tape.0,
+                    structurals: self.buffers.structural_indexes(),
+                    raw: body,
+                };
+                let mut ctx = EventCtx { rules: &self.rules, clock, uuid: &self.uuid_context };
+                if array {
+                    match doc.nodes.first() {
+                        Some(&Node::Array { len, .. }) => {
+                            if len > self.rules.max_events {
+                                Err(BodyError::TooManyEvents { limit: self.rules.max_events })
+                            } else if len == 0 {
+                                Err(BodyError::Empty)
+                            } else {
+                                let (mut node, mut sp) = (1, 1);
+                                for index in 0..len {
+                                    let (nodes, structurals) = doc.extent(node);
+                                    ctx.accept(&doc, node, sp, index, out);
+                                    node += nodes;
+                                    sp += structurals + 1;
+                                }
+                                Ok(())
+                            }
+                        }
+                        _ => Err(BodyError::NotAnArray),
+                    }
+                } else {
+                    ctx.accept(&doc, 0, 0, 0, out);
+                    Ok(())
+                }
+            }
+        };
+        self.tape = tape.reset();
+        result
+    }
+
+    fn parse_ndjson(&mut self, body: &[u8], clock: Clock, out: &mut Parsed) -> Result<(), BodyError> {
+        let mut index = 0;
+        for line in body.split(|&b| b == b'\n') {
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            if index == self.rules.max_events {
+                return Err(BodyError::TooManyEvents { limit: self.rules.max_events });
+            }
+            let before = out.rejected.len();
+            // A single-event parse records a rejection at index 0: renumber it.
+            if let Err(e) = self.parse_json(line, false, clock, out) {
+                out.rejected.push(Rejection { index, error: Reason::new(RejectKind::Malformed, e.to_string()) });
+            }
+            if out.rejected.len() > before {
+                out.rejected[before].index = index;
+            }
+            index += 1;
+        }
+        if index == 0 { Err(BodyError::Empty) } else { Ok(()) }
+    }
+}
+
+/// A parsed document: its tape, structural offsets and the original bytes.
+struct Doc<'t, 'i> {
+    nodes: &'t [Node<'i>],
+    structurals: &'t [u32],
+    raw: &'t [u8],
+}
+
+impl Doc<'_, '_> {
+    /// Tape nodes and structural characters taken by the value at `node`.
+    fn extent(&self, node: usize) -> (usize, usize) {
+        let size = match self.nodes[node] {
+            Node::Object { count, .. } | Node::Array { count, .. } => count + 1,
+            _ => 1,
+        };
+        let structurals = self.nodes[node..node + size]
+            .iter()
+            .map(|n| match *n {
+                Node::Object { len, .. } => 1 + len + len.max(1),
+                Node::Array { len, .. } => 1 + len.max(1),
+                _ => 1,
+            })
+            .sum();
+        (size, structurals)
+    }
+
+    /// The original text of a value that starts at structural `sp` and takes
+    /// `count` structurals; the next structural closes it (`,` `}` `]`).
+    fn raw_text(&self, sp: usize, count: usize) -> &[u8] {
+        let start = self.structurals[sp] as usize;
+        let end = self.structurals.get(sp + count).map_or(self.raw.len(), |&e| e as usize);
+        self.raw[start..end].trim_ascii_end()
+    }
+}
+
+/// What validating one event needs besides the document.
+struct EventCtx<'a> {
+    rules: &'a Rules,
+    clock: Clock,
+    uuid: &'a ContextV7,
+}
+
+impl EventCtx<'_> {
+    /// Validates the event at `node` and either encodes it or records why not.
+    fn accept(&mut self, doc: &Doc<'_, '_>, node: usize, sp: usize, index: usize, out: &mut Parsed) {
+        if let Err(error) = self.encode(doc, node, sp, &mut out.rows) {
+            out.rejected.push(Rejection { index, error });
+        }
+    }
+
+    fn encode(&mut self, doc: &Doc<'_, '_>, node: usize, sp: usize, rows: &mut RowBuf) -> Result<(), Reason> {
+        let Node::Object { len, .. } = doc.nodes[node] else {
+            return Err(Reason::new(RejectKind::NotAnObject, "an event must be a JSON object"));
+        };
+        let window = TsWindow {
+            now_unix_us: self.clock.now_unix_us,
+            max_future_skew_us: self.rules.max_future_skew_us,
+        };
+        let (mut event_id, mut device_id, mut event_type) = (None, None, None);
+        let mut ts: Option<PgMicros> = None;
+        let mut payload: Option<&[u8]> = None;
+        let mut seen = 0u8;
+        let (mut n, mut s) = (node + 1, sp + 1);
+        for _ in 0..len {
+            let Node::String(key) = doc.nodes[n] else {
+                return Err(Reason::new(RejectKind::Malformed, "object keys must be strings"));
+            };
+            let (value_node, value_sp) = (n + 1, s + 2);
+            let (nodes, structurals) = doc.extent(value_node);
+            n = value_node + nodes;
+            s = value_sp + structurals + 1;
+            let Some(field) = Field::from_key(key) else {
+                if self.rules.allow_unknown_fields {
+                    continue;
+                }
+                return Err(Reason::new(
+                    RejectKind::UnknownField,
+                    format!("unknown field `{}`; allowed: event_id, device_id, type, ts, payload", key.escape_debug()),
+                ));
+            };
+            if seen & field.bit() != 0 {
+                return Err(Reason::new(RejectKind::DuplicateField, format!("duplicate field `{}`", field.name())));
+            }
+            seen |= field.bit();
+            let value = &doc.nodes[value_node];
+            match field {
+                Field::EventId => {
+                    let id = as_str(value, field)?;
+                    event::check_event_id(id)?;
+                    event_id = Some(id);
+                }
+                Field::DeviceId => {
+                    let v = as_str(value, field)?;
+                    event::check_text(field, v, event::MAX_ID_BYTES)?;
+                    device_id = Some(v);
+                }
+                Field::Type => {
+                    let v = as_str(value, field)?;
+                    event::check_text(field, v, event::MAX_TYPE_BYTES)?;
+                    event_type = Some(v);
+                }
+                Field::Ts => {
+                    ts = Some(match *value {
+                        Node::String(text) => window.from_rfc3339(text)?,
+                        Node::Static(StaticNode::I64(ms)) => window.from_epoch_ms(i128::from(ms))?,
+                        Node::Static(StaticNode::U64(ms)) => window.from_epoch_ms(i128::from(ms))?,
+                        _ => {
+                            return Err(Reason::new(
+                                RejectKind::WrongType,
+                                "ts must be an RFC 3339 string or integer epoch milliseconds",
+                            ));
+                        }
+                    });
+                }
+                Field::Payload => {
+                    let text = doc.raw_text(value_sp, structurals);
+                    if text.len() > self.rules.max_payload_bytes {
+                        return Err(Reason::new(
+                            RejectKind::PayloadTooLarge,
+                            format!(
+                                "payload is {} bytes, more than ingest.max_payload_bytes ({})",
+                                text.len(),
+                                self.rules.max_payload_bytes
+                            ),
+                        ));
+                    }
+                    check_payload(&doc.nodes[value_node..value_node + nodes], text)?;
+                    payload = Some(text);
+                }
+            }
+        }
+        let device_id = device_id.ok_or_else(|| missing(Field::DeviceId))?;
+        let event_type = event_type.ok_or_else(|| missing(Field::Type))?;
+        let ts = ts.ok_or_else(|| missing(Field::Ts))?;
+        let mut generated = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        let event_id = match event_id {
+            Some(id) => id.as_bytes(),
+            None => self.new_event_id(&mut generated),
+        };
+        rows.push(&RowFields {
+            event_id,
+            device_id,
+            event_type,
+            ts,
+            received_at: crate::writer::copy::pg_micros_from_unix_micros(self.clock.now_unix_us),
+            payload,
+        });
+        Ok(())
+    }
+
+    /// A UUIDv7 from this shard's own context: no lock shared with other shards.
+    fn new_event_id<'b>(&self, buf: &'b mut [u8; uuid::fmt::Hyphenated::LENGTH]) -> &'b [u8] {
+        let us = self.clock.now_unix_us.max(0) as u64;
+        let ts = uuid::Timestamp::from_unix(self.uuid, us / 1_000_000, (us % 1_000_000) as u32 * 1000);
+        uuid::Uuid::new_v7(ts).hyphenated().encode_lower(buf).as_bytes()
+    }
+}
+
+fn as_str<'i>(node: &Node<'i>, field: Field) -> Result<&'i str, Reason> {
+    match *node {
+        Node::String(s) => Ok(s),
+        _ => Err(Reason::new(RejectKind::WrongType, format!("{} must be a string", field.name()))),
+    }
+}
+
+fn missing(field: Field) -> Reason {
+    Reason::new(RejectKind::MissingField, format!("missing required field `{}`", field.name()))
+}
+
+/// Checks every string and number of a payload against what jsonb accepts.
+fn check_payload(nodes: &[Node<'_>], raw: &[u8]) -> Result<(), Reason> {
+    let mut control = false;
+    for node in nodes {
+        match *node {
+            Node::String(s) => control |= event::check_payload_string(s)?,
+            Node::Static(StaticNode::F64(x)) if !x.is_finite() => {
+                return Err(Reason::new(RejectKind::InvalidValue, "payload holds a number PostgreSQL cannot store"));
+            }
+            _ => {}
+        }
+    }
+    if control { event::check_raw_strings(raw) } else { Ok(()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_780_000_000_000_000;
+
+    fn parser() -> Parser {
+        Parser::new(Rules { max_events: 100, max_payload_bytes: 1024, max_future_skew_us: 300_000_000, allow_unknown_fields: false })
+    }
+
+    fn run(body: &str, kind: BodyKind) -> Result<Parsed, BodyError> {
+        parser().parse(body.as_bytes(), kind, Clock { now_unix_us: NOW })
+    }
+
+    /// The stored payload text of accepted row `i`.
+    fn payload(p: &Parsed, i: usize) -> Option<String> {
+        let row = p.rows.row(i);
+        // Skip the 5 fields before payload: 3 texts and 2 timestamps.
+        let mut at = 2;
+        for _ in 0..5 {
+            let len = i32::from_be_bytes(row[at..at + 4].try_into().unwrap()) as usize;
+            at += 4 + len;
+        }
+        let len = i32::from_be_bytes(row[at..at + 4].try_into().unwrap());
+        (len >= 0).then(|| String::from_utf8(row[at + 5..at + 4 + len as usize].to_vec()).unwrap())
+    }
+
+    const GOOD: &str = r#"{"device_id":"d1","type":"t","ts":"2026-01-01T00:00:00Z"}"#;
+
+    #[test]
+    fn payload_text_is_kept_verbatim() {
+        for p in [
+            r#"{"a": 1.50, "b": [1, 2, {"c": "x\"y\\"}], "e": {}, "f": []}"#,
+            r#"[]"#,
+            r#"12345678901234567890123456789"#,
+            r#""str\u00e9""#,
+            r#"{"nested": {"deep": [[[], {}], [{"k": null}]]}}"#,
+            r#"true"#,
+            r#"null"#,
+        ] {
+            let body = format!(r#"{{"device_id":"d","payload": {p} ,"type":"t","ts":1767225600000}}"#);
+            let parsed = run(&body, BodyKind::Single).unwrap();
+            assert!(parsed.rejected.is_empty(), "{p}: {:?}", parsed.rejected);
+            assert_eq!(payload(&parsed, 0).as_deref(), Some(p), "{body}");
+        }
+    }
+
+    #[test]
+    fn payload_last_and_with_whitespace() {
+        let body = "{ \"device_id\" : \"d\", \"type\":\"t\", \"ts\":1767225600000, \"payload\" :\n {\"x\": [1 , 2]}\n }";
+        let parsed = run(body, BodyKind::Single).unwrap();
+        assert_eq!(payload(&parsed, 0).as_deref(), Some("{\"x\": [1 , 2]}"));
+    }
+
+    #[test]
+    fn batch_spans_survive_earlier_escapes_and_nesting() {
+        let body = format!(
+            r#"[{{"device_id":"a\"b","type":"t","ts":1767225600000,"payload":{{"k":[{{}},[]]}}}}, 7, {GOOD}, {{"device_id":"d","type":"t","ts":1767225600000,"payload":"last"}}]"#
+        );
+        let parsed = run(&body, BodyKind::JsonArray).unwrap();
+        assert_eq!(parsed.rows.len(), 3);
+        assert_eq!(parsed.rejected.len(), 1);
+        assert_eq!((parsed.rejected[0].index, parsed.rejected[0].error.kind), (1, RejectKind::NotAnObject));
+        assert_eq!(payload(&parsed, 0).as_deref(), Some(r#"{"k":[{},[]]}"#));
+        assert_eq!(payload(&parsed, 1), None);
+        assert_eq!(payload(&parsed, 2).as_deref(), Some(r#""last""#));
+    }
+
+    #[test]
+    fn rejections_carry_reasons() {
+        let cases = [
+            (r#"{"type":"t","ts":1767225600000}"#, "device_id"),
+            (r#"{"device_id":"d","ts":1767225600000}"#, "type"),
+            (r#"{"device_id":"d","type":"t"}"#, "ts"),
+            (r#"{"device_id":"d","type":"t","ts":1.5}"#, "ts must be"),
+            (r#"{"device_id":"d","type":"t","ts":"1999-01-01T00:00:00Z"}"#, "2000"),
+            (r#"{"device_id":1,"type":"t","ts":1767225600000}"#, "device_id must be a string"),
+            (r#"{"device_id":"d\u0000","type":"t","ts":1767225600000}"#, "NUL"),
+            (r#"{"device_id":"d","type":"t","ts":1767225600000,"payload":{"k\u0000":1}}"#, "NUL"),
+            (r#"{"device_id":"d","type":"t","ts":1767225600000,"payload":"a\u0000"}"#, "NUL"),
+            (r#"{"device_id":"d","type":"t","ts":1767225600000,"extra":1}"#, "unknown field `extra`"),
+            (r#"{"device_id":"d","device_id":"e","type":"t","ts":1767225600000}"#, "duplicate"),
+            (r#"{"event_id":"a b","device_id":"d","type":"t","ts":1767225600000}"#, "event_id"),
+            (&format!(r#"{{"device_id":"d","type":"t","ts":1767225600000,"payload":"{}"}}"#, "x".repeat(1100)), "max_payload_bytes"),
+        ];
+        for (body, want) in cases {
+            let parsed = run(body, BodyKind::Single).unwrap();
+            assert_eq!(parsed.rows.len(), 0, "{body}");
+            assert!(parsed.rejected[0].error.message.contains(want), "{body}: {:?}", parsed.rejected);
+        }
+    }
+
+    #[test]
+    fn raw_control_character_in_payload_string_is_rejected() {
+        // simd-json itself refuses it; check_raw_strings stays as a second line.
+        let body = "{\"device_id\":\"d\",\"type\":\"t\",\"ts\":1767225600000,\"payload\":\"a\tb\"}";
+        assert!(matches!(run(body, BodyKind::Single), Err(BodyError::Malformed(_))), "raw tab inside a string");
+        let escaped = r#"{"device_id":"d","type":"t","ts":1767225600000,"payload":"a\tb"}"#;
+        assert_eq!(run(escaped, BodyKind::Single).unwrap().rows.len(), 1);
+    }
+
+    #[test]
+    fn generated_ids_are_uuid_v7() {
+        let parsed = run(GOOD, BodyKind::Single).unwrap();
+        let id = std::str::from_utf8(parsed.rows.event_id(0)).unwrap();
+        let uuid = uuid::Uuid::parse_str(id).unwrap();
+        assert_eq!(uuid.get_version_num(), 7);
+    }
+
+    #[test]
+    fn body_errors() {
+        assert!(matches!(run("{", BodyKind::Single), Err(BodyError::Malformed(_))));
+        assert_eq!(run(GOOD, BodyKind::JsonArray).unwrap_err(), BodyError::NotAnArray);
+        assert_eq!(run("[]", BodyKind::JsonArray).unwrap_err(), BodyError::Empty);
+        let many = format!("[{}]", vec![GOOD; 101].join(","));
+        assert_eq!(run(&many, BodyKind::JsonArray).unwrap_err(), BodyError::TooManyEvents { limit: 100 });
+        assert_eq!(run("\n \n", BodyKind::Ndjson).unwrap_err(), BodyError::Empty);
+    }
+
+    #[test]
+    fn ndjson_indexes_count_records_not_blank_lines() {
+        let body = format!("{GOOD}\n\n{{bad\n{GOOD}\n[1]\n");
+        let parsed = run(&body, BodyKind::Ndjson).unwrap();
+        assert_eq!(parsed.rows.len(), 2);
+        let idx: Vec<_> = parsed.rejected.iter().map(|r| r.index).collect();
+        assert_eq!(idx, [1, 3]);
+        assert_eq!(parsed.rejected[0].error.kind, RejectKind::Malformed);
+    }
+
+    #[test]
+    fn unknown_fields_can_be_allowed() {
+        let mut p = Parser::new(Rules { max_events: 10, max_payload_bytes: 10, max_future_skew_us: 0, allow_unknown_fields: true });
+        let body = r#"{"device_id":"d","x":{"y":[1,2]},"type":"t","ts":1767225600000}"#;
+        let parsed = p.parse(body.as_bytes(), BodyKind::Single, Clock { now_unix_us: NOW }).unwrap();
+        assert_eq!(parsed.rows.len(), 1, "{:?}", parsed.rejected);
+    }
+}

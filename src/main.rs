@@ -1,0 +1,98 @@
+//! `ingestd`: parses flags, loads the configuration, runs, maps errors to
+//! exit codes. Everything else lives in the library.
+//!
+//! Exit codes: 0 clean shutdown; 64 bad usage or configuration; 69 database
+//! unreachable at start-up; 70 internal error; 71 cannot listen; 75 shutdown
+//! ended with work not committed (deadline passed, second signal, or queued
+//! events lost).
+
+use std::process::ExitCode;
+
+use ingestd::app::{self, Ended, RunError};
+use ingestd::config::{Config, Sources};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const USAGE: &str = "\
+usage: ingestd [--config FILE] [--listen ADDR] [--database-url URL]
+               [--set section.key=value]... [--check-config]
+
+  --config FILE        TOML configuration (see tuning/default.toml)
+  --listen ADDR        HTTP/WebSocket address (env INGESTD_LISTEN)
+  --database-url URL   PostgreSQL URL (env INGESTD_DATABASE_URL)
+  --set S.K=V          any other key (env INGESTD_<SECTION>__<KEY>)
+  --check-config       print the effective configuration and exit
+Flags win over environment variables, which win over the file.";
+
+struct Args {
+    sources: Sources,
+    check_config: bool,
+}
+
+fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
+    let mut sources = Sources::default();
+    let mut check_config = false;
+    let mut args = args.peekable();
+    while let Some(arg) = args.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") && f != "--set" => (f.to_string(), Some(v.to_string())),
+            _ => (arg.clone(), None),
+        };
+        let mut value = |name: &str| inline.clone().or_else(|| args.next()).ok_or(format!("{name} needs a value"));
+        match flag.as_str() {
+            "-h" | "--help" => return Ok(None),
+            "--check-config" => check_config = true,
+            "--config" => sources.file = Some(value("--config")?),
+            "--listen" => sources.flags.push(("server.listen".into(), value("--listen")?)),
+            "--database-url" => sources.flags.push(("database.url".into(), value("--database-url")?)),
+            "--set" => {
+                let kv = value("--set")?;
+                let (k, v) = kv.split_once('=').ok_or(format!("--set {kv}: expected section.key=value"))?;
+                sources.flags.push((k.trim().to_string(), v.trim().to_string()));
+            }
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    Ok(Some(Args { sources, check_config }))
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args(std::env::args().skip(1)) {
+        Ok(Some(args)) => args,
+        Ok(None) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("ingestd: {e}\n{USAGE}");
+            return ExitCode::from(64);
+        }
+    };
+    let mut sources = args.sources;
+    sources.env = Sources::env_overrides(std::env::vars());
+    let config = match Config::load(&sources) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ingestd: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    if args.check_config {
+        print!("{}", config.to_toml());
+        return ExitCode::SUCCESS;
+    }
+    ingestd::log::init(config.log.level, config.log.format);
+    match app::run(config) {
+        Ok(Ended::Clean) => ExitCode::SUCCESS,
+        Ok(Ended::Incomplete) => ExitCode::from(75),
+        Err(e) => {
+            ingestd::error!("cannot run", error = e);
+            ExitCode::from(match e {
+                RunError::Database(_) => 69,
+                RunError::Internal(_) => 70,
+                RunError::Bind(_) => 71,
+            })
+        }
+    }
+}

@@ -1,0 +1,259 @@
+//! One HTTP/1.1 connection on a shard: read a request, answer it, repeat.
+//!
+//! Requests on a connection are served strictly in order, which is all that
+//! pipelining needs: bytes after one request stay in the buffer for the next.
+//! Every read has a deadline: `idle_timeout` while waiting for a request's
+//! first byte (when shutdown also interrupts it), `request_timeout` from that
+//! byte to the last one of the body (408). A read that loses to its deadline
+//! or to shutdown is cancelled explicitly (`Canceller`) and awaited, so no
+//! io_uring operation outlives its buffer's owner and no buffer is leaked.
+
+use std::pin::pin;
+use std::rc::Rc;
+use std::time::Instant;
+
+use monoio::buf::IoBufMut;
+use monoio::io::{AsyncWriteRentExt, CancelableAsyncReadRent, Canceller};
+use monoio::net::TcpStream;
+
+use super::ShardCtx;
+use super::http::{self, BodyFraming, ChunkError, Chunked, HeadError, RequestHead, Response};
+use super::routes;
+
+/// Buffer kept by an idle connection; larger ones are released after a request.
+const IDLE_BUFFER_BYTES: usize = 2 * 1024;
+/// Smallest read; the buffer grows by at least this much.
+const READ_CHUNK_BYTES: usize = 16 * 1024;
+
+enum ReadOutcome {
+    Data,
+    Eof,
+    TimedOut,
+    Shutdown,
+    Failed,
+}
+
+/// What reading from the connection produced.
+enum Next {
+    /// A whole request: head and body (de-chunked, not yet decompressed).
+    Request(RequestHead, Vec<u8>),
+    /// A request refused before any body; the connection stays usable.
+    Answer(Response),
+}
+
+/// Why the loop stops reading requests.
+enum Stop {
+    /// Close without a word (EOF, idle timeout, shutdown while idle, I/O error).
+    Close,
+    /// Answer, then close.
+    Respond(Response),
+}
+
+pub struct Conn {
+    stream: TcpStream,
+    /// Unconsumed request bytes, starting at index 0.
+    buf: Vec<u8>,
+    /// Response bytes, reused.
+    out: Vec<u8>,
+    ctx: Rc<ShardCtx>,
+}
+
+impl Conn {
+    pub fn new(stream: TcpStream, ctx: Rc<ShardCtx>) -> Self {
+        Self { stream, buf: Vec::new(), out: Vec::new(), ctx }
+    }
+
+    pub async fn run(mut self) {
+        loop {
+            let (response, head_only) = match self.next_request().await {
+                Ok(Next::Answer(response)) => (response, false),
+                Ok(Next::Request(head, body)) => {
+                    let head_only = head.method == http::Method::Head;
+                    let mut response = routes::handle(&self.ctx, &head, body).await;
+                    if !head.keep_alive || self.ctx.is_shutting_down() {
+                        response.close = true;
+                    }
+                    (response, head_only)
+                }
+                Err(Stop::Close) => return,
+                Err(Stop::Respond(response)) => (response.closing(), false),
+            };
+            self.ctx.stats().response(response.status);
+            let close = response.close;
+            if !self.send(&response, head_only).await || close {
+                return;
+            }
+            if self.buf.capacity() > IDLE_BUFFER_BYTES * 8 && self.buf.len() < IDLE_BUFFER_BYTES {
+                self.buf.shrink_to(IDLE_BUFFER_BYTES);
+            }
+        }
+    }
+
+    /// Reads one whole request: its head, then its body. The request's bytes
+    /// are consumed from the buffer.
+    async fn next_request(&mut self) -> Result<Next, Stop> {
+        let cfg = &self.ctx.config.server;
+        let (max_headers, max_head, max_body) = (cfg.max_headers, cfg.max_header_bytes, cfg.max_body_bytes);
+        let request_timeout = cfg.request_timeout();
+        let idle_deadline = Instant::now() + cfg.idle_timeout();
+        let mut deadline = (!self.buf.is_empty()).then(|| Instant::now() + request_timeout);
+        let head = loop {
+            if !self.buf.is_empty() {
+                match http::parse_head(&self.buf, max_headers, max_head) {
+                    Ok(head) => break head,
+                    Err(HeadError::Partial) => {}
+                    Err(e) => return Err(Stop::Respond(routes::head_error(&self.ctx, &e))),
+                }
+            }
+            if self.buf.is_empty() && self.ctx.is_shutting_down() {
+                return Err(Stop::Close);
+            }
+            let idle = self.buf.is_empty();
+            match self.read_more(deadline.unwrap_or(idle_deadline), idle, max_head + READ_CHUNK_BYTES).await {
+                ReadOutcome::Data => {
+                    deadline.get_or_insert_with(|| Instant::now() + request_timeout);
+                }
+                ReadOutcome::TimedOut if !idle => return Err(Stop::Respond(timeout_response())),
+                _ => return Err(Stop::Close),
+            }
+        };
+        self.ctx.stats().request(routes::route(&head));
+        let deadline = deadline.unwrap_or_else(|| Instant::now() + request_timeout);
+        if let Some(mut refusal) = routes::refuse_before_body(&self.ctx, &head) {
+            if matches!(head.body, BodyFraming::None | BodyFraming::Length(0)) {
+                self.buf.drain(..head.len);
+                refusal.close |= !head.keep_alive;
+                return Ok(Next::Answer(refusal));
+            }
+            // A body is on the wire and will not be read: close after answering.
+            return Err(Stop::Respond(refusal));
+        }
+        let body = match head.body {
+            BodyFraming::None => {
+                self.buf.drain(..head.len);
+                Vec::new()
+            }
+            BodyFraming::Length(n) => {
+                let n = usize::try_from(n).unwrap_or(usize::MAX);
+                if n > max_body {
+                    return Err(Stop::Respond(routes::too_large_body(max_body)));
+                }
+                let total = head.len + n;
+                if head.expect_continue && self.buf.len() < total {
+                    self.send_continue().await?;
+                }
+                while self.buf.len() < total {
+                    match self.read_more(deadline, false, total - self.buf.len()).await {
+                        ReadOutcome::Data => {}
+                        ReadOutcome::TimedOut => return Err(Stop::Respond(timeout_response())),
+                        _ => return Err(Stop::Close),
+                    }
+                }
+                let body = self.buf[head.len..total].to_vec();
+                self.buf.drain(..total);
+                body
+            }
+            BodyFraming::Chunked => {
+                if head.expect_continue && self.buf.len() == head.len {
+                    self.send_continue().await?;
+                }
+                self.buf.drain(..head.len);
+                let mut body = Vec::new();
+                loop {
+                    match http::decode_chunks(&self.buf, &mut body, max_body) {
+                        Ok(Chunked::Done { consumed }) => {
+                            self.buf.drain(..consumed);
+                            break body;
+                        }
+                        Ok(Chunked::Partial { consumed }) => {
+                            self.buf.drain(..consumed);
+                        }
+                        Err(ChunkError::Bad) => {
+                            return Err(Stop::Respond(Response::error(400, "malformed chunked body")));
+                        }
+                        Err(ChunkError::TooLarge) => return Err(Stop::Respond(routes::too_large_body(max_body))),
+                    }
+                    match self.read_more(deadline, false, READ_CHUNK_BYTES).await {
+                        ReadOutcome::Data => {}
+                        ReadOutcome::TimedOut => return Err(Stop::Respond(timeout_response())),
+                        _ => return Err(Stop::Close),
+                    }
+                }
+            }
+        };
+        Ok(Next::Request(head, body))
+    }
+
+    async fn send_continue(&mut self) -> Result<(), Stop> {
+        let (res, _) = self.stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n".as_slice()).await;
+        res.map(|_| ()).map_err(|_| Stop::Close)
+    }
+
+    /// Reads at least one more byte into the buffer, growing it by up to
+    /// `want` bytes, unless `deadline` passes or (when `idle`) shutdown starts.
+    async fn read_more(&mut self, deadline: Instant, idle: bool, want: usize) -> ReadOutcome {
+        let spare = self.buf.capacity() - self.buf.len();
+        if spare < want.min(READ_CHUNK_BYTES) {
+            self.buf.reserve(want.clamp(1024, READ_CHUNK_BYTES.max(want.min(1 << 20))));
+        }
+        let (len, cap) = (self.buf.len(), self.buf.capacity());
+        let buf = std::mem::take(&mut self.buf).slice_mut(len..cap);
+        let canceller = Canceller::new();
+        let mut read = pin!(self.stream.cancelable_read(buf, canceller.handle()));
+        let shutdown = idle.then(|| self.ctx.shutdown.clone());
+        let interrupt = async move {
+            match shutdown {
+                Some(s) => {
+                    let _ = s.await;
+                }
+                _ => std::future::pending::<()>().await,
+            }
+        };
+        let timer = monoio::time::sleep(deadline.saturating_duration_since(Instant::now()));
+        enum Won<T> {
+            Read(T),
+            Timer,
+            Shutdown,
+        }
+        let won = monoio::select! {
+            r = &mut read => Won::Read(r),
+            _ = timer => Won::Timer,
+            _ = interrupt => Won::Shutdown,
+        };
+        let (interrupted, (result, slice)) = match won {
+            Won::Read(r) => (None, r),
+            Won::Timer => {
+                canceller.cancel();
+                (Some(ReadOutcome::TimedOut), read.await)
+            }
+            Won::Shutdown => {
+                canceller.cancel();
+                (Some(ReadOutcome::Shutdown), read.await)
+            }
+        };
+        self.buf = slice.into_inner();
+        match result {
+            // Data that raced the cancellation is still data.
+            Ok(n) if n > 0 => ReadOutcome::Data,
+            Ok(_) => interrupted.unwrap_or(ReadOutcome::Eof),
+            Err(_) => interrupted.unwrap_or(ReadOutcome::Failed),
+        }
+    }
+
+    /// Writes a response; false when the peer is gone.
+    async fn send(&mut self, response: &Response, head_only: bool) -> bool {
+        let mut out = std::mem::take(&mut self.out);
+        response.write_to(&mut out, head_only);
+        let (res, mut out) = self.stream.write_all(out).await;
+        if out.capacity() > IDLE_BUFFER_BYTES * 8 {
+            out = Vec::new();
+        }
+        self.out = out;
+        res.is_ok()
+    }
+}
+
+fn timeout_response() -> Response {
+    Response::error(408, "request not received within server.request_timeout_ms")
+}
+

@@ -1,0 +1,459 @@
+//! HTTP/1.1 framing for shards: request heads (with `httparse`), chunked
+//! bodies, gzip, and responses. Pure: byte slices in, decisions out, so every
+//! status code of the contract is decided here and unit-tested.
+//!
+//! Request smuggling defences live here too: conflicting `Content-Length`
+//! values, `Content-Length` together with `Transfer-Encoding`, and any
+//! transfer coding other than a final `chunked` are refused with 400 and the
+//! connection is closed.
+
+use std::io::Read as _;
+
+/// What a request head says, once parsed; the raw headers are not kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestHead {
+    pub method: Method,
+    pub target: Target,
+    pub body: BodyFraming,
+    pub media: Media,
+    pub gzip: bool,
+    pub expect_continue: bool,
+    pub keep_alive: bool,
+    /// Bytes of the head, including the blank line.
+    pub len: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Get,
+    Head,
+    Post,
+    Other,
+}
+
+/// The routes of the contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Events,
+    Batch,
+    Ws,
+    Health,
+    Stats,
+    Metrics,
+    Unknown,
+}
+
+impl Target {
+    fn from_path(path: &str) -> Target {
+        let path = path.split_once('?').map_or(path, |(p, _)| p);
+        match path {
+            "/events" => Target::Events,
+            "/events/batch" => Target::Batch,
+            "/ws" => Target::Ws,
+            "/health" => Target::Health,
+            "/stats" => Target::Stats,
+            "/metrics" => Target::Metrics,
+            _ => Target::Unknown,
+        }
+    }
+
+    /// The methods this route answers, for 405's `Allow`.
+    pub fn allow(self) -> &'static str {
+        match self {
+            Target::Events | Target::Batch => "POST",
+            _ => "GET, HEAD",
+        }
+    }
+}
+
+/// How the body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFraming {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// The body's media type, as far as ingest cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Media {
+    /// `application/json`, or no `Content-Type` at all.
+    Json,
+    /// `application/x-ndjson` (also `application/ndjson`, `application/jsonlines`).
+    Ndjson,
+    /// Anything else: 415 on ingest routes.
+    Unsupported,
+}
+
+/// A head that cannot be served; each maps to one status code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeadError {
+    /// More bytes are needed (not an error yet).
+    Partial,
+    /// 400: malformed request line or headers, or a smuggling attempt.
+    Bad(&'static str),
+    /// 431: too many headers or too large a head.
+    TooLarge(&'static str),
+    /// 415: a `Content-Encoding` other than gzip or identity.
+    Encoding,
+    /// 505: not HTTP/1.x.
+    Version,
+}
+
+/// Parses a request head from the start of `buf`.
+pub fn parse_head(buf: &[u8], max_headers: usize, max_head_bytes: usize) -> Result<RequestHead, HeadError> {
+    let mut headers = vec![httparse::EMPTY_HEADER; max_headers];
+    let mut req = httparse::Request::new(&mut headers);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() > max_head_bytes => {
+            return Err(HeadError::TooLarge("request head larger than server.max_header_bytes"));
+        }
+        Ok(httparse::Status::Partial) => return Err(HeadError::Partial),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(HeadError::TooLarge("more headers than server.max_headers"));
+        }
+        Err(httparse::Error::Version) => return Err(HeadError::Version),
+        Err(_) => return Err(HeadError::Bad("malformed HTTP request head")),
+    };
+    if len > max_head_bytes {
+        return Err(HeadError::TooLarge("request head larger than server.max_header_bytes"));
+    }
+    let method = match req.method {
+        Some("GET") => Method::Get,
+        Some("HEAD") => Method::Head,
+        Some("POST") => Method::Post,
+        _ => Method::Other,
+    };
+    let target = Target::from_path(req.path.unwrap_or("/"));
+    let http11 = req.version == Some(1);
+    let mut content_length: Option<u64> = None;
+    let mut chunked = false;
+    let mut transfer_encoding = false;
+    let mut media = Media::Json;
+    let mut gzip = false;
+    let mut expect_continue = false;
+    let mut keep_alive = http11;
+    for h in req.headers.iter() {
+        let value = std::str::from_utf8(h.value).map_err(|_| HeadError::Bad("header value is not valid UTF-8"))?.trim();
+        let name = h.name;
+        if name.eq_ignore_ascii_case("content-length") {
+            let n: u64 = value
+                .parse()
+                .map_err(|_| HeadError::Bad("Content-Length is not a non-negative integer"))?;
+            if content_length.is_some_and(|prev| prev != n) {
+                return Err(HeadError::Bad("conflicting Content-Length headers"));
+            }
+            content_length = Some(n);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            transfer_encoding = true;
+            let last = value.rsplit(',').next().map(str::trim).unwrap_or("");
+            if !last.eq_ignore_ascii_case("chunked") || chunked {
+                return Err(HeadError::Bad("only Transfer-Encoding: chunked is supported"));
+            }
+            if value.split(',').count() > 1 {
+                return Err(HeadError::Bad("only Transfer-Encoding: chunked is supported"));
+            }
+            chunked = true;
+        } else if name.eq_ignore_ascii_case("content-type") {
+            let essence = value.split(';').next().unwrap_or("").trim();
+            media = if essence.eq_ignore_ascii_case("application/json") {
+                Media::Json
+            } else if ["application/x-ndjson", "application/ndjson", "application/jsonlines", "application/x-jsonlines"]
+                .iter()
+                .any(|m| essence.eq_ignore_ascii_case(m))
+            {
+                Media::Ndjson
+            } else {
+                Media::Unsupported
+            };
+        } else if name.eq_ignore_ascii_case("content-encoding") {
+            for coding in value.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+                if coding.eq_ignore_ascii_case("gzip") || coding.eq_ignore_ascii_case("x-gzip") {
+                    if gzip {
+                        return Err(HeadError::Encoding);
+                    }
+                    gzip = true;
+                } else if !coding.eq_ignore_ascii_case("identity") {
+                    return Err(HeadError::Encoding);
+                }
+            }
+        } else if name.eq_ignore_ascii_case("expect") {
+            expect_continue = value.eq_ignore_ascii_case("100-continue");
+        } else if name.eq_ignore_ascii_case("connection") {
+            for token in value.split(',').map(str::trim) {
+                if token.eq_ignore_ascii_case("close") {
+                    keep_alive = false;
+                } else if token.eq_ignore_ascii_case("keep-alive") {
+                    keep_alive = true;
+                }
+            }
+        }
+    }
+    if transfer_encoding && content_length.is_some() {
+        return Err(HeadError::Bad("Content-Length together with Transfer-Encoding is refused"));
+    }
+    // `Length(0)` (a length was given) differs from `None` (no framing at
+    // all), which is what 411 is about.
+    let body = match (chunked, content_length) {
+        (true, _) => BodyFraming::Chunked,
+        (false, Some(n)) => BodyFraming::Length(n),
+        (false, None) => BodyFraming::None,
+    };
+    Ok(RequestHead { method, target, body, media, gzip, expect_continue, keep_alive, len })
+}
+
+/// Progress of a chunked body decoder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Chunked {
+    /// Need more input; `consumed` bytes of input were decoded so far.
+    Partial { consumed: usize },
+    /// Body complete; `consumed` bytes of input (trailers included) were used.
+    Done { consumed: usize },
+}
+
+/// Why a chunked body is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChunkError {
+    /// 400: bad chunk size line or missing CRLF.
+    Bad,
+    /// 413: the decoded body grew past the limit.
+    TooLarge,
+}
+
+/// Decodes as many complete chunks from `input` as it holds into `out`.
+/// Call again with the unconsumed rest plus new bytes.
+pub fn decode_chunks(input: &[u8], out: &mut Vec<u8>, limit: usize) -> Result<Chunked, ChunkError> {
+    let mut at = 0;
+    loop {
+        let rest = &input[at..];
+        let (size_len, size) = match httparse::parse_chunk_size(rest) {
+            Ok(httparse::Status::Complete(v)) => v,
+            Ok(httparse::Status::Partial) => {
+                if rest.len() > 1024 {
+                    return Err(ChunkError::Bad);
+                }
+                return Ok(Chunked::Partial { consumed: at });
+            }
+            Err(_) => return Err(ChunkError::Bad),
+        };
+        if size == 0 {
+            // Trailer section: header lines up to an empty line.
+            let trailers = &rest[size_len..];
+            return match find_blank_line(trailers) {
+                Some(end) => Ok(Chunked::Done { consumed: at + size_len + end }),
+                None if trailers.len() > 8 * 1024 => Err(ChunkError::Bad),
+                None => Ok(Chunked::Partial { consumed: at }),
+            };
+        }
+        let size = usize::try_from(size).map_err(|_| ChunkError::TooLarge)?;
+        if out.len().saturating_add(size) > limit {
+            return Err(ChunkError::TooLarge);
+        }
+        let need = size_len + size + 2;
+        if rest.len() < need {
+            return Ok(Chunked::Partial { consumed: at });
+        }
+        if &rest[size_len + size..need] != b"\r\n" {
+            return Err(ChunkError::Bad);
+        }
+        out.extend_from_slice(&rest[size_len..size_len + size]);
+        at += need;
+    }
+}
+
+/// Length up to and including the first empty line (`\r\n` at line start).
+fn find_blank_line(buf: &[u8]) -> Option<usize> {
+    if buf.starts_with(b"\r\n") {
+        return Some(2);
+    }
+    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
+}
+
+/// Why a gzip body is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GunzipError {
+    /// 400: not valid gzip.
+    Invalid,
+    /// 413: more than the limit once decompressed.
+    TooLarge,
+}
+
+/// Decompresses a gzip body, refusing to produce more than `limit` bytes.
+pub fn gunzip(body: &[u8], limit: usize) -> Result<Vec<u8>, GunzipError> {
+    let mut out = Vec::with_capacity((body.len() * 4).min(limit));
+    let mut decoder = flate2::read::MultiGzDecoder::new(body).take(limit as u64 + 1);
+    decoder.read_to_end(&mut out).map_err(|_| GunzipError::Invalid)?;
+    if out.len() > limit {
+        return Err(GunzipError::TooLarge);
+    }
+    Ok(out)
+}
+
+/// A response, written in one go.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: Vec<u8>,
+    /// Seconds for `Retry-After` (503, 429).
+    pub retry_after: Option<u32>,
+    /// `Allow` for 405.
+    pub allow: Option<&'static str>,
+    /// Close the connection after this response.
+    pub close: bool,
+}
+
+impl Response {
+    pub fn json(status: u16, body: String) -> Self {
+        Self { status, content_type: "application/json", body: body.into_bytes(), retry_after: None, allow: None, close: false }
+    }
+
+    /// `{"error": message}` plus extra fields already rendered as JSON members.
+    pub fn error(status: u16, message: &str) -> Self {
+        Self::json(status, serde_json::json!({ "error": message }).to_string())
+    }
+
+    pub fn closing(mut self) -> Self {
+        self.close = true;
+        self
+    }
+
+    pub fn retry_after(mut self, seconds: u32) -> Self {
+        self.retry_after = Some(seconds);
+        self
+    }
+
+    /// Serialises into `out` (cleared first). `head_only` omits the body (HEAD).
+    pub fn write_to(&self, out: &mut Vec<u8>, head_only: bool) {
+        use std::io::Write as _;
+        out.clear();
+        let _ = write!(
+            out,
+            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n",
+            self.status,
+            reason(self.status),
+            self.content_type,
+            self.body.len()
+        );
+        if let Some(s) = self.retry_after {
+            let _ = write!(out, "Retry-After: {s}\r\n");
+        }
+        if let Some(a) = self.allow {
+            let _ = write!(out, "Allow: {a}\r\n");
+        }
+        if self.close {
+            out.extend_from_slice(b"Connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        if !head_only {
+            out.extend_from_slice(&self.body);
+        }
+    }
+}
+
+pub fn reason(status: u16) -> &'static str {
+    match status {
+        100 => "Continue",
+        200 => "OK",
+        202 => "Accepted",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        411 => "Length Required",
+        413 => "Content Too Large",
+        415 => "Unsupported Media Type",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        503 => "Service Unavailable",
+        505 => "HTTP Version Not Supported",
+        _ => "Unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(raw: &str) -> Result<RequestHead, HeadError> {
+        parse_head(raw.as_bytes(), 64, 16 * 1024)
+    }
+
+    #[test]
+    fn post_with_length() {
+        let h = head("POST /events/batch?x=1 HTTP/1.1\r\nHost: a\r\nContent-Type: application/x-ndjson; charset=utf-8\r\nContent-Length: 12\r\nContent-Encoding: gzip\r\n\r\nbody").unwrap();
+        assert_eq!((h.method, h.target, h.body, h.media, h.gzip, h.keep_alive), (Method::Post, Target::Batch, BodyFraming::Length(12), Media::Ndjson, true, true));
+        assert_eq!(h.len, h.len.min(200));
+    }
+
+    #[test]
+    fn partial_and_limits() {
+        assert_eq!(head("POST /events HTTP/1.1\r\nHost"), Err(HeadError::Partial));
+        let many: String = (0..70).map(|i| format!("X-{i}: v\r\n")).collect();
+        assert!(matches!(head(&format!("GET / HTTP/1.1\r\n{many}\r\n")), Err(HeadError::TooLarge(_))));
+        let big = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(300));
+        assert!(matches!(parse_head(big.as_bytes(), 64, 256), Err(HeadError::TooLarge(_))));
+    }
+
+    #[test]
+    fn smuggling_is_refused() {
+        assert!(matches!(head("POST /events HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"), Err(HeadError::Bad(_))));
+        assert!(matches!(head("POST /events HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"), Err(HeadError::Bad(_))));
+        assert!(matches!(head("POST /events HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"), Err(HeadError::Bad(_))));
+        assert!(matches!(head("POST /events HTTP/1.1\r\nContent-Length: -1\r\n\r\n"), Err(HeadError::Bad(_))));
+        let same = head("POST /events HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n").unwrap();
+        assert_eq!(same.body, BodyFraming::Length(2));
+    }
+
+    #[test]
+    fn framing_media_encoding_connection() {
+        assert_eq!(head("POST /events HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap().body, BodyFraming::Chunked);
+        assert_eq!(head("POST /events HTTP/1.1\r\n\r\n").unwrap().body, BodyFraming::None);
+        assert_eq!(head("POST /events HTTP/1.1\r\nContent-Length: 0\r\n\r\n").unwrap().body, BodyFraming::Length(0));
+        assert_eq!(head("POST /events HTTP/1.1\r\nContent-Type: text/plain\r\n\r\n").unwrap().media, Media::Unsupported);
+        assert_eq!(head("POST /events HTTP/1.1\r\nContent-Encoding: br\r\n\r\n"), Err(HeadError::Encoding));
+        assert!(!head("GET /health HTTP/1.1\r\nConnection: close\r\n\r\n").unwrap().keep_alive);
+        assert!(!head("GET /health HTTP/1.0\r\n\r\n").unwrap().keep_alive);
+        assert!(head("GET /health HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").unwrap().keep_alive);
+        assert!(head("POST /events HTTP/1.1\r\nExpect: 100-continue\r\n\r\n").unwrap().expect_continue);
+        assert_eq!(head("GET /nope HTTP/1.1\r\n\r\n").unwrap().target, Target::Unknown);
+    }
+
+    #[test]
+    fn chunked_decoding() {
+        let mut out = Vec::new();
+        let input = b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nTrailer: x\r\n\r\nNEXT";
+        assert_eq!(decode_chunks(input, &mut out, 100), Ok(Chunked::Done { consumed: input.len() - 4 }));
+        assert_eq!(out, b"hello world");
+        let mut out = Vec::new();
+        assert_eq!(decode_chunks(b"5\r\nhel", &mut out, 100), Ok(Chunked::Partial { consumed: 0 }));
+        assert_eq!(decode_chunks(b"5\r\nhello\r\n0\r\n", &mut out, 100), Ok(Chunked::Partial { consumed: 10 }));
+        let mut out = Vec::new();
+        assert_eq!(decode_chunks(b"zz\r\n", &mut out, 100), Err(ChunkError::Bad));
+        assert_eq!(decode_chunks(b"5\r\nhelloXX", &mut out, 100), Err(ChunkError::Bad));
+        assert_eq!(decode_chunks(b"ffffffffffff\r\n", &mut out, 100), Err(ChunkError::TooLarge));
+    }
+
+    #[test]
+    fn gzip_bounds() {
+        use std::io::Write as _;
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        enc.write_all(&vec![b'a'; 10_000]).unwrap();
+        let gz = enc.finish().unwrap();
+        assert_eq!(gunzip(&gz, 10_000).unwrap().len(), 10_000);
+        assert_eq!(gunzip(&gz, 9_999), Err(GunzipError::TooLarge));
+        assert_eq!(gunzip(b"not gzip", 100), Err(GunzipError::Invalid));
+    }
+
+    #[test]
+    fn response_bytes() {
+        let mut out = Vec::new();
+        Response::error(503, "full").retry_after(1).closing().write_to(&mut out, false);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.starts_with("HTTP/1.1 503 Service Unavailable\r\n"));
+        assert!(text.contains("Retry-After: 1\r\n") && text.contains("Connection: close\r\n"));
+        assert!(text.ends_with("\r\n\r\n{\"error\":\"full\"}"));
+    }
+}

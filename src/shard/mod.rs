@@ -1,0 +1,213 @@
+//! Shards: one pinned thread per core, each with its own io_uring runtime
+//! (monoio), its own SO_REUSEPORT listener and every connection it accepts.
+//!
+//! A shard shares nothing mutable with other shards. What its connections
+//! share lives in one `Rc<ShardCtx>`: the parser and its buffers, the senders
+//! to the writer rings, the shard's own counters. Nothing here blocks: ring
+//! hand-offs are `try_send`, and commit reports arrive through oneshots that
+//! wake the runtime from the writer thread.
+//!
+//! Shutdown: when the shard's shutdown oneshot fires (or its sender is
+//! dropped), the accept loop stops and closes the listener; connections idle
+//! between requests close at once, busy ones finish their request and answer
+//! with `Connection: close`. When the last connection's [`GatePass`] drops,
+//! the shard drops its ring senders (which is how writers learn that no more
+//! work will come) and its thread returns.
+//!
+//! - [`http`]: request heads, chunked bodies, gzip, responses (pure).
+//! - [`conn`]: one connection's read/answer loop with deadlines.
+//! - [`routes`]: what each route does.
+
+pub mod conn;
+pub mod http;
+pub mod routes;
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use futures_channel::oneshot;
+use futures_util::FutureExt as _;
+use futures_util::future::Shared;
+use monoio::io::Canceller;
+
+use crate::config::Config;
+use crate::ingest::Parser;
+use crate::metrics::{Metrics, ShardStats};
+use crate::pipeline::RingSet;
+
+/// Fires (or is dropped) to start a shard's shutdown.
+pub type ShutdownTrigger = oneshot::Sender<()>;
+type ShutdownSignal = Shared<oneshot::Receiver<()>>;
+
+/// Everything a shard thread starts with.
+pub struct ShardSetup {
+    pub id: usize,
+    pub core: Option<core_affinity::CoreId>,
+    /// Bound with SO_REUSEPORT before the thread starts, so bind errors and
+    /// the real port are known before ingestd reports ready.
+    pub listener: std::net::TcpListener,
+    pub rings: RingSet,
+    pub config: Arc<Config>,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: oneshot::Receiver<()>,
+}
+
+/// What a shard's connections share; lives and dies on the shard thread.
+pub struct ShardCtx {
+    pub id: usize,
+    pub config: Arc<Config>,
+    pub metrics: Arc<Metrics>,
+    pub parser: RefCell<Parser>,
+    pub rings: RingSet,
+    pub shutdown: ShutdownSignal,
+    draining: Cell<bool>,
+}
+
+impl ShardCtx {
+    pub fn stats(&self) -> &ShardStats {
+        &self.metrics.shards[self.id]
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.draining.get()
+    }
+}
+
+/// Starts a shard thread named `shard-{id}`.
+pub fn spawn(setup: ShardSetup) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new().name(format!("shard-{}", setup.id)).spawn(move || {
+        if let Some(core) = setup.core
+            && !core_affinity::set_for_current(core)
+        {
+            crate::warn!("could not pin shard to its core", shard = setup.id, core = core.id);
+        }
+        let runtime = monoio::RuntimeBuilder::<monoio::FusionDriver>::new().enable_timer().with_entries(1024).build();
+        match runtime {
+            Ok(mut rt) => rt.block_on(run(setup)),
+            Err(e) => crate::error!("cannot start shard runtime", shard = setup.id, error = e),
+        }
+    })
+}
+
+async fn run(setup: ShardSetup) {
+    let id = setup.id;
+    let listener = match monoio::net::TcpListener::from_std(setup.listener) {
+        Ok(l) => l,
+        Err(e) => {
+            crate::error!("cannot use listener", shard = id, error = e);
+            return;
+        }
+    };
+    let rules = crate::ingest::Rules {
+        max_events: setup.config.ingest.max_events_per_request,
+        max_payload_bytes: setup.config.ingest.max_payload_bytes,
+        max_future_skew_us: (setup.config.ingest.max_future_skew_ms as i64).saturating_mul(1000),
+        allow_unknown_fields: setup.config.ingest.allow_unknown_fields,
+    };
+    let max_connections = setup.config.server.max_connections.div_ceil(setup.config.shard_count());
+    let ctx = Rc::new(ShardCtx {
+        id,
+        parser: RefCell::new(Parser::new(rules)),
+        rings: setup.rings,
+        shutdown: setup.shutdown.shared(),
+        draining: Cell::new(false),
+        config: setup.config,
+        metrics: setup.metrics,
+    });
+    let gate = Rc::new(Gate::default());
+    loop {
+        let canceller = Canceller::new();
+        let mut accept = std::pin::pin!(listener.cancelable_accept(canceller.handle()));
+        let shutdown = ctx.shutdown.clone();
+        let accepted = monoio::select! {
+            r = &mut accept => Some(r),
+            _ = shutdown => None,
+        };
+        let accepted = match accepted {
+            Some(r) => r,
+            None => {
+                canceller.cancel();
+                // A connection that raced the cancellation is still served.
+                accept.await
+            }
+        };
+        let stop = ctx.shutdown.peek().is_some();
+        match accepted {
+            Ok((stream, _peer)) => {
+                let stats = ctx.stats();
+                stats.connections_accepted.inc();
+                if gate.open.get() >= max_connections {
+                    stats.connections_refused.inc();
+                    drop(stream);
+                } else {
+                    let _ = stream.set_nodelay(true);
+                    let pass = gate.pass(ctx.clone());
+                    let conn = conn::Conn::new(stream, ctx.clone());
+                    monoio::spawn(async move {
+                        conn.run().await;
+                        drop(pass);
+                    });
+                }
+            }
+            Err(e) if !stop => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                crate::warn!("accept failed", shard = id, error = e);
+                monoio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            Err(_) => {}
+        }
+        if stop {
+            break;
+        }
+    }
+    ctx.draining.set(true);
+    drop(listener);
+    gate.closed().await;
+    crate::debug!("shard finished", shard = id);
+    // `ctx` drops here: the ring senders go, and writers can drain and stop.
+}
+
+/// Counts a shard's open connections; [`Gate::closed`] resolves when the last
+/// one has finished.
+#[derive(Default)]
+struct Gate {
+    open: Cell<usize>,
+    waiter: RefCell<Option<oneshot::Sender<()>>>,
+}
+
+/// Held by a connection task for its whole life.
+struct GatePass {
+    gate: Rc<Gate>,
+    ctx: Rc<ShardCtx>,
+}
+
+impl Gate {
+    fn pass(self: &Rc<Self>, ctx: Rc<ShardCtx>) -> GatePass {
+        self.open.set(self.open.get() + 1);
+        ctx.stats().connections_open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        GatePass { gate: self.clone(), ctx }
+    }
+
+    async fn closed(&self) {
+        if self.open.get() == 0 {
+            return;
+        }
+        let (tx, rx) = oneshot::channel();
+        *self.waiter.borrow_mut() = Some(tx);
+        let _ = rx.await;
+    }
+}
+
+impl Drop for GatePass {
+    fn drop(&mut self) {
+        self.ctx.stats().connections_open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        let open = self.gate.open.get() - 1;
+        self.gate.open.set(open);
+        if open == 0
+            && let Some(tx) = self.gate.waiter.borrow_mut().take()
+        {
+            let _ = tx.send(());
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! PostgreSQL access for writers: the connection pool, the table, and the
+//! idempotent COPY of one batch.
+//!
+//! Idempotency costs nothing when there are no duplicates: a batch is COPYed
+//! straight into the table. Only a batch that hits a unique violation on
+//! `event_id` is redone, in a new transaction, through a temporary staging
+//! table and `INSERT … ON CONFLICT (event_id) DO NOTHING`. (FACTS.md: staging
+//! every batch runs at 0.73–0.81 × raw COPY.) Repeats inside one batch are
+//! removed before the COPY by the writer, so they never force the fallback.
+
+use std::io::Write as _;
+use std::time::Duration;
+
+use postgres::error::SqlState;
+use postgres::{Client, NoTls, Transaction};
+use r2d2_postgres::PostgresConnectionManager;
+
+use super::copy::{COLUMNS, HEADER, TRAILER};
+use crate::config::DatabaseConfig;
+
+pub type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
+
+/// A database failure, classified once: transient failures (connection,
+/// timeout, resources, shutdown) may succeed on retry; permanent ones are
+/// about the data or the schema and will not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteError {
+    Transient(String),
+    Permanent(String),
+}
+
+impl WriteError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, WriteError::Transient(_))
+    }
+
+    pub fn message(&self) -> &str {
+        match self {
+            WriteError::Transient(m) | WriteError::Permanent(m) => m,
+        }
+    }
+}
+
+impl std::fmt::Display for WriteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.message())
+    }
+}
+
+impl From<postgres::Error> for WriteError {
+    fn from(e: postgres::Error) -> Self {
+        let message = match e.as_db_error() {
+            Some(db) => format!("{}: {} ({})", db.severity(), db.message(), db.code().code()),
+            None => e.to_string(),
+        };
+        match e.code() {
+            None => WriteError::Transient(message),
+            Some(code) if is_transient_state(code) => WriteError::Transient(message),
+            Some(_) => WriteError::Permanent(message),
+        }
+    }
+}
+
+impl From<r2d2::Error> for WriteError {
+    fn from(e: r2d2::Error) -> Self {
+        WriteError::Transient(format!("no database connection: {e}"))
+    }
+}
+
+fn is_transient_state(code: &SqlState) -> bool {
+    let c = code.code();
+    // 08 connection exception, 53 insufficient resources, 57 operator
+    // intervention (admin shutdown, statement timeout), 40 transaction
+    // rollback (serialization, deadlock), 58 system error.
+    ["08", "53", "57", "40", "58"].iter().any(|class| c.starts_with(class))
+}
+
+/// `postgres::Config` from the configured URL with ingestd's session settings.
+pub fn pg_config(db: &DatabaseConfig) -> Result<postgres::Config, postgres::Error> {
+    let mut config: postgres::Config = db.url.parse()?;
+    config.connect_timeout(Duration::from_millis(db.connect_timeout_ms));
+    if config.get_application_name().is_none() {
+        config.application_name("ingestd");
+    }
+    config.options(&format!("-c statement_timeout={}", db.statement_timeout_ms));
+    config.keepalives(true);
+    Ok(config)
+}
+
+/// The writer pool. Connections are checked for breakage when returned, not
+/// tested with a query on every checkout (that would be a round trip per batch).
+pub fn pool(db: &DatabaseConfig, size: u32) -> Result<Pool, WriteError> {
+    let config = pg_config(db)?;
+    let manager = PostgresConnectionManager::new(config, NoTls);
+    r2d2::Pool::builder()
+        .max_size(size)
+        .min_idle(Some(0))
+        .test_on_check_out(false)
+        .connection_timeout(Duration::from_millis(db.connect_timeout_ms))
+        .build(manager)
+        .map_err(WriteError::from)
+}
+
+/// SQL text for one table, built once.
+#[derive(Debug, Clone)]
+pub struct Statements {
+    pub table: String,
+    create_table: String,
+    copy_into_table: String,
+    create_staging: String,
+    copy_into_staging: String,
+    insert_from_staging: String,
+}
+
+impl Statements {
+    /// `table` is validated by the config (`name` or `schema.name`); it is
+    /// quoted here all the same.
+    pub fn new(table: &str) -> Self {
+        let quoted = table.split('.').map(|p| format!("\"{p}\"")).collect::<Vec<_>>().join(".");
+        let staging = format!("\"ingestd_staging_{}\"", table.replace('.', "_"));
+        Self {
+            table: quoted.clone(),
+            create_table: format!(
+                "CREATE TABLE IF NOT EXISTS {quoted} (\n  \
+                 event_id    text PRIMARY KEY,\n  \
+                 device_id   text        NOT NULL,\n  \
+                 event_type  text        NOT NULL,\n  \
+                 ts          timestamptz NOT NULL,\n  \
+                 received_at timestamptz NOT NULL DEFAULT now(),\n  \
+                 payload     jsonb\n)"
+            ),
+            copy_into_table: format!("COPY {quoted} ({COLUMNS}) FROM STDIN (FORMAT binary)"),
+            create_staging: format!(
+                "CREATE TEMP TABLE IF NOT EXISTS {staging} (LIKE {quoted} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+            ),
+            copy_into_staging: format!("COPY {staging} ({COLUMNS}) FROM STDIN (FORMAT binary)"),
+            insert_from_staging: format!(
+                "INSERT INTO {quoted} ({COLUMNS}) SELECT {COLUMNS} FROM {staging} ON CONFLICT (event_id) DO NOTHING"
+            ),
+        }
+    }
+}
+
+/// Creates the table when missing (or checks it exists when creation is off).
+pub fn prepare_table(client: &mut Client, sql: &Statements, create: bool) -> Result<(), WriteError> {
+    if create {
+        // Quiet the NOTICE "relation already exists" for this one statement.
+        client.batch_execute(&format!("SET client_min_messages = warning; {}; RESET client_min_messages", sql.create_table))?;
+    } else {
+        client.batch_execute(&format!("SELECT 1 FROM {} LIMIT 0", sql.table))?;
+    }
+    Ok(())
+}
+
+/// What a committed batch did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Committed {
+    /// New rows.
+    pub inserted: u64,
+    /// Whether the batch went through the staging fallback.
+    pub via_staging: bool,
+}
+
+/// Commits one batch idempotently. `write_rows` streams the tuples (between
+/// the COPY header and trailer, which this function writes) and may be called
+/// twice: once for the direct COPY, once more for the staging fallback.
+pub fn copy_batch(
+    client: &mut Client,
+    sql: &Statements,
+    write_rows: &dyn Fn(&mut dyn std::io::Write) -> std::io::Result<()>,
+) -> Result<Committed, WriteError> {
+    let mut tx = client.transaction()?;
+    match copy(&mut tx, &sql.copy_into_table, write_rows) {
+        Ok(inserted) => {
+            tx.commit()?;
+            return Ok(Committed { inserted, via_staging: false });
+        }
+        Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => tx.rollback()?,
+        Err(e) => return Err(e.into()),
+    }
+    let mut tx = client.transaction()?;
+    tx.batch_execute(&sql.create_staging)?;
+    copy(&mut tx, &sql.copy_into_staging, write_rows)?;
+    let inserted = tx.execute(&sql.insert_from_staging, &[])?;
+    tx.commit()?;
+    Ok(Committed { inserted, via_staging: true })
+}
+
+fn copy(
+    tx: &mut Transaction<'_>,
+    statement: &str,
+    write_rows: &dyn Fn(&mut dyn std::io::Write) -> std::io::Result<()>,
+) -> Result<u64, postgres::Error> {
+    let mut w = tx.copy_in(statement)?;
+    // An I/O error while streaming is the connection failing; `finish` then
+    // reports it as a typed `postgres::Error`, which is what callers classify.
+    let _streamed = w.write_all(HEADER).and_then(|()| write_rows(&mut w)).and_then(|()| w.write_all(TRAILER));
+    w.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statements_quote_and_name_staging() {
+        let s = Statements::new("ingest.events");
+        assert_eq!(s.table, "\"ingest\".\"events\"");
+        assert!(s.insert_from_staging.contains("\"ingestd_staging_ingest_events\""));
+        assert!(s.copy_into_table.ends_with("FROM STDIN (FORMAT binary)"));
+    }
+
+    #[test]
+    fn sqlstate_classes() {
+        assert!(is_transient_state(&SqlState::ADMIN_SHUTDOWN));
+        assert!(is_transient_state(&SqlState::CONNECTION_FAILURE));
+        assert!(is_transient_state(&SqlState::QUERY_CANCELED));
+        assert!(!is_transient_state(&SqlState::UNIQUE_VIOLATION));
+        assert!(!is_transient_state(&SqlState::INVALID_TEXT_REPRESENTATION));
+    }
+}
