@@ -10,7 +10,7 @@
 //! Shutdown: when the shard's shutdown oneshot fires (or its sender is
 //! dropped), the accept loop stops and closes the listener; connections idle
 //! between requests close at once, busy ones finish their request and answer
-//! with `Connection: close`. When the last connection's [`GatePass`] drops,
+//! with `Connection: close`. When the last connection's gate pass drops,
 //! the shard drops its ring senders (which is how writers learn that no more
 //! work will come) and its thread returns.
 //!
