@@ -23,6 +23,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::{self, RingGauge};
 use crate::shard::{self, ShardSetup};
 use crate::writer::db::{self, Statements};
+use crate::writer::recent::RecentIds;
 use crate::writer::{Writer, WriterReport};
 
 /// Why ingestd could not run; each maps to an exit code in `main`.
@@ -74,6 +75,11 @@ pub fn run(config: Config) -> Result<Ended, RunError> {
     let (ring_set, receivers) = pipeline::rings(writers, config.pipeline.ring_capacity);
     let metrics = Arc::new(Metrics::new(shards, writers, RingGauge::new(&receivers, config.pipeline.ring_capacity)));
     let deadline: Arc<OnceLock<Instant>> = Arc::new(OnceLock::new());
+    let recent = RecentIds::new(
+        std::time::Duration::from_millis(config.writer.dedup_window_ms),
+        config.writer.dedup_max_ids,
+    )
+    .map(Arc::new);
 
     let mut writer_threads = Vec::with_capacity(writers);
     for (id, ring) in receivers.into_iter().enumerate() {
@@ -85,6 +91,7 @@ pub fn run(config: Config) -> Result<Ended, RunError> {
             config: config.writer.clone(),
             metrics: metrics.clone(),
             deadline: deadline.clone(),
+            recent: recent.clone(),
         };
         let handle = std::thread::Builder::new()
             .name(format!("writer-{id}"))
@@ -166,7 +173,7 @@ pub fn run(config: Config) -> Result<Ended, RunError> {
             Ok(report) => {
                 crate::info!(
                     "shutdown complete",
-                    committed = report.committed,
+                    acknowledged = report.committed,
                     not_committed = report.uncommitted,
                     lost = report.lost,
                     elapsed_ms = started.elapsed().as_millis()

@@ -144,11 +144,25 @@ pub struct WriterConfig {
     /// batch is still small. A writer always takes everything already waiting,
     /// so batches grow with load without any wait; 0 never waits.
     pub max_linger_ms: u64,
+    /// How long committed `event_id`s are remembered (as 64-bit fingerprints)
+    /// so that re-sent events are inserted idempotently without forcing their
+    /// whole batch through the staging fallback. 0 turns the hint off.
+    pub dedup_window_ms: u64,
+    /// Most fingerprints remembered (≈ 16 bytes each); past it the window
+    /// shrinks.
+    pub dedup_max_ids: usize,
 }
 
 impl Default for WriterConfig {
     fn default() -> Self {
-        Self { writers: 2, max_batch_events: 10_000, max_batch_bytes: 16 * 1024 * 1024, max_linger_ms: 2 }
+        Self {
+            writers: 2,
+            max_batch_events: 10_000,
+            max_batch_bytes: 16 * 1024 * 1024,
+            max_linger_ms: 2,
+            dedup_window_ms: 60_000,
+            dedup_max_ids: 4_000_000,
+        }
     }
 }
 

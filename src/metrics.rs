@@ -131,6 +131,8 @@ pub struct WriterStats {
     pub batch_failures: Counter,
     /// Batches that hit a unique violation and were redone through staging.
     pub staging_fallbacks: Counter,
+    /// Rows sent through staging because their id was committed lately.
+    pub dedup_suspects: Counter,
     /// `ack = "queue"` events that could not be committed before shutdown.
     pub events_lost: Counter,
     /// COPY + commit time per batch, µs.
@@ -232,6 +234,7 @@ impl Metrics {
             "batches": self.sum_writers(|w| w.batches.get()),
             "batch_failures": self.sum_writers(|w| w.batch_failures.get()),
             "staging_fallbacks": self.sum_writers(|w| w.staging_fallbacks.get()),
+            "dedup_suspects": self.sum_writers(|w| w.dedup_suspects.get()),
             "batch_events": { "count": batch.len(), "mean": batch.mean(), "max": batch.max() },
             "ring_depth": self.rings.depths().iter().sum::<usize>(),
             "ring_capacity": self.rings.capacity() * self.rings.depths().len(),
@@ -289,6 +292,7 @@ impl Metrics {
         per_writer(o, self, "ingestd_batches_total", "counter", "COPY transactions committed.", |w| w.batches.get());
         per_writer(o, self, "ingestd_batch_failures_total", "counter", "COPY transactions that failed.", |w| w.batch_failures.get());
         per_writer(o, self, "ingestd_staging_fallbacks_total", "counter", "Batches redone through the staging table after a unique violation.", |w| w.staging_fallbacks.get());
+        per_writer(o, self, "ingestd_dedup_suspects_total", "counter", "Rows inserted through staging because their event_id was committed lately.", |w| w.dedup_suspects.get());
 
         family(o, "ingestd_ring_depth", "gauge", "Requests waiting in each writer ring.");
         for (i, d) in self.rings.depths().iter().enumerate() {

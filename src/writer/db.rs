@@ -2,11 +2,12 @@
 //! idempotent COPY of one batch.
 //!
 //! Idempotency costs nothing when there are no duplicates: a batch is COPYed
-//! straight into the table. Only a batch that hits a unique violation on
-//! `event_id` is redone, in a new transaction, through a temporary staging
-//! table and `INSERT … ON CONFLICT (event_id) DO NOTHING`. (FACTS.md: staging
-//! every batch runs at 0.73–0.81 × raw COPY.) Repeats inside one batch are
-//! removed before the COPY by the writer, so they never force the fallback.
+//! straight into the table. Rows the writer suspects of being re-sent (see
+//! [`super::recent`]) go through a temporary staging table and `INSERT …
+//! ON CONFLICT (event_id) DO NOTHING` in the same transaction; a batch that
+//! still hits a unique violation is redone whole through staging. (FACTS.md:
+//! staging every batch runs at 0.73–0.81 × raw COPY.) Repeats inside one batch
+//! are removed before the COPY by the writer, so they never force the fallback.
 
 use std::io::Write as _;
 use std::time::Duration;
@@ -157,40 +158,56 @@ pub fn prepare_table(client: &mut Client, sql: &Statements, create: bool) -> Res
 pub struct Committed {
     /// New rows.
     pub inserted: u64,
-    /// Whether the batch went through the staging fallback.
+    /// Whether the whole batch was redone through staging after a violation.
     pub via_staging: bool,
 }
 
-/// Commits one batch idempotently. `write_rows` streams the tuples (between
-/// the COPY header and trailer, which this function writes) and may be called
-/// twice: once for the direct COPY, once more for the staging fallback.
+/// Streams some of a batch's tuples into a COPY (between the header and
+/// trailer, which [`copy_batch`] writes). Called again if the batch is redone.
+pub type RowWriter<'a> = &'a dyn Fn(&mut dyn std::io::Write) -> std::io::Result<()>;
+
+/// Commits one batch idempotently, in one transaction.
+///
+/// `clean` rows are expected to be new and are COPYed straight into the
+/// table. `suspects` (rows whose id was seen recently) go through staging and
+/// `ON CONFLICT DO NOTHING` in the same transaction. If a clean row turns out
+/// to be a duplicate after all, the transaction rolls back and everything is
+/// redone through staging.
 pub fn copy_batch(
     client: &mut Client,
     sql: &Statements,
-    write_rows: &dyn Fn(&mut dyn std::io::Write) -> std::io::Result<()>,
+    clean: RowWriter<'_>,
+    suspects: Option<RowWriter<'_>>,
 ) -> Result<Committed, WriteError> {
     let mut tx = client.transaction()?;
-    match copy(&mut tx, &sql.copy_into_table, write_rows) {
-        Ok(inserted) => {
+    match copy(&mut tx, &sql.copy_into_table, clean) {
+        Ok(copied) => {
+            let inserted = match suspects {
+                Some(rows) => copy_via_staging(&mut tx, sql, &[rows])?,
+                None => 0,
+            };
             tx.commit()?;
-            return Ok(Committed { inserted, via_staging: false });
+            return Ok(Committed { inserted: copied + inserted, via_staging: false });
         }
         Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => tx.rollback()?,
         Err(e) => return Err(e.into()),
     }
     let mut tx = client.transaction()?;
-    tx.batch_execute(&sql.create_staging)?;
-    copy(&mut tx, &sql.copy_into_staging, write_rows)?;
-    let inserted = tx.execute(&sql.insert_from_staging, &[])?;
+    let all: Vec<RowWriter<'_>> = std::iter::once(clean).chain(suspects).collect();
+    let inserted = copy_via_staging(&mut tx, sql, &all)?;
     tx.commit()?;
     Ok(Committed { inserted, via_staging: true })
 }
 
-fn copy(
-    tx: &mut Transaction<'_>,
-    statement: &str,
-    write_rows: &dyn Fn(&mut dyn std::io::Write) -> std::io::Result<()>,
-) -> Result<u64, postgres::Error> {
+/// COPY into the staging table, then `INSERT … ON CONFLICT DO NOTHING`.
+fn copy_via_staging(tx: &mut Transaction<'_>, sql: &Statements, rows: &[RowWriter<'_>]) -> Result<u64, postgres::Error> {
+    tx.batch_execute(&sql.create_staging)?;
+    let all = |out: &mut dyn std::io::Write| rows.iter().try_for_each(|write| write(out));
+    copy(tx, &sql.copy_into_staging, &all)?;
+    tx.execute(&sql.insert_from_staging, &[])
+}
+
+fn copy(tx: &mut Transaction<'_>, statement: &str, write_rows: RowWriter<'_>) -> Result<u64, postgres::Error> {
     let mut w = tx.copy_in(statement)?;
     // An I/O error while streaming is the connection failing; `finish` then
     // reports it as a typed `postgres::Error`, which is what callers classify.

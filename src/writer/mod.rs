@@ -8,14 +8,17 @@
 //! and only then, if the batch is still below its bounds, lingers at most
 //! `max_linger_ms` for more. Under low load a request is its own batch; under
 //! high load jobs pile up while the previous COPY runs and the next batch is
-//! large. Repeated `event_id`s inside a batch are dropped before the COPY so
-//! that they never force the staging fallback (see [`db`]).
+//! large. Repeated `event_id`s inside a batch are dropped before the COPY, and
+//! rows whose id was committed lately ([`recent`]) are sent through staging,
+//! so that re-sent events rarely force a whole batch through the fallback.
 //!
 //! - [`copy`]: binary COPY encoding (pure; used by shards).
 //! - [`db`]: pool, table, idempotent COPY of a batch.
+//! - [`recent`]: fingerprints of recently committed ids (a hint).
 
 pub mod copy;
 pub mod db;
+pub mod recent;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -28,6 +31,7 @@ use crate::config::WriterConfig;
 use crate::metrics::Metrics;
 use crate::pipeline::{CommitOutcome, Job};
 use db::{Pool, Statements, WriteError};
+use recent::RecentIds;
 
 /// What a writer needs, handed to its thread.
 pub struct Writer {
@@ -40,11 +44,14 @@ pub struct Writer {
     /// Set when shutdown starts; the writer keeps retrying `ack = "queue"`
     /// batches until this instant and then counts them lost.
     pub deadline: Arc<std::sync::OnceLock<Instant>>,
+    /// Recently committed ids, shared by all writers; `None` when off.
+    pub recent: Option<Arc<RecentIds>>,
 }
 
 /// What a writer reports when its ring has closed and drained.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct WriterReport {
+    /// Events answered as committed (duplicates of stored rows included).
     pub committed: u64,
     /// Events accepted but not committed (answered 503/500, or lost in queue mode).
     pub uncommitted: u64,
@@ -52,18 +59,31 @@ pub struct WriterReport {
     pub lost: u64,
 }
 
-/// The jobs of one batch and which of their rows to write.
+/// What to do with one row of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RowClass {
+    /// Expected new: COPY straight into the table.
+    Clean,
+    /// Its id was committed recently: insert through staging, idempotently.
+    Suspect,
+    /// Repeats an id earlier in this batch: not written.
+    Repeat,
+}
+
+/// The jobs of one batch and what to do with each of their rows.
 struct Batch {
     jobs: Vec<Job>,
     events: usize,
     bytes: usize,
-    /// Per job, per row: keep it? `None` while nothing is repeated.
-    keep: Option<Vec<Vec<bool>>>,
+    /// Per job, per row; `None` while every row is clean.
+    classes: Option<Vec<Vec<RowClass>>>,
+    /// Fingerprints of the rows, in order (empty when the hint is off).
+    fingerprints: Vec<u64>,
 }
 
 impl Batch {
     fn new(first: Job) -> Self {
-        let mut b = Batch { jobs: Vec::with_capacity(16), events: 0, bytes: 0, keep: None };
+        let mut b = Batch { jobs: Vec::with_capacity(16), events: 0, bytes: 0, classes: None, fingerprints: Vec::new() };
         b.push(first);
         b
     }
@@ -78,37 +98,62 @@ impl Batch {
         self.events >= config.max_batch_events || self.bytes >= config.max_batch_bytes
     }
 
-    /// Marks every repeat of an `event_id` already seen in this batch.
-    /// Returns how many rows were dropped.
-    fn drop_repeats(&mut self) -> u64 {
-        if self.events < 2 {
-            return 0;
-        }
-        let mut seen: HashSet<&[u8]> = HashSet::with_capacity(self.events);
-        let mut keep: Option<Vec<Vec<bool>>> = None;
-        let mut dropped = 0;
-        for (j, job) in self.jobs.iter().enumerate() {
-            for r in 0..job.rows.len() {
-                if !seen.insert(job.rows.event_id(r)) {
-                    let keep = keep.get_or_insert_with(|| self.jobs.iter().map(|j| vec![true; j.rows.len()]).collect());
-                    keep[j][r] = false;
-                    dropped += 1;
+    fn set_class(&mut self, job: usize, row: usize, class: RowClass) {
+        let jobs = &self.jobs;
+        let classes = self.classes.get_or_insert_with(|| jobs.iter().map(|j| vec![RowClass::Clean; j.rows.len()]).collect());
+        classes[job][row] = class;
+    }
+
+    fn class(&self, job: usize, row: usize) -> RowClass {
+        self.classes.as_ref().map_or(RowClass::Clean, |c| c[job][row])
+    }
+
+    /// Classifies every row: repeats of an id earlier in the batch, and
+    /// (with `recent`) rows whose id was committed lately. Returns the
+    /// number of repeats.
+    fn classify(&mut self, recent: Option<&RecentIds>, seen: &mut Vec<bool>) -> u64 {
+        let mut repeats = Vec::new();
+        if self.events > 1 {
+            let mut ids: HashSet<&[u8]> = HashSet::with_capacity(self.events);
+            for (j, job) in self.jobs.iter().enumerate() {
+                for r in 0..job.rows.len() {
+                    if !ids.insert(job.rows.event_id(r)) {
+                        repeats.push((j, r));
+                    }
                 }
             }
         }
-        self.keep = keep;
-        dropped
+        for &(j, r) in &repeats {
+            self.set_class(j, r, RowClass::Repeat);
+        }
+        if let Some(recent) = recent {
+            self.fingerprints.clear();
+            for job in &self.jobs {
+                self.fingerprints.extend((0..job.rows.len()).map(|r| recent::fingerprint(job.rows.event_id(r))));
+            }
+            recent.seen(&self.fingerprints, seen);
+            let mut at = 0;
+            for j in 0..self.jobs.len() {
+                for r in 0..self.jobs[j].rows.len() {
+                    if seen[at] && self.class(j, r) == RowClass::Clean {
+                        self.set_class(j, r, RowClass::Suspect);
+                    }
+                    at += 1;
+                }
+            }
+        }
+        repeats.len() as u64
     }
 
-    /// Streams the kept rows of `jobs` (a sub-slice of this batch's jobs
-    /// starting at `first`) into a COPY.
-    fn write_rows(&self, first: usize, count: usize, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    /// Streams the rows of class `class` of jobs `first..first+count` into a COPY.
+    fn write_rows(&self, first: usize, count: usize, class: RowClass, out: &mut dyn std::io::Write) -> std::io::Result<()> {
         for j in first..first + count {
             let rows = &self.jobs[j].rows;
-            match &self.keep {
-                None => out.write_all(rows.bytes())?,
-                Some(keep) => {
-                    for r in (0..rows.len()).filter(|&r| keep[j][r]) {
+            match &self.classes {
+                None if class == RowClass::Clean => out.write_all(rows.bytes())?,
+                None => {}
+                Some(classes) => {
+                    for r in (0..rows.len()).filter(|&r| classes[j][r] == class) {
                         out.write_all(rows.row(r))?;
                     }
                 }
@@ -117,13 +162,32 @@ impl Batch {
         Ok(())
     }
 
-    fn kept_rows(&self, first: usize, count: usize) -> u64 {
+    fn count(&self, first: usize, count: usize, class: RowClass) -> u64 {
         (first..first + count)
-            .map(|j| match &self.keep {
-                None => self.jobs[j].rows.len() as u64,
-                Some(keep) => keep[j].iter().filter(|k| **k).count() as u64,
+            .map(|j| match &self.classes {
+                None => if class == RowClass::Clean { self.jobs[j].rows.len() as u64 } else { 0 },
+                Some(classes) => classes[j].iter().filter(|c| **c == class).count() as u64,
             })
             .sum()
+    }
+
+    /// Fingerprints of the written rows of jobs `first..first+count`.
+    fn committed_fingerprints(&self, first: usize, count: usize) -> Vec<u64> {
+        if self.fingerprints.is_empty() {
+            return Vec::new();
+        }
+        let offset: usize = self.jobs[..first].iter().map(|j| j.rows.len()).sum();
+        let mut at = offset;
+        let mut out = Vec::new();
+        for j in first..first + count {
+            for r in 0..self.jobs[j].rows.len() {
+                if self.class(j, r) != RowClass::Repeat {
+                    out.push(self.fingerprints[at]);
+                }
+                at += 1;
+            }
+        }
+        out
     }
 }
 
@@ -131,8 +195,9 @@ impl Writer {
     /// Runs until every sender of the ring is gone and the ring is drained.
     pub fn run(self) -> WriterReport {
         let mut report = WriterReport::default();
+        let mut seen = Vec::new();
         while let Some(mut batch) = self.next_batch() {
-            let repeats = batch.drop_repeats();
+            let repeats = batch.classify(self.recent.as_deref(), &mut seen);
             self.metrics.writers[self.id].events_duplicate.add(repeats);
             self.commit(&mut batch, &mut report);
             // Replies went out in commit(); dropping the batch frees its rows.
@@ -193,8 +258,11 @@ impl Writer {
         let mut attempt = 0u32;
         loop {
             let started = Instant::now();
+            let suspects = batch.count(first, count, RowClass::Suspect);
             let result = self.pool.get().map_err(WriteError::from).and_then(|mut conn| {
-                db::copy_batch(&mut conn, &self.sql, &|out| batch.write_rows(first, count, out))
+                let clean = |out: &mut dyn std::io::Write| batch.write_rows(first, count, RowClass::Clean, out);
+                let suspect = |out: &mut dyn std::io::Write| batch.write_rows(first, count, RowClass::Suspect, out);
+                db::copy_batch(&mut conn, &self.sql, &clean, (suspects > 0).then_some(&suspect as db::RowWriter<'_>))
             });
             match result {
                 Ok(done) => {
@@ -202,9 +270,14 @@ impl Writer {
                     stats.commit_us.record_duration(started.elapsed());
                     stats.batches.inc();
                     stats.events_committed.add(done.inserted);
-                    stats.events_duplicate.add(batch.kept_rows(first, count).saturating_sub(done.inserted));
+                    let written = batch.count(first, count, RowClass::Clean) + suspects;
+                    stats.events_duplicate.add(written.saturating_sub(done.inserted));
+                    stats.dedup_suspects.add(suspects);
                     if done.via_staging {
                         stats.staging_fallbacks.inc();
+                    }
+                    if let Some(recent) = &self.recent {
+                        recent.record(batch.committed_fingerprints(first, count), Instant::now());
                     }
                     return Ok(());
                 }
