@@ -92,6 +92,7 @@ fn parse(budget: Duration) {
     let mut parser = Parser::new(Rules {
         max_events: 10_000,
         max_payload_bytes: 65_536,
+        max_payload_depth: 256,
         max_future_skew_us: 300_000_000,
         allow_unknown_fields: false,
     });

@@ -5,7 +5,7 @@
 #   scripts/test.sh                      everything
 #   scripts/test.sh NAME...              only tests whose name contains NAME
 #                                        (arguments go to the test harness)
-#   scripts/test.sh --test http -- NAME  arguments before "--" go to cargo test,
+#   scripts/test.sh --test it -- NAME    arguments before "--" go to cargo test,
 #                                        arguments after it to the test harness
 #
 # PostgreSQL is installed from Debian packages if missing. The cluster lives in
@@ -108,7 +108,7 @@ if [[ -f src/lib.rs && ${#cargo_args[@]} -eq 0 ]]; then
     run_cargo_test --doc -- "${harness_args[@]}" || { test_rc=$?; failed+=("cargo test --doc (exit $test_rc)"); }
 fi
 
-# A cargo-level target selection (e.g. --test http) replaces --all-targets.
+# A cargo-level target selection (e.g. --test it) replaces --all-targets.
 targets=(--all-targets)
 ((${#cargo_args[@]} == 0)) || targets=()
 step "cargo test --release ${targets[*]} --no-fail-fast ${cargo_args[*]} -- ${harness_args[*]} (RUST_TEST_THREADS=$RUST_TEST_THREADS)"

@@ -87,6 +87,9 @@ pub struct IngestConfig {
     pub max_events_per_request: usize,
     /// Largest `payload` value of one event, in bytes of JSON text.
     pub max_payload_bytes: usize,
+    /// Deepest nesting of arrays and objects in a `payload` (PostgreSQL's
+    /// JSON parser refuses depths in the low ten thousands).
+    pub max_payload_depth: usize,
     /// How far ahead of the server clock `ts` may be, in milliseconds.
     pub max_future_skew_ms: u64,
     /// Ignore unknown top-level event fields instead of rejecting the event.
@@ -99,6 +102,7 @@ impl Default for IngestConfig {
             ack: AckMode::Commit,
             max_events_per_request: 10_000,
             max_payload_bytes: 64 * 1024,
+            max_payload_depth: 256,
             max_future_skew_ms: 5 * 60 * 1000,
             allow_unknown_fields: false,
         }
@@ -339,6 +343,11 @@ impl Config {
         check(self.server.shutdown_timeout_ms >= 1, "server.shutdown_timeout_ms", "must be at least 1");
         check(self.ingest.max_events_per_request >= 1, "ingest.max_events_per_request", "must be at least 1");
         check(self.ingest.max_payload_bytes >= 1, "ingest.max_payload_bytes", "must be at least 1");
+        check(
+            (1..=5000).contains(&self.ingest.max_payload_depth),
+            "ingest.max_payload_depth",
+            "must be between 1 and 5000 (deeper payloads fail in PostgreSQL)",
+        );
         check(self.pipeline.ring_capacity >= 1, "pipeline.ring_capacity", "must be at least 1");
         check((1..=256).contains(&self.writer.writers), "writer.writers", "must be between 1 and 256");
         check(self.writer.max_batch_events >= 1, "writer.max_batch_events", "must be at least 1");
@@ -447,12 +456,11 @@ fn table_name_is_valid(name: &str) -> bool {
 
 /// Replaces the password of a `scheme://user:password@host` URL with `***`.
 pub fn mask_password(url: &str) -> String {
-    if let Some((scheme, rest)) = url.split_once("://") {
-        if let Some((userinfo, host)) = rest.split_once('@') {
-            if let Some((user, _)) = userinfo.split_once(':') {
-                return format!("{scheme}://{user}:***@{host}");
-            }
-        }
+    if let Some((scheme, rest)) = url.split_once("://")
+        && let Some((userinfo, host)) = rest.split_once('@')
+        && let Some((user, _)) = userinfo.split_once(':')
+    {
+        return format!("{scheme}://{user}:***@{host}");
     }
     url.to_string()
 }

@@ -43,10 +43,11 @@ pub enum RejectKind {
     UnknownField,
     DuplicateField,
     PayloadTooLarge,
+    PayloadTooDeep,
 }
 
 impl RejectKind {
-    pub const ALL: [RejectKind; 10] = [
+    pub const ALL: [RejectKind; 11] = [
         RejectKind::Malformed,
         RejectKind::NotAnObject,
         RejectKind::MissingField,
@@ -57,6 +58,7 @@ impl RejectKind {
         RejectKind::UnknownField,
         RejectKind::DuplicateField,
         RejectKind::PayloadTooLarge,
+        RejectKind::PayloadTooDeep,
     ];
 
     pub fn label(self) -> &'static str {
@@ -71,6 +73,7 @@ impl RejectKind {
             RejectKind::UnknownField => "unknown_field",
             RejectKind::DuplicateField => "duplicate_field",
             RejectKind::PayloadTooLarge => "payload_too_large",
+            RejectKind::PayloadTooDeep => "payload_too_deep",
         }
     }
 }

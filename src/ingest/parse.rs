@@ -32,6 +32,8 @@ pub enum BodyKind {
 pub struct Rules {
     pub max_events: usize,
     pub max_payload_bytes: usize,
+    /// Deepest nesting of arrays and objects inside a payload.
+    pub max_payload_depth: usize,
     pub max_future_skew_us: i64,
     pub allow_unknown_fields: bool,
 }
@@ -313,7 +315,7 @@ impl EventCtx<'_> {
                             ),
                         ));
                     }
-                    check_payload(&doc.nodes[value_node..value_node + nodes], text)?;
+                    check_payload(&doc.nodes[value_node..value_node + nodes], text, self.rules.max_payload_depth)?;
                     payload = Some(text);
                 }
             }
@@ -356,11 +358,27 @@ fn missing(field: Field) -> Reason {
     Reason::new(RejectKind::MissingField, format!("missing required field `{}`", field.name()))
 }
 
-/// Checks every string and number of a payload against what jsonb accepts.
-fn check_payload(nodes: &[Node<'_>], raw: &[u8]) -> Result<(), Reason> {
+/// Checks every string, number and nesting level of a payload against what
+/// jsonb accepts (PostgreSQL's JSON parser recurses per level and refuses
+/// depths in the low ten thousands with its default stack).
+fn check_payload(nodes: &[Node<'_>], raw: &[u8], max_depth: usize) -> Result<(), Reason> {
     let mut control = false;
-    for node in nodes {
+    // Tape index where each open container ends; its length is the depth.
+    let mut open: Vec<usize> = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        while open.last().is_some_and(|&end| end <= i) {
+            open.pop();
+        }
         match *node {
+            Node::Object { count, .. } | Node::Array { count, .. } => {
+                open.push(i + count + 1);
+                if open.len() > max_depth {
+                    return Err(Reason::new(
+                        RejectKind::PayloadTooDeep,
+                        format!("payload nests deeper than ingest.max_payload_depth ({max_depth})"),
+                    ));
+                }
+            }
             Node::String(s) => control |= event::check_payload_string(s)?,
             Node::Static(StaticNode::F64(x)) if !x.is_finite() => {
                 return Err(Reason::new(RejectKind::InvalidValue, "payload holds a number PostgreSQL cannot store"));
@@ -378,7 +396,7 @@ mod tests {
     const NOW: i64 = 1_780_000_000_000_000;
 
     fn parser() -> Parser {
-        Parser::new(Rules { max_events: 100, max_payload_bytes: 1024, max_future_skew_us: 300_000_000, allow_unknown_fields: false })
+        Parser::new(Rules { max_events: 100, max_payload_bytes: 1024, max_payload_depth: 8, max_future_skew_us: 300_000_000, allow_unknown_fields: false })
     }
 
     fn run(body: &str, kind: BodyKind) -> Result<Parsed, BodyError> {
@@ -464,6 +482,17 @@ mod tests {
     }
 
     #[test]
+    fn payload_depth_is_bounded() {
+        let ok = format!(r#"{{"device_id":"d","type":"t","ts":1767225600000,"payload":{}1{}}}"#, "[".repeat(8), "]".repeat(8));
+        assert_eq!(run(&ok, BodyKind::Single).unwrap().rows.len(), 1);
+        let deep = format!(r#"{{"device_id":"d","type":"t","ts":1767225600000,"payload":{}1{}}}"#, r#"{"a":"#.repeat(9), "}".repeat(9));
+        let parsed = run(&deep, BodyKind::Single).unwrap();
+        assert_eq!(parsed.rejected[0].error.kind, RejectKind::PayloadTooDeep);
+        let siblings = r#"{"device_id":"d","type":"t","ts":1767225600000,"payload":[[[[]]],[[[]]],[[[[[[[1]]]]]]],{"a":[[{}]]}]}"#;
+        assert_eq!(run(siblings, BodyKind::Single).unwrap().rows.len(), 1, "depth counts nesting, not siblings");
+    }
+
+    #[test]
     fn raw_control_character_in_payload_string_is_rejected() {
         // simd-json itself refuses it; check_raw_strings stays as a second line.
         let body = "{\"device_id\":\"d\",\"type\":\"t\",\"ts\":1767225600000,\"payload\":\"a\tb\"}";
@@ -502,7 +531,7 @@ mod tests {
 
     #[test]
     fn unknown_fields_can_be_allowed() {
-        let mut p = Parser::new(Rules { max_events: 10, max_payload_bytes: 10, max_future_skew_us: 0, allow_unknown_fields: true });
+        let mut p = Parser::new(Rules { max_events: 10, max_payload_bytes: 10, max_payload_depth: 8, max_future_skew_us: 0, allow_unknown_fields: true });
         let body = r#"{"device_id":"d","x":{"y":[1,2]},"type":"t","ts":1767225600000}"#;
         let parsed = p.parse(body.as_bytes(), BodyKind::Single, Clock { now_unix_us: NOW }).unwrap();
         assert_eq!(parsed.rows.len(), 1, "{:?}", parsed.rejected);

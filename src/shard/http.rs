@@ -113,7 +113,8 @@ pub fn parse_head(buf: &[u8], max_headers: usize, max_head_bytes: usize) -> Resu
         Err(httparse::Error::TooManyHeaders) => {
             return Err(HeadError::TooLarge("more headers than server.max_headers"));
         }
-        Err(httparse::Error::Version) => return Err(HeadError::Version),
+        // A well-formed request line naming another version is 505; garbage is 400.
+        Err(httparse::Error::Version) if names_other_http_version(buf) => return Err(HeadError::Version),
         Err(_) => return Err(HeadError::Bad("malformed HTTP request head")),
     };
     if len > max_head_bytes {
@@ -201,6 +202,16 @@ pub fn parse_head(buf: &[u8], max_headers: usize, max_head_bytes: usize) -> Resu
         (false, None) => BodyFraming::None,
     };
     Ok(RequestHead { method, target, body, media, gzip, expect_continue, keep_alive, len })
+}
+
+/// Whether the request line reads `METHOD TARGET HTTP/x.y` with x.y not 1.x.
+fn names_other_http_version(buf: &[u8]) -> bool {
+    let line = buf.split(|&b| b == b'\n').next().unwrap_or(buf);
+    let mut parts = line.trim_ascii().split(|&b| b == b' ');
+    let (Some(_), Some(_), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        return false;
+    };
+    version.len() >= 6 && version.starts_with(b"HTTP/") && version[5].is_ascii_digit() && !version.starts_with(b"HTTP/1.")
 }
 
 /// Progress of a chunked body decoder.
@@ -395,6 +406,12 @@ mod tests {
         assert!(matches!(head(&format!("GET / HTTP/1.1\r\n{many}\r\n")), Err(HeadError::TooLarge(_))));
         let big = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(300));
         assert!(matches!(parse_head(big.as_bytes(), 64, 256), Err(HeadError::TooLarge(_))));
+    }
+
+    #[test]
+    fn version_errors() {
+        assert_eq!(head("GET / HTTP/2.0\r\n\r\n"), Err(HeadError::Version));
+        assert!(matches!(head("THIS IS NOT HTTP\r\n\r\n"), Err(HeadError::Bad(_))));
     }
 
     #[test]

@@ -102,6 +102,7 @@ async fn run(setup: ShardSetup) {
     let rules = crate::ingest::Rules {
         max_events: setup.config.ingest.max_events_per_request,
         max_payload_bytes: setup.config.ingest.max_payload_bytes,
+        max_payload_depth: setup.config.ingest.max_payload_depth,
         max_future_skew_us: (setup.config.ingest.max_future_skew_ms as i64).saturating_mul(1000),
         allow_unknown_fields: setup.config.ingest.allow_unknown_fields,
     };

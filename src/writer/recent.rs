@@ -50,7 +50,7 @@ type FingerprintSet = HashSet<u64, BuildHasherDefault<PassThrough>>;
 /// The 64-bit fingerprint of an event id.
 pub fn fingerprint(id: &[u8]) -> u64 {
     // foldhash with a fixed seed: fast and well mixed; collisions only cost work.
-    foldhash::fast::FixedState::with_seed(0x696e_6765_7374_64).hash_one(id)
+    foldhash::fast::FixedState::with_seed(0x0069_6e67_6573_7464).hash_one(id)
 }
 
 struct Generation {

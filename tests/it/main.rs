@@ -1,0 +1,29 @@
+//! Black-box integration tests for `ingestd`: one test binary (ripgrep
+//! style), each module covering one part of the contract in
+//! `../shared/SPEC.md` and `docs/INTERFACE.md`.
+//!
+//! Every test spawns the real binary on `127.0.0.1:0` with a table of its own
+//! in the PostgreSQL cluster named by `INGESTD_TEST_DATABASE_URL` (exported
+//! by `scripts/test.sh`), talks raw HTTP/1.1 to it and checks the database.
+//!
+//! - `support`: the harness (spawning, raw HTTP client, database helpers).
+//! - `config`: command line, `--check-config`, config errors, exit codes.
+//! - `ingest`: the success paths of `POST /events` and `/events/batch`,
+//!   timestamps, partial rejection, idempotency, `ack = "queue"`.
+//! - `validation`: per-event validation rules and their reasons.
+//! - `http`: HTTP/1.1 handling and the error statuses.
+//! - `observability`: `/health`, `/stats`, `/metrics`.
+//! - `overload`: fail fast with 503 + Retry-After.
+//! - `lifecycle`: signals and graceful shutdown under load.
+//! - `spec`: literal readings of SPEC.md where INTERFACE.md is silent.
+
+mod support;
+
+mod config;
+mod http;
+mod ingest;
+mod lifecycle;
+mod observability;
+mod overload;
+mod spec;
+mod validation;

@@ -1,0 +1,1130 @@
+//! Test harness shared by every module.
+//!
+//! - [`Ingestd`] / [`Server`]: spawn the real `ingestd` binary on port 0
+//!   against the cluster named by `INGESTD_TEST_DATABASE_URL`, each with a
+//!   table of its own, wait for its readiness line, keep draining its stdout
+//!   and stderr, and kill it on drop (its stderr is printed when a test fails).
+//! - [`Req`] / [`Conn`] / [`Response`]: a tiny raw HTTP/1.1 client over
+//!   `std::net::TcpStream`. Requests are exact bytes (so pipelining, chunked
+//!   bodies and stalls can be tested); responses are parsed by hand
+//!   (Content-Length, chunked, or read-to-close). Every socket has timeouts so
+//!   a test can fail but never hang.
+//! - Database helpers (sync `postgres` client), event builders, response
+//!   assertions, and [`eventually`], a deadline poll used instead of sleeps.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_ingestd");
+/// How long a server may take to print its readiness line.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Socket read/write timeout: long enough for a COPY on a loaded 2-core box,
+/// short enough that a stuck server fails the test instead of hanging it.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(20);
+/// The readiness line prefix (docs/INTERFACE.md).
+pub const READY_PREFIX: &str = "ingestd listening on http://";
+
+// ---------------------------------------------------------------------------
+// Environment and unique names
+// ---------------------------------------------------------------------------
+
+/// The PostgreSQL URL the suite runs against.
+pub fn database_url() -> String {
+    match std::env::var("INGESTD_TEST_DATABASE_URL") {
+        Ok(url) if !url.trim().is_empty() => url,
+        _ => panic!(
+            "INGESTD_TEST_DATABASE_URL is not set. These integration tests need a \
+             PostgreSQL cluster: run them with scripts/test.sh, which starts a \
+             throwaway cluster and exports INGESTD_TEST_DATABASE_URL \
+             (postgres://USER@127.0.0.1:PORT/postgres)."
+        ),
+    }
+}
+
+/// A random-ish u64 without a `rand` dependency.
+pub fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos(),
+    );
+    h.finish()
+}
+
+/// A name unique across tests, processes and runs: lowercase `[a-z0-9_]`,
+/// usable unquoted as a PostgreSQL identifier.
+pub fn unique(prefix: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!(
+        "{prefix}_{}_{n}_{:08x}",
+        std::process::id(),
+        random_u64() as u32
+    )
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// RFC 3339 (UTC, millisecond precision) for an epoch-ms instant.
+pub fn rfc3339_ms(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .expect("timestamp in range")
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// Epoch ms of an RFC 3339 string (the test's own reference parser).
+pub fn parse_rfc3339_ms(s: &str) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .expect("valid RFC 3339 in test")
+        .timestamp_millis()
+}
+
+// ---------------------------------------------------------------------------
+// Deadline polling
+// ---------------------------------------------------------------------------
+
+/// Polls `f` until it returns `Some`, with a growing pause (5 ms .. 100 ms),
+/// and panics naming `what` once `timeout` has passed.
+pub fn eventually<T>(
+    timeout: Duration,
+    what: impl fmt::Display,
+    mut f: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Spawning the binary
+// ---------------------------------------------------------------------------
+
+/// A command line for `ingestd`, built before spawning.
+///
+/// Defaults keep tests light: one shard, one writer. Tests that care about
+/// concurrency raise them with [`Ingestd::set`].
+#[derive(Clone)]
+pub struct Ingestd {
+    sets: Vec<(String, String)>,
+    table: Option<String>,
+    database_url: Option<String>,
+}
+
+impl Default for Ingestd {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Ingestd {
+    pub fn new() -> Self {
+        Ingestd {
+            sets: vec![
+                ("server.shards".into(), "1".into()),
+                ("writer.writers".into(), "1".into()),
+                // Never pin: tests run many servers side by side on 2 cores.
+                ("server.pin_cores".into(), "false".into()),
+            ],
+            table: None,
+            database_url: None,
+        }
+    }
+
+    /// `--set key=value`; a later call for the same key replaces the earlier.
+    pub fn set(mut self, key: &str, value: impl fmt::Display) -> Self {
+        let value = value.to_string();
+        if let Some(slot) = self.sets.iter_mut().find(|(k, _)| k == key) {
+            slot.1 = value;
+        } else {
+            self.sets.push((key.to_string(), value));
+        }
+        self
+    }
+
+    /// Use an existing table (e.g. to restart on the same data). The server
+    /// then does not drop it when it is dropped.
+    pub fn table(mut self, name: &str) -> Self {
+        self.table = Some(name.to_string());
+        self
+    }
+
+    /// Override the database URL (default: `INGESTD_TEST_DATABASE_URL`).
+    pub fn database_url(mut self, url: &str) -> Self {
+        self.database_url = Some(url.to_string());
+        self
+    }
+
+    /// Spawns the server and waits for its readiness line.
+    pub fn start(self) -> Server {
+        let db_url = self.database_url.clone().unwrap_or_else(database_url);
+        let (table, owns_table) = match &self.table {
+            Some(t) => (t.clone(), false),
+            None => (unique("t"), true),
+        };
+        let mut cmd = command();
+        cmd.args(["--listen", "127.0.0.1:0", "--database-url", &db_url]);
+        cmd.arg("--set").arg(format!("database.table={table}"));
+        for (k, v) in &self.sets {
+            cmd.arg("--set").arg(format!("{k}={v}"));
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let args: Vec<String> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {BIN}: {e}"));
+
+        let stderr = Arc::new(Mutex::new(Vec::<u8>::new()));
+        let stderr_thread = drain(child.stderr.take().unwrap(), stderr.clone());
+        let stdout = Arc::new(Mutex::new(Vec::<u8>::new()));
+        let (ready_tx, ready_rx) = mpsc::channel::<String>();
+        let stdout_pipe = child.stdout.take().unwrap();
+        let stdout_buf = stdout.clone();
+        let stdout_thread = thread::spawn(move || {
+            let mut reader = BufReader::new(stdout_pipe);
+            let mut line = String::new();
+            let mut ready_tx = Some(ready_tx);
+            loop {
+                line.clear();
+                match reader.read_line(&mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        stdout_buf
+                            .lock()
+                            .unwrap()
+                            .extend_from_slice(line.as_bytes());
+                        if let Some(rest) = line.trim_end().strip_prefix(READY_PREFIX)
+                            && let Some(tx) = ready_tx.take() {
+                                let _ = tx.send(rest.to_string());
+                            }
+                    }
+                }
+            }
+        });
+
+        let started = Instant::now();
+        let addr = match ready_rx.recv_timeout(READY_TIMEOUT) {
+            Ok(rest) => rest
+                .trim_end_matches('/')
+                .parse::<SocketAddr>()
+                .unwrap_or_else(|e| {
+                    let _ = child.kill();
+                    panic!("cannot parse address in readiness line {READY_PREFIX}{rest}: {e}")
+                }),
+            Err(err) => {
+                // Either it never got ready or it exited: give a dead child a
+                // moment to be reaped, then report everything we know.
+                let status = wait_with_deadline(&mut child, Duration::from_secs(2));
+                if status.is_none() {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+                let _ = stderr_thread.join();
+                panic!(
+                    "ingestd did not print its readiness line ({err:?} after {:?}); exit status: \
+                     {status:?}\nargs: {args:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                    started.elapsed(),
+                    String::from_utf8_lossy(&stdout.lock().unwrap()),
+                    String::from_utf8_lossy(&stderr.lock().unwrap()),
+                );
+            }
+        };
+        Server {
+            child,
+            addr,
+            table,
+            owns_table,
+            db_url,
+            stdout,
+            stderr,
+            threads: vec![stdout_thread, stderr_thread],
+            exit: None,
+        }
+    }
+}
+
+/// A `Command` for the binary with every inherited `INGESTD_*` variable
+/// removed, so the developer's environment cannot change a test.
+pub fn command() -> Command {
+    let mut cmd = Command::new(BIN);
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("INGESTD_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
+fn drain(mut pipe: impl Read + Send + 'static, into: Arc<Mutex<Vec<u8>>>) -> JoinHandle<()> {
+    thread::spawn(move || {
+        let mut buf = [0u8; 8192];
+        loop {
+            match pipe.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => into.lock().unwrap().extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+}
+
+fn wait_with_deadline(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(2);
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// Output of a short-lived CLI run (e.g. `--check-config`).
+#[derive(Debug)]
+pub struct CliOutput {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CliOutput {
+    pub fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+}
+
+/// Runs the binary to completion (killing it after `timeout`).
+pub fn run_cli(args: &[&str], env: &[(&str, &str)], timeout: Duration) -> CliOutput {
+    let mut cmd = command();
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {BIN}: {e}"));
+    let out = Arc::new(Mutex::new(Vec::new()));
+    let err = Arc::new(Mutex::new(Vec::new()));
+    let t1 = drain(child.stdout.take().unwrap(), out.clone());
+    let t2 = drain(child.stderr.take().unwrap(), err.clone());
+    let status = match wait_with_deadline(&mut child, timeout) {
+        Some(s) => s,
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = (t1.join(), t2.join());
+            panic!(
+                "`ingestd {}` did not exit within {timeout:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.lock().unwrap()),
+                String::from_utf8_lossy(&err.lock().unwrap()),
+            );
+        }
+    };
+    let _ = (t1.join(), t2.join());
+    let stdout = String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
+    let stderr = String::from_utf8_lossy(&err.lock().unwrap()).into_owned();
+    CliOutput {
+        status,
+        stdout,
+        stderr,
+    }
+}
+
+/// A running `ingestd`. Killed (SIGKILL) on drop unless it already exited;
+/// on a failing test its stderr is printed.
+pub struct Server {
+    child: Child,
+    pub addr: SocketAddr,
+    pub table: String,
+    owns_table: bool,
+    db_url: String,
+    stdout: Arc<Mutex<Vec<u8>>>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    threads: Vec<JoinHandle<()>>,
+    exit: Option<ExitStatus>,
+}
+
+impl Server {
+    /// A server with the defaults of [`Ingestd::new`].
+    pub fn start() -> Server {
+        Ingestd::new().start()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether dropping this server drops its table (default: when the
+    /// harness made up the table name).
+    pub fn set_owns_table(&mut self, owns: bool) {
+        self.owns_table = owns;
+    }
+
+    /// Everything the server wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
+    }
+
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.stdout.lock().unwrap()).into_owned()
+    }
+
+    /// Sends a signal by name ("TERM", "INT", "KILL") with `kill(1)`.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{name}"), self.pid().to_string()])
+            .status()
+            .expect("run kill(1)");
+        assert!(
+            status.success(),
+            "kill -{name} {} failed: {status}",
+            self.pid()
+        );
+    }
+
+    /// Waits for the process to exit; panics (with its stderr) on timeout.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        if let Some(s) = self.exit {
+            return s;
+        }
+        match wait_with_deadline(&mut self.child, timeout) {
+            Some(s) => {
+                self.exit = Some(s);
+                s
+            }
+            None => panic!(
+                "ingestd (pid {}) did not exit within {timeout:?}\n--- stderr tail ---\n{}",
+                self.pid(),
+                tail(&self.stderr(), 6000)
+            ),
+        }
+    }
+
+    /// Has the process exited (without waiting)?
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        if self.exit.is_none()
+            && let Ok(Some(s)) = self.child.try_wait() {
+                self.exit = Some(s);
+            }
+        self.exit
+    }
+
+    // -- HTTP --------------------------------------------------------------
+
+    /// A fresh connection.
+    pub fn conn(&self) -> Conn {
+        Conn::open(self.addr)
+    }
+
+    /// One request on a fresh connection.
+    pub fn send(&self, req: &Req) -> Response {
+        self.conn().roundtrip(req)
+    }
+
+    pub fn get(&self, path: &str) -> Response {
+        self.send(&Req::get(path))
+    }
+
+    /// `POST /events` with one JSON value.
+    pub fn post_event(&self, event: &Value) -> Response {
+        self.send(&Req::post("/events").json(event))
+    }
+
+    /// `POST /events/batch` with a JSON array.
+    pub fn post_batch(&self, events: &[Value]) -> Response {
+        self.send(&Req::post("/events/batch").json(&Value::Array(events.to_vec())))
+    }
+
+    /// `POST /events/batch` with an NDJSON body as given.
+    pub fn post_ndjson(&self, body: &str) -> Response {
+        self.send(
+            &Req::post("/events/batch")
+                .header("Content-Type", "application/x-ndjson")
+                .body(body.as_bytes().to_vec()),
+        )
+    }
+
+    // -- Database ----------------------------------------------------------
+
+    pub fn db(&self) -> postgres::Client {
+        db_connect(&self.db_url)
+    }
+
+    /// Rows in this server's table.
+    pub fn count(&self) -> i64 {
+        let sql = format!("SELECT count(*) FROM {}", self.table);
+        self.db()
+            .query_one(sql.as_str(), &[])
+            .expect("count rows")
+            .get(0)
+    }
+
+    /// How many of `ids` have a row.
+    pub fn count_ids(&self, ids: &[String]) -> i64 {
+        count_ids(&mut self.db(), &self.table, ids)
+    }
+
+    /// Rows with this event_id (0 or 1 with a primary key).
+    pub fn count_id(&self, id: &str) -> i64 {
+        self.count_ids(&[id.to_string()])
+    }
+
+    /// The stored row for `event_id`, decoded without extra postgres features.
+    pub fn row(&self, event_id: &str) -> Option<StoredRow> {
+        let sql = format!(
+            "SELECT event_id, device_id, event_type, \
+                    (extract(epoch FROM ts) * 1000)::int8, \
+                    payload::text, \
+                    extract(epoch FROM (clock_timestamp() - received_at))::float8 \
+             FROM {} WHERE event_id = $1",
+            self.table
+        );
+        let rows = self
+            .db()
+            .query(sql.as_str(), &[&event_id])
+            .expect("select row");
+        assert!(
+            rows.len() <= 1,
+            "{} rows for event_id {event_id}",
+            rows.len()
+        );
+        rows.first().map(StoredRow::from_row)
+    }
+
+    /// Every stored row.
+    pub fn rows(&self) -> Vec<StoredRow> {
+        let sql = format!(
+            "SELECT event_id, device_id, event_type, \
+                    (extract(epoch FROM ts) * 1000)::int8, \
+                    payload::text, \
+                    extract(epoch FROM (clock_timestamp() - received_at))::float8 \
+             FROM {} ORDER BY event_id",
+            self.table
+        );
+        self.db()
+            .query(sql.as_str(), &[])
+            .expect("select rows")
+            .iter()
+            .map(StoredRow::from_row)
+            .collect()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.try_exit().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        if thread::panicking() {
+            eprintln!(
+                "--- ingestd (pid {}, {}, table {}) exit {:?}; stderr tail ---\n{}",
+                self.child.id(),
+                self.addr,
+                self.table,
+                self.exit,
+                tail(&self.stderr(), 8000)
+            );
+        } else if self.owns_table {
+            // Best effort: keep the throwaway cluster small. Kept on failure
+            // for inspection.
+            if let Ok(mut db) = try_db_connect(&self.db_url) {
+                let _ = db.batch_execute(&format!("DROP TABLE IF EXISTS {}", self.table));
+            }
+        }
+    }
+}
+
+fn tail(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut start = s.len() - max;
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    &s[start..]
+}
+
+fn try_db_connect(url: &str) -> Result<postgres::Client, postgres::Error> {
+    let mut config: postgres::Config = url.parse()?;
+    config.connect_timeout(Duration::from_secs(10));
+    config.connect(postgres::NoTls)
+}
+
+pub fn db_connect(url: &str) -> postgres::Client {
+    try_db_connect(url).unwrap_or_else(|e| panic!("connect to test database {url}: {e}"))
+}
+
+pub fn count_ids(db: &mut postgres::Client, table: &str, ids: &[String]) -> i64 {
+    let sql = format!("SELECT count(*) FROM {table} WHERE event_id = ANY($1)");
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    db.query_one(sql.as_str(), &[&ids])
+        .expect("count ids")
+        .get(0)
+}
+
+/// One row of the events table, as the tests see it.
+#[derive(Debug, Clone)]
+pub struct StoredRow {
+    pub event_id: String,
+    pub device_id: String,
+    pub event_type: String,
+    /// `ts` as epoch milliseconds.
+    pub ts_ms: i64,
+    /// `payload` parsed back from `payload::text` (`None` for SQL NULL).
+    pub payload: Option<Value>,
+    /// Seconds between `received_at` and the query (None if NULL).
+    pub received_age_s: Option<f64>,
+}
+
+impl StoredRow {
+    fn from_row(row: &postgres::Row) -> StoredRow {
+        let payload: Option<String> = row.get(4);
+        StoredRow {
+            event_id: row.get(0),
+            device_id: row.get(1),
+            event_type: row.get(2),
+            ts_ms: row.get(3),
+            payload: payload.map(|p| {
+                serde_json::from_str(&p).unwrap_or_else(|e| panic!("payload::text {p:?}: {e}"))
+            }),
+            received_age_s: row.get(5),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Events and ingest answers
+// ---------------------------------------------------------------------------
+
+/// A valid event with the given id, timestamped now.
+pub fn event(id: &str) -> Value {
+    json!({
+        "event_id": id,
+        "device_id": "dev-1",
+        "type": "temperature",
+        "ts": now_ms(),
+        "payload": {"celsius": 21.5, "seq": id},
+    })
+}
+
+/// `n` valid events with ids `{prefix}-{i}`.
+pub fn events(prefix: &str, n: usize) -> Vec<Value> {
+    (0..n).map(|i| event(&format!("{prefix}-{i}"))).collect()
+}
+
+/// The `event_id`s of a list of events.
+pub fn ids_of(events: &[Value]) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| e["event_id"].as_str().expect("event_id").to_string())
+        .collect()
+}
+
+/// A parsed ingest answer `{"accepted": N, "rejected": [{"index", "error"}]}`.
+#[derive(Debug)]
+pub struct IngestAnswer {
+    pub accepted: u64,
+    pub rejected: Vec<(usize, String)>,
+}
+
+impl IngestAnswer {
+    pub fn rejected_indexes(&self) -> BTreeSet<usize> {
+        self.rejected.iter().map(|(i, _)| *i).collect()
+    }
+}
+
+/// Parses an ingest answer, checking its shape strictly: exactly the keys
+/// `accepted` (integer) and `rejected` (array of `{index: integer, error:
+/// non-empty string}`).
+pub fn ingest_answer(resp: &Response) -> IngestAnswer {
+    let v = resp.json();
+    let obj = v
+        .as_object()
+        .unwrap_or_else(|| panic!("ingest answer is not an object:\n{resp:?}"));
+    let accepted = obj
+        .get("accepted")
+        .and_then(Value::as_u64)
+        .unwrap_or_else(|| panic!("ingest answer lacks integer \"accepted\":\n{resp:?}"));
+    let rejected = obj
+        .get("rejected")
+        .and_then(Value::as_array)
+        .unwrap_or_else(|| panic!("ingest answer lacks array \"rejected\":\n{resp:?}"))
+        .iter()
+        .map(|r| {
+            let index = r
+                .get("index")
+                .and_then(Value::as_u64)
+                .unwrap_or_else(|| panic!("rejection {r} lacks integer \"index\":\n{resp:?}"));
+            let error = r
+                .get("error")
+                .and_then(Value::as_str)
+                .unwrap_or_else(|| panic!("rejection {r} lacks string \"error\":\n{resp:?}"));
+            assert!(
+                !error.trim().is_empty(),
+                "rejection {r} has an empty error:\n{resp:?}"
+            );
+            (index as usize, error.to_string())
+        })
+        .collect();
+    IngestAnswer { accepted, rejected }
+}
+
+/// Asserts status, accepted count and exactly which indexes were rejected.
+pub fn assert_ingest(
+    resp: &Response,
+    status: u16,
+    accepted: u64,
+    rejected: &[usize],
+) -> IngestAnswer {
+    assert_eq!(resp.status, status, "unexpected status:\n{resp:?}");
+    let answer = ingest_answer(resp);
+    let want: BTreeSet<usize> = rejected.iter().copied().collect();
+    assert_eq!(
+        answer.rejected_indexes(),
+        want,
+        "rejected indexes differ:\n{resp:?}"
+    );
+    assert_eq!(
+        answer.rejected.len(),
+        rejected.len(),
+        "duplicate rejection entries:\n{resp:?}"
+    );
+    assert_eq!(
+        answer.accepted, accepted,
+        "accepted count differs:\n{resp:?}"
+    );
+    answer
+}
+
+/// Asserts an error answer: the status, a JSON object body with a non-empty
+/// string `error` (SPEC: "each with a JSON body {"error": "...", ...}").
+pub fn assert_error(resp: &Response, status: u16) -> String {
+    assert_eq!(resp.status, status, "unexpected status:\n{resp:?}");
+    let v: Value = serde_json::from_slice(&resp.body)
+        .unwrap_or_else(|e| panic!("error body is not JSON ({e}):\n{resp:?}"));
+    let msg = v
+        .get("error")
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| panic!("error body lacks string \"error\":\n{resp:?}"));
+    assert!(!msg.trim().is_empty(), "empty error message:\n{resp:?}");
+    msg.to_string()
+}
+
+// ---------------------------------------------------------------------------
+// Raw HTTP/1.1 client
+// ---------------------------------------------------------------------------
+
+/// An HTTP/1.1 request rendered to exact bytes by [`Req::to_bytes`].
+///
+/// `Host` is always sent; `Content-Length` is added for POST (or any body)
+/// unless a `Content-Length`/`Transfer-Encoding` header was given or
+/// [`Req::no_length`] was called.
+#[derive(Clone, Debug)]
+pub struct Req {
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    auto_length: bool,
+}
+
+impl Req {
+    pub fn new(method: &str, path: &str) -> Req {
+        Req {
+            method: method.into(),
+            path: path.into(),
+            headers: Vec::new(),
+            body: Vec::new(),
+            auto_length: true,
+        }
+    }
+    pub fn get(path: &str) -> Req {
+        Req::new("GET", path)
+    }
+    pub fn post(path: &str) -> Req {
+        Req::new("POST", path)
+    }
+    pub fn header(mut self, name: &str, value: &str) -> Req {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+    pub fn body(mut self, body: impl Into<Vec<u8>>) -> Req {
+        self.body = body.into();
+        self
+    }
+    /// `Content-Type: application/json` and the serialized value.
+    pub fn json(self, v: &Value) -> Req {
+        self.header("Content-Type", "application/json")
+            .body(serde_json::to_vec(v).unwrap())
+    }
+    /// Do not add a `Content-Length` header.
+    pub fn no_length(mut self) -> Req {
+        self.auto_length = false;
+        self
+    }
+    fn has_header(&self, name: &str) -> bool {
+        self.headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case(name))
+    }
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = format!("{} {} HTTP/1.1\r\n", self.method, self.path).into_bytes();
+        if !self.has_header("host") {
+            out.extend_from_slice(b"Host: 127.0.0.1\r\n");
+        }
+        for (k, v) in &self.headers {
+            out.extend_from_slice(format!("{k}: {v}\r\n").as_bytes());
+        }
+        let framed = self.has_header("content-length") || self.has_header("transfer-encoding");
+        if self.auto_length && !framed && (self.method == "POST" || !self.body.is_empty()) {
+            out.extend_from_slice(format!("Content-Length: {}\r\n", self.body.len()).as_bytes());
+        }
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(&self.body);
+        out
+    }
+}
+
+/// Encodes `parts` as a chunked body (uppercase hex sizes), with the final
+/// zero-length chunk.
+pub fn chunked(parts: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for p in parts.iter().filter(|p| !p.is_empty()) {
+        out.extend_from_slice(format!("{:X}\r\n", p.len()).as_bytes());
+        out.extend_from_slice(p);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"0\r\n\r\n");
+    out
+}
+
+/// Gzip-compresses bytes.
+pub fn gzip(data: &[u8]) -> Vec<u8> {
+    use flate2::Compression;
+    use flate2::write::GzEncoder;
+    let mut enc = GzEncoder::new(Vec::new(), Compression::best());
+    enc.write_all(data).unwrap();
+    enc.finish().unwrap()
+}
+
+/// A parsed HTTP response.
+#[derive(Clone)]
+pub struct Response {
+    pub version: String,
+    pub status: u16,
+    pub reason: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    /// The first header with this name (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    /// The body as JSON; panics with the whole response if it is not.
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}):\n{self:?}"))
+    }
+}
+
+impl fmt::Debug for Response {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{} {} {}", self.version, self.status, self.reason)?;
+        for (k, v) in &self.headers {
+            writeln!(f, "{k}: {v}")?;
+        }
+        let text = self.text();
+        if text.len() > 3000 {
+            write!(
+                f,
+                "\n{}... ({} bytes)",
+                &text[..text.floor_char_boundary(3000)],
+                self.body.len()
+            )
+        } else {
+            write!(f, "\n{text}")
+        }
+    }
+}
+
+/// One client connection, with its unread bytes.
+pub struct Conn {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    pub fn open(addr: SocketAddr) -> Conn {
+        Conn::try_open(addr).unwrap_or_else(|e| panic!("connect to {addr}: {e}"))
+    }
+
+    pub fn try_open(addr: SocketAddr) -> io::Result<Conn> {
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        stream.set_write_timeout(Some(IO_TIMEOUT))?;
+        stream.set_nodelay(true)?;
+        Ok(Conn {
+            stream,
+            buf: Vec::new(),
+        })
+    }
+
+    pub fn set_read_timeout(&mut self, t: Duration) {
+        self.stream.set_read_timeout(Some(t)).unwrap();
+    }
+
+    /// Writes exact bytes; panics on error.
+    pub fn write(&mut self, bytes: &[u8]) {
+        self.try_write(bytes)
+            .unwrap_or_else(|e| panic!("write {} bytes: {e}", bytes.len()));
+    }
+
+    pub fn try_write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.stream.write_all(bytes)?;
+        self.stream.flush()
+    }
+
+    /// Writes a request and reads its response; panics on transport errors.
+    pub fn roundtrip(&mut self, req: &Req) -> Response {
+        self.write(&req.to_bytes());
+        self.read_response()
+    }
+
+    pub fn try_roundtrip(&mut self, req: &Req) -> io::Result<Response> {
+        self.try_write(&req.to_bytes())?;
+        self.try_read_response()
+    }
+
+    pub fn read_response(&mut self) -> Response {
+        self.try_read_response()
+            .unwrap_or_else(|e| panic!("read response: {e}"))
+    }
+
+    /// Reads until the peer closes; true if it closed cleanly (EOF) with no
+    /// further bytes, false on timeout.
+    pub fn closed_by_peer(&mut self, timeout: Duration) -> bool {
+        self.set_read_timeout(timeout);
+        let mut b = [0u8; 256];
+        loop {
+            match self.stream.read(&mut b) {
+                Ok(0) => return self.buf.is_empty(),
+                Ok(n) => self.buf.extend_from_slice(&b[..n]),
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return self.buf.is_empty(),
+                Err(_) => return false,
+            }
+        }
+    }
+
+    fn fill(&mut self) -> io::Result<usize> {
+        let mut b = [0u8; 16384];
+        let n = self.stream.read(&mut b)?;
+        self.buf.extend_from_slice(&b[..n]);
+        Ok(n)
+    }
+
+    fn eof(&self, what: &str) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!(
+                "connection closed {what}; unread bytes: {:?}",
+                String::from_utf8_lossy(&self.buf)
+            ),
+        )
+    }
+
+    /// Reads one CRLF-terminated line (without the CRLF).
+    fn read_line(&mut self) -> io::Result<String> {
+        loop {
+            if let Some(p) = find(&self.buf, b"\r\n") {
+                let line = String::from_utf8_lossy(&self.buf[..p]).into_owned();
+                self.buf.drain(..p + 2);
+                return Ok(line);
+            }
+            if self.fill()? == 0 {
+                return Err(self.eof("inside a chunked body"));
+            }
+        }
+    }
+
+    fn read_exact_buf(&mut self, n: usize) -> io::Result<Vec<u8>> {
+        while self.buf.len() < n {
+            if self.fill()? == 0 {
+                return Err(self.eof(&format!("with {} of {n} body bytes", self.buf.len())));
+            }
+        }
+        Ok(self.buf.drain(..n).collect())
+    }
+
+    /// Reads one response (an interim 1xx counts as one).
+    pub fn try_read_response(&mut self) -> io::Result<Response> {
+        let head_end = loop {
+            if let Some(p) = find(&self.buf, b"\r\n\r\n") {
+                break p;
+            }
+            if self.buf.len() > 1 << 20 {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "response head over 1 MiB",
+                ));
+            }
+            if self.fill()? == 0 {
+                return Err(self.eof("before a full response head"));
+            }
+        };
+        let head = String::from_utf8_lossy(&self.buf[..head_end]).into_owned();
+        self.buf.drain(..head_end + 4);
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().unwrap_or_default();
+        let mut parts = status_line.splitn(3, ' ');
+        let version = parts.next().unwrap_or_default().to_string();
+        let status: u16 = parts.next().and_then(|s| s.parse().ok()).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("bad status line {status_line:?}"),
+            )
+        })?;
+        if !version.starts_with("HTTP/1.") {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("bad status line {status_line:?}"),
+            ));
+        }
+        let reason = parts.next().unwrap_or_default().to_string();
+        let mut headers = Vec::new();
+        for line in lines {
+            let (k, v) = line.split_once(':').ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("bad header line {line:?}"),
+                )
+            })?;
+            headers.push((k.trim().to_string(), v.trim().to_string()));
+        }
+        let mut resp = Response {
+            version,
+            status,
+            reason,
+            headers,
+            body: Vec::new(),
+        };
+        if (100..200).contains(&status) || status == 204 || status == 304 {
+            return Ok(resp);
+        }
+        let chunked = resp
+            .header("transfer-encoding")
+            .is_some_and(|te| te.to_ascii_lowercase().contains("chunked"));
+        if chunked {
+            loop {
+                let line = self.read_line()?;
+                let size_hex = line.split(';').next().unwrap_or_default().trim();
+                let size = usize::from_str_radix(size_hex, 16).map_err(|_| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("bad chunk size line {line:?}"),
+                    )
+                })?;
+                if size == 0 {
+                    while !self.read_line()?.is_empty() {}
+                    break;
+                }
+                let data = self.read_exact_buf(size)?;
+                resp.body.extend_from_slice(&data);
+                if !self.read_line()?.is_empty() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "chunk not followed by CRLF",
+                    ));
+                }
+            }
+        } else if let Some(cl) = resp.header("content-length") {
+            let n: usize = cl.parse().map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("bad Content-Length {cl:?}"),
+                )
+            })?;
+            resp.body = self.read_exact_buf(n)?;
+        } else {
+            // No framing: the body runs to connection close.
+            while self.fill()? > 0 {}
+            resp.body = std::mem::take(&mut self.buf);
+        }
+        Ok(resp)
+    }
+}
+
+pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+// ---------------------------------------------------------------------------
+// JSON helpers for /stats
+// ---------------------------------------------------------------------------
+
+/// Sum of every numeric value, at any depth, under a key that contains
+/// `needle` (case-insensitive): `{"accepted": 3}` and
+/// `{"events": {"accepted_total": {"http": 2, "ws": 1}}}` both count 3.
+pub fn sum_numeric_keys(v: &Value, needle: &str) -> f64 {
+    fn walk(v: &Value, needle: &str, under: bool) -> f64 {
+        match v {
+            Value::Number(n) if under => n.as_f64().unwrap_or(0.0),
+            Value::Object(m) => m
+                .iter()
+                .map(|(k, v)| walk(v, needle, under || k.to_ascii_lowercase().contains(needle)))
+                .sum(),
+            Value::Array(a) => a.iter().map(|v| walk(v, needle, under)).sum(),
+            _ => 0.0,
+        }
+    }
+    walk(v, needle, false)
+}
