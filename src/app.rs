@@ -18,6 +18,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
+use crate::broadcast::{self, Hub};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::pipeline::{self, RingGauge};
@@ -73,7 +74,22 @@ pub fn run(config: Config) -> Result<Ended, RunError> {
     }
 
     let (ring_set, receivers) = pipeline::rings(writers, config.pipeline.ring_capacity);
-    let metrics = Arc::new(Metrics::new(shards, writers, RingGauge::new(&receivers, config.pipeline.ring_capacity)));
+    let ws = &config.websocket;
+    let (hub, publisher, published) = Hub::new(shards, ws.max_subscribers, ws.max_per_ip, ws.broadcast_ring);
+    let (inbox_senders, inboxes) = broadcast::inboxes(shards, ws.inbox_batches);
+    let metrics = Arc::new(Metrics::new(
+        shards,
+        writers,
+        RingGauge::new(&receivers, config.pipeline.ring_capacity),
+        hub.clone(),
+    ));
+    let broadcaster = {
+        let hub = hub.clone();
+        std::thread::Builder::new()
+            .name("broadcaster".into())
+            .spawn(move || broadcast::run(hub, published, inbox_senders))
+            .map_err(|e| RunError::Internal(format!("cannot start broadcaster thread: {e}")))?
+    };
     let deadline: Arc<OnceLock<Instant>> = Arc::new(OnceLock::new());
     let recent = RecentIds::new(
         std::time::Duration::from_millis(config.writer.dedup_window_ms),
@@ -92,6 +108,7 @@ pub fn run(config: Config) -> Result<Ended, RunError> {
             metrics: metrics.clone(),
             deadline: deadline.clone(),
             recent: recent.clone(),
+            publisher: publisher.clone(),
         };
         let handle = std::thread::Builder::new()
             .name(format!("writer-{id}"))
@@ -100,12 +117,15 @@ pub fn run(config: Config) -> Result<Ended, RunError> {
         writer_threads.push(handle);
     }
 
+    // Only writers publish now; their exit is what closes the broadcaster's ring.
+    drop(publisher);
+
     let listeners = bind_listeners(&config, shards)?;
     let local = listeners[0].local_addr().map_err(|e| RunError::Bind(e.to_string()))?;
     let cores = if config.server.pin_cores { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };
     let mut triggers = Vec::with_capacity(shards);
     let mut shard_threads = Vec::with_capacity(shards);
-    for (id, listener) in listeners.into_iter().enumerate() {
+    for ((id, listener), inbox) in listeners.into_iter().enumerate().zip(inboxes) {
         let (trigger, shutdown) = futures_channel::oneshot::channel();
         triggers.push(trigger);
         let setup = ShardSetup {
@@ -116,6 +136,8 @@ pub fn run(config: Config) -> Result<Ended, RunError> {
             config: config.clone(),
             metrics: metrics.clone(),
             shutdown,
+            hub: hub.clone(),
+            inbox,
         };
         let handle = shard::spawn(setup).map_err(|e| RunError::Internal(format!("cannot start shard thread: {e}")))?;
         shard_threads.push(handle);
@@ -164,6 +186,8 @@ pub fn run(config: Config) -> Result<Ended, RunError> {
                     total.lost += r.lost;
                 }
             }
+            // Writers are gone, so the broadcaster's ring has closed.
+            let _ = broadcaster.join();
             let _ = done_tx.send(total);
         })
         .map_err(|e| RunError::Internal(format!("cannot start joiner thread: {e}")))?;

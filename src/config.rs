@@ -24,6 +24,7 @@ pub struct Config {
     pub pipeline: PipelineConfig,
     pub writer: WriterConfig,
     pub database: DatabaseConfig,
+    pub websocket: WebSocketConfig,
     pub log: LogConfig,
 }
 
@@ -201,6 +202,64 @@ impl Default for DatabaseConfig {
     }
 }
 
+/// WebSocket subscribers and ingest over `GET /ws`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebSocketConfig {
+    /// Subscribers in the whole process; more upgrades answer 503.
+    pub max_subscribers: usize,
+    /// Subscribers per shard; more upgrades on that shard answer 503.
+    pub max_subscribers_per_shard: usize,
+    /// WebSocket connections from one IP address; more answer 429.
+    pub max_per_ip: usize,
+    /// Events waiting to be sent to one subscriber.
+    pub queue_messages: usize,
+    /// Bytes of events waiting to be sent to one subscriber.
+    pub queue_bytes: usize,
+    /// When a subscriber's queue is full: `close` it with code 1013, or
+    /// `drop_oldest` events and send it `{"dropped": N}`.
+    pub overflow: Overflow,
+    /// A ping is sent after this long without traffic to the client.
+    pub ping_interval_ms: u64,
+    /// A connection that sends nothing (not even a pong) this long is closed.
+    pub idle_timeout_ms: u64,
+    /// Largest message (and frame) a client may send.
+    pub max_message_bytes: usize,
+    /// Committed batches waiting for one shard's fan-out; past it the
+    /// shard's subscribers are told they missed events (overflow policy).
+    pub inbox_batches: usize,
+    /// Committed batches waiting for the broadcaster thread.
+    pub broadcast_ring: usize,
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        Self {
+            max_subscribers: 100_000,
+            max_subscribers_per_shard: 100_000,
+            max_per_ip: 10_000,
+            queue_messages: 10_000,
+            queue_bytes: 1024 * 1024,
+            overflow: Overflow::Close,
+            ping_interval_ms: 20_000,
+            idle_timeout_ms: 60_000,
+            max_message_bytes: 1024 * 1024,
+            inbox_batches: 256,
+            broadcast_ring: 1024,
+        }
+    }
+}
+
+/// What happens to a subscriber that cannot keep up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Overflow {
+    /// Close with 1013 (try again later).
+    Close,
+    /// Drop the oldest queued events and report how many.
+    DropOldest,
+}
+
 /// Logging to stderr.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -370,6 +429,14 @@ impl Config {
             "must be 0 (writers + 1) or at least writer.writers",
         );
         check(self.database.connect_timeout_ms >= 1, "database.connect_timeout_ms", "must be at least 1");
+        let ws = &self.websocket;
+        check(ws.queue_messages >= 1, "websocket.queue_messages", "must be at least 1");
+        check(ws.queue_bytes >= 1024, "websocket.queue_bytes", "must be at least 1024");
+        check(ws.ping_interval_ms >= 10, "websocket.ping_interval_ms", "must be at least 10");
+        check(ws.idle_timeout_ms > ws.ping_interval_ms, "websocket.idle_timeout_ms", "must be longer than websocket.ping_interval_ms");
+        check(ws.max_message_bytes >= 1024, "websocket.max_message_bytes", "must be at least 1024");
+        check(ws.inbox_batches >= 1, "websocket.inbox_batches", "must be at least 1");
+        check(ws.broadcast_ring >= 1, "websocket.broadcast_ring", "must be at least 1");
         if problems.is_empty() { Ok(()) } else { Err(ConfigError::Invalid(problems)) }
     }
 

@@ -15,6 +15,8 @@
 //!   commit report that travels back.
 //! - [`writer`]: writer threads, binary COPY encoding, idempotent batch
 //!   commit over an `r2d2` pool.
+//! - [`broadcast`]: committed events, serialised once, to the shards'
+//!   WebSocket subscribers.
 //! - [`metrics`]: per-thread counters and histograms; `/stats`, `/metrics`.
 //! - [`app`]: starts the threads in order and owns the shutdown cascade.
 //! - [`log`]: structured log lines on stderr.
@@ -28,6 +30,7 @@
 //! (one lock per batch, contended only by a scrape) and the pool's.
 
 pub mod app;
+pub mod broadcast;
 pub mod config;
 pub mod ingest;
 pub mod log;

@@ -9,6 +9,7 @@
 //! status codes and rejection kinds, never anything taken from a request.
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -42,6 +43,7 @@ impl Counter {
 pub enum Route {
     Event,
     Batch,
+    Ws,
     Health,
     Stats,
     Metrics,
@@ -49,11 +51,12 @@ pub enum Route {
 }
 
 impl Route {
-    pub const ALL: [Route; 6] = [Route::Event, Route::Batch, Route::Health, Route::Stats, Route::Metrics, Route::Other];
+    pub const ALL: [Route; 7] = [Route::Event, Route::Batch, Route::Ws, Route::Health, Route::Stats, Route::Metrics, Route::Other];
     pub fn label(self) -> &'static str {
         match self {
             Route::Event => "/events",
             Route::Batch => "/events/batch",
+            Route::Ws => "/ws",
             Route::Health => "/health",
             Route::Stats => "/stats",
             Route::Metrics => "/metrics",
@@ -63,14 +66,14 @@ impl Route {
 }
 
 /// Status codes counted; anything else is counted as `other`.
-pub const STATUS_CODES: [u16; 16] = [200, 202, 400, 401, 403, 404, 405, 408, 411, 413, 415, 429, 431, 500, 503, 0];
+pub const STATUS_CODES: [u16; 18] = [101, 200, 202, 400, 401, 403, 404, 405, 408, 411, 413, 415, 426, 429, 431, 500, 503, 0];
 
 fn status_slot(code: u16) -> usize {
     STATUS_CODES.iter().position(|&c| c == code).unwrap_or(STATUS_CODES.len() - 1)
 }
 
 /// One shard's counters.
-#[derive(Debug, Default)]
+#[derive(Default)]
 #[repr(align(128))]
 pub struct ShardStats {
     pub requests: [Counter; Route::ALL.len()],
@@ -83,6 +86,18 @@ pub struct ShardStats {
     /// Connections closed at once because the shard was at its cap.
     pub connections_refused: Counter,
     pub connections_open: AtomicI64,
+    /// WebSocket events (and notices) written to subscribers.
+    pub ws_messages_sent: Counter,
+    pub ws_bytes_sent: Counter,
+    /// Events a subscriber did not get: dropped (`drop_oldest`), lost to a
+    /// 1013 close, or missed upstream.
+    pub ws_dropped: Counter,
+    /// Subscribers closed with 1013 because they could not keep up.
+    pub ws_slow_closes: Counter,
+    /// Ingest frames received over WebSocket.
+    pub ws_ingest_frames: Counter,
+    /// Commit → frame written, per event, µs.
+    pub ws_fanout_us: Distribution,
 }
 
 impl ShardStats {
@@ -148,6 +163,8 @@ pub struct Metrics {
     pub shards: Box<[ShardStats]>,
     pub writers: Box<[WriterStats]>,
     pub rings: RingGauge,
+    /// Subscriber counts per shard.
+    pub hub: Arc<crate::broadcast::Hub>,
     pub started: Instant,
     /// Set by writers after each database round trip, and at start-up.
     pub database_up: AtomicBool,
@@ -155,11 +172,12 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(shards: usize, writers: usize, rings: RingGauge) -> Self {
+    pub fn new(shards: usize, writers: usize, rings: RingGauge, hub: Arc<crate::broadcast::Hub>) -> Self {
         Self {
             shards: (0..shards).map(|_| ShardStats::default()).collect(),
             writers: (0..writers).map(|_| WriterStats::default()).collect(),
             rings,
+            hub,
             started: Instant::now(),
             database_up: AtomicBool::new(true),
             shutting_down: AtomicBool::new(false),
@@ -177,6 +195,14 @@ impl Metrics {
 
     fn sum_writers(&self, f: impl Fn(&WriterStats) -> u64) -> u64 {
         self.writers.iter().map(f).sum()
+    }
+
+    fn merged_shards(&self, f: impl Fn(&ShardStats) -> &Distribution) -> Histogram<u64> {
+        let mut all = Distribution::default().snapshot();
+        for s in self.shards.iter() {
+            let _ = all.add(f(s).snapshot());
+        }
+        all
     }
 
     fn merged(&self, f: impl Fn(&WriterStats) -> &Distribution) -> Histogram<u64> {
@@ -241,6 +267,11 @@ impl Metrics {
             "requests": self.sum_shards(|s| s.requests.iter().map(Counter::get).sum()),
             "overload_rejections": self.sum_shards(|s| s.overload_rejections.get()),
             "connections_open": self.shards.iter().map(|s| s.connections_open.load(Ordering::Relaxed)).sum::<i64>(),
+            "ws_subscribers": self.hub.subscribers(),
+            "ws_messages_sent": self.sum_shards(|s| s.ws_messages_sent.get()),
+            "ws_dropped": self.sum_shards(|s| s.ws_dropped.get()),
+            "ws_slow_closes": self.sum_shards(|s| s.ws_slow_closes.get()),
+            "ws_fanout_latency_ms": quantiles_ms(&self.merged_shards(|s| &s.ws_fanout_us)),
             "commit_latency_ms": quantiles_ms(&self.merged(|w| &w.commit_us)),
             "ack_latency_ms": quantiles_ms(&self.merged(|w| &w.ack_us)),
         })
@@ -286,6 +317,16 @@ impl Metrics {
         per_shard(o, self, "ingestd_connections_refused_total", "counter", "TCP connections closed at once: shard at server.max_connections.", |s| s.connections_refused.get());
         per_shard(o, self, "ingestd_connections_open", "gauge", "Open TCP connections.", |s| s.connections_open.load(Ordering::Relaxed).max(0) as u64);
 
+        family(o, "ingestd_ws_subscribers", "gauge", "WebSocket subscribers, by shard.");
+        for (i, slot) in self.hub.slots.iter().enumerate() {
+            let _ = writeln!(o, "ingestd_ws_subscribers{{shard=\"{i}\"}} {}", slot.subscribers.load(Ordering::Relaxed));
+        }
+        per_shard(o, self, "ingestd_ws_messages_sent_total", "counter", "WebSocket messages written to subscribers.", |s| s.ws_messages_sent.get());
+        per_shard(o, self, "ingestd_ws_sent_bytes_total", "counter", "WebSocket bytes written.", |s| s.ws_bytes_sent.get());
+        per_shard(o, self, "ingestd_ws_dropped_events_total", "counter", "Events a subscriber did not get (dropped, lost to a 1013 close, or missed upstream).", |s| s.ws_dropped.get());
+        per_shard(o, self, "ingestd_ws_slow_closes_total", "counter", "Subscribers closed with 1013 because their queue was full.", |s| s.ws_slow_closes.get());
+        per_shard(o, self, "ingestd_ws_ingest_frames_total", "counter", "Ingest frames received over WebSocket.", |s| s.ws_ingest_frames.get());
+        summary(o, "ingestd_ws_fanout_latency_seconds", "Commit to frame written, per event.", &self.merged_shards(|s| &s.ws_fanout_us), 1e-6);
         per_writer(o, self, "ingestd_events_committed_total", "counter", "Events committed to PostgreSQL.", |w| w.events_committed.get());
         per_writer(o, self, "ingestd_events_duplicate_total", "counter", "Events skipped because their event_id was already stored.", |w| w.events_duplicate.get());
         per_writer(o, self, "ingestd_events_lost_total", "counter", "ack=queue events not committed before shutdown.", |w| w.events_lost.get());
@@ -359,7 +400,8 @@ mod tests {
 
     fn metrics() -> Metrics {
         let (_set, receivers) = crate::pipeline::rings(2, 8);
-        Metrics::new(2, 2, RingGauge::new(&receivers, 8))
+        let (hub, _publisher, _rx) = crate::broadcast::Hub::new(2, 10, 10, 4);
+        Metrics::new(2, 2, RingGauge::new(&receivers, 8), hub)
     }
 
     #[test]

@@ -8,30 +8,19 @@
 //! or to shutdown is cancelled explicitly (`Canceller`) and awaited, so no
 //! io_uring operation outlives its buffer's owner and no buffer is leaked.
 
-use std::pin::pin;
+use std::net::IpAddr;
 use std::rc::Rc;
 use std::time::Instant;
 
-use monoio::buf::IoBufMut;
-use monoio::io::{AsyncWriteRentExt, CancelableAsyncReadRent, Canceller};
+use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 
-use super::ShardCtx;
-use super::http::{self, BodyFraming, ChunkError, Chunked, HeadError, RequestHead, Response};
-use super::routes;
+use super::http::{self, BodyFraming, ChunkError, Chunked, HeadError, RequestHead, Response, Target};
+use super::io::{self, READ_CHUNK_BYTES, ReadOutcome};
+use super::{ShardCtx, routes, ws};
 
 /// Buffer kept by an idle connection; larger ones are released after a request.
 const IDLE_BUFFER_BYTES: usize = 2 * 1024;
-/// Smallest read; the buffer grows by at least this much.
-const READ_CHUNK_BYTES: usize = 16 * 1024;
-
-enum ReadOutcome {
-    Data,
-    Eof,
-    TimedOut,
-    Shutdown,
-    Failed,
-}
 
 /// What reading from the connection produced.
 enum Next {
@@ -51,6 +40,7 @@ enum Stop {
 
 pub struct Conn {
     stream: TcpStream,
+    peer: IpAddr,
     /// Unconsumed request bytes, starting at index 0.
     buf: Vec<u8>,
     /// Response bytes, reused.
@@ -59,14 +49,23 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(stream: TcpStream, ctx: Rc<ShardCtx>) -> Self {
-        Self { stream, buf: Vec::new(), out: Vec::new(), ctx }
+    pub fn new(stream: TcpStream, peer: IpAddr, ctx: Rc<ShardCtx>) -> Self {
+        Self { stream, peer, buf: Vec::new(), out: Vec::new(), ctx }
     }
 
     pub async fn run(mut self) {
         loop {
             let (response, head_only) = match self.next_request().await {
                 Ok(Next::Answer(response)) => (response, false),
+                Ok(Next::Request(head, _)) if head.target == Target::Ws => match routes::upgrade(&self.ctx, &head, self.peer) {
+                    Ok((accept, request, admission)) => {
+                        self.ctx.stats().response(101);
+                        let leftover = std::mem::take(&mut self.buf);
+                        ws::serve(self.stream, leftover, self.ctx, request, admission, &accept).await;
+                        return;
+                    }
+                    Err(refusal) => (refusal, false),
+                },
                 Ok(Next::Request(head, body)) => {
                     let head_only = head.method == http::Method::Head;
                     let mut response = routes::handle(&self.ctx, &head, body).await;
@@ -189,55 +188,18 @@ impl Conn {
         res.map(|_| ()).map_err(|_| Stop::Close)
     }
 
-    /// Reads at least one more byte into the buffer, growing it by up to
-    /// `want` bytes, unless `deadline` passes or (when `idle`) shutdown starts.
+    /// Reads more request bytes; while `idle`, shutdown interrupts the wait.
     async fn read_more(&mut self, deadline: Instant, idle: bool, want: usize) -> ReadOutcome {
-        let spare = self.buf.capacity() - self.buf.len();
-        if spare < want.min(READ_CHUNK_BYTES) {
-            self.buf.reserve(want.clamp(1024, READ_CHUNK_BYTES.max(want.min(1 << 20))));
-        }
-        let (len, cap) = (self.buf.len(), self.buf.capacity());
-        let buf = std::mem::take(&mut self.buf).slice_mut(len..cap);
-        let canceller = Canceller::new();
-        let mut read = pin!(self.stream.cancelable_read(buf, canceller.handle()));
         let shutdown = idle.then(|| self.ctx.shutdown.clone());
         let interrupt = async move {
             match shutdown {
                 Some(s) => {
                     let _ = s.await;
                 }
-                _ => std::future::pending::<()>().await,
+                None => std::future::pending::<()>().await,
             }
         };
-        let timer = monoio::time::sleep(deadline.saturating_duration_since(Instant::now()));
-        enum Won<T> {
-            Read(T),
-            Timer,
-            Shutdown,
-        }
-        let won = monoio::select! {
-            r = &mut read => Won::Read(r),
-            _ = timer => Won::Timer,
-            _ = interrupt => Won::Shutdown,
-        };
-        let (interrupted, (result, slice)) = match won {
-            Won::Read(r) => (None, r),
-            Won::Timer => {
-                canceller.cancel();
-                (Some(ReadOutcome::TimedOut), read.await)
-            }
-            Won::Shutdown => {
-                canceller.cancel();
-                (Some(ReadOutcome::Shutdown), read.await)
-            }
-        };
-        self.buf = slice.into_inner();
-        match result {
-            // Data that raced the cancellation is still data.
-            Ok(n) if n > 0 => ReadOutcome::Data,
-            Ok(_) => interrupted.unwrap_or(ReadOutcome::Eof),
-            Err(_) => interrupted.unwrap_or(ReadOutcome::Failed),
-        }
+        io::read_more(&mut self.stream, &mut self.buf, want, deadline, interrupt).await
     }
 
     /// Writes a response; false when the peer is gone.

@@ -21,6 +21,20 @@ pub struct RequestHead {
     pub keep_alive: bool,
     /// Bytes of the head, including the blank line.
     pub len: usize,
+    /// `GET /ws` only: the handshake headers and query.
+    pub websocket: Option<Box<WsHandshake>>,
+}
+
+/// What a WebSocket upgrade request said (RFC 6455 §4.2.1).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WsHandshake {
+    /// `Upgrade: websocket` and `Connection: upgrade` were both present.
+    pub upgrade: bool,
+    /// `Sec-WebSocket-Version` (13 is the only one served).
+    pub version: Option<String>,
+    pub key: Option<String>,
+    /// The query string, without `?`.
+    pub query: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,7 +140,12 @@ pub fn parse_head(buf: &[u8], max_headers: usize, max_head_bytes: usize) -> Resu
         Some("POST") => Method::Post,
         _ => Method::Other,
     };
-    let target = Target::from_path(req.path.unwrap_or("/"));
+    let path = req.path.unwrap_or("/");
+    let target = Target::from_path(path);
+    let mut websocket = (target == Target::Ws).then(|| {
+        Box::new(WsHandshake { query: path.split_once('?').map(|(_, q)| q.to_string()).unwrap_or_default(), ..Default::default() })
+    });
+    let (mut upgrade_header, mut connection_upgrade) = (false, false);
     let http11 = req.version == Some(1);
     let mut content_length: Option<u64> = None;
     let mut chunked = false;
@@ -187,7 +206,17 @@ pub fn parse_head(buf: &[u8], max_headers: usize, max_head_bytes: usize) -> Resu
                     keep_alive = false;
                 } else if token.eq_ignore_ascii_case("keep-alive") {
                     keep_alive = true;
+                } else if token.eq_ignore_ascii_case("upgrade") {
+                    connection_upgrade = true;
                 }
+            }
+        } else if let Some(ws) = websocket.as_mut() {
+            if name.eq_ignore_ascii_case("upgrade") {
+                upgrade_header = value.split(',').any(|p| p.trim().eq_ignore_ascii_case("websocket"));
+            } else if name.eq_ignore_ascii_case("sec-websocket-key") {
+                ws.key = Some(value.to_string());
+            } else if name.eq_ignore_ascii_case("sec-websocket-version") {
+                ws.version = Some(value.to_string());
             }
         }
     }
@@ -201,7 +230,10 @@ pub fn parse_head(buf: &[u8], max_headers: usize, max_head_bytes: usize) -> Resu
         (false, Some(n)) => BodyFraming::Length(n),
         (false, None) => BodyFraming::None,
     };
-    Ok(RequestHead { method, target, body, media, gzip, expect_continue, keep_alive, len })
+    if let Some(ws) = websocket.as_mut() {
+        ws.upgrade = upgrade_header && connection_upgrade;
+    }
+    Ok(RequestHead { method, target, body, media, gzip, expect_continue, keep_alive, len, websocket })
 }
 
 /// Whether the request line reads `METHOD TARGET HTTP/x.y` with x.y not 1.x.
@@ -366,6 +398,7 @@ impl Response {
 pub fn reason(status: u16) -> &'static str {
     match status {
         100 => "Continue",
+        101 => "Switching Protocols",
         200 => "OK",
         202 => "Accepted",
         400 => "Bad Request",
@@ -375,6 +408,8 @@ pub fn reason(status: u16) -> &'static str {
         411 => "Length Required",
         413 => "Content Too Large",
         415 => "Unsupported Media Type",
+        426 => "Upgrade Required",
+        429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
         501 => "Not Implemented",
@@ -406,6 +441,16 @@ mod tests {
         assert!(matches!(head(&format!("GET / HTTP/1.1\r\n{many}\r\n")), Err(HeadError::TooLarge(_))));
         let big = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(300));
         assert!(matches!(parse_head(big.as_bytes(), 64, 256), Err(HeadError::TooLarge(_))));
+    }
+
+    #[test]
+    fn websocket_handshake_headers() {
+        let h = head("GET /ws?device_id=d%201&type=t HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").unwrap();
+        let ws = h.websocket.unwrap();
+        assert!(ws.upgrade);
+        assert_eq!((ws.key.as_deref(), ws.version.as_deref(), ws.query.as_str()), (Some("dGhlIHNhbXBsZSBub25jZQ=="), Some("13"), "device_id=d%201&type=t"));
+        assert!(head("GET /health HTTP/1.1\r\nUpgrade: websocket\r\n\r\n").unwrap().websocket.is_none());
+        assert!(!head("GET /ws HTTP/1.1\r\n\r\n").unwrap().websocket.unwrap().upgrade);
     }
 
     #[test]

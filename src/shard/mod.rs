@@ -17,10 +17,14 @@
 //! - [`http`]: request heads, chunked bodies, gzip, responses (pure).
 //! - [`conn`]: one connection's read/answer loop with deadlines.
 //! - [`routes`]: what each route does.
+//! - [`ws`]: WebSocket sessions: subscriptions, fan-out, ingest frames.
+//! - [`io`]: reads with deadlines and explicit cancellation.
 
 pub mod conn;
 pub mod http;
+pub mod io;
 pub mod routes;
+pub mod ws;
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -31,6 +35,7 @@ use futures_util::FutureExt as _;
 use futures_util::future::Shared;
 use monoio::io::Canceller;
 
+use crate::broadcast::{Hub, Inbox};
 use crate::config::Config;
 use crate::ingest::Parser;
 use crate::metrics::{Metrics, ShardStats};
@@ -51,6 +56,9 @@ pub struct ShardSetup {
     pub config: Arc<Config>,
     pub metrics: Arc<Metrics>,
     pub shutdown: oneshot::Receiver<()>,
+    pub hub: Arc<Hub>,
+    /// Committed batches for this shard's subscribers.
+    pub inbox: Inbox,
 }
 
 /// What a shard's connections share; lives and dies on the shard thread.
@@ -61,6 +69,10 @@ pub struct ShardCtx {
     pub parser: RefCell<Parser>,
     pub rings: RingSet,
     pub shutdown: ShutdownSignal,
+    pub hub: Arc<Hub>,
+    /// The WebSocket subscribers this shard owns.
+    pub ws: ws::Subscribers,
+    pub ws_limits: ws::WsLimits,
     draining: Cell<bool>,
 }
 
@@ -112,10 +124,14 @@ async fn run(setup: ShardSetup) {
         parser: RefCell::new(Parser::new(rules)),
         rings: setup.rings,
         shutdown: setup.shutdown.shared(),
+        hub: setup.hub,
+        ws: ws::Subscribers::default(),
+        ws_limits: ws::WsLimits::from_config(&setup.config.websocket),
         draining: Cell::new(false),
         config: setup.config,
         metrics: setup.metrics,
     });
+    let fan_out = monoio::spawn(ws::fan_out_task(ctx.clone(), setup.inbox));
     let gate = Rc::new(Gate::default());
     loop {
         let canceller = Canceller::new();
@@ -135,7 +151,7 @@ async fn run(setup: ShardSetup) {
         };
         let stop = ctx.shutdown.peek().is_some();
         match accepted {
-            Ok((stream, _peer)) => {
+            Ok((stream, peer)) => {
                 let stats = ctx.stats();
                 stats.connections_accepted.inc();
                 if gate.open.get() >= max_connections {
@@ -144,7 +160,7 @@ async fn run(setup: ShardSetup) {
                 } else {
                     let _ = stream.set_nodelay(true);
                     let pass = gate.pass(ctx.clone());
-                    let conn = conn::Conn::new(stream, ctx.clone());
+                    let conn = conn::Conn::new(stream, peer.ip(), ctx.clone());
                     monoio::spawn(async move {
                         conn.run().await;
                         drop(pass);
@@ -165,6 +181,7 @@ async fn run(setup: ShardSetup) {
     ctx.draining.set(true);
     drop(listener);
     gate.closed().await;
+    fan_out.await;
     crate::debug!("shard finished", shard = id);
     // `ctx` drops here: the ring senders go, and writers can drain and stop.
 }

@@ -3,11 +3,14 @@
 //! Ingest routes parse and validate on the shard, hand the rows to a writer
 //! ring without blocking (a full ring is 503 at once), and with
 //! `ack = "commit"` await the writer's commit report before answering 200.
+//! WebSocket ingest frames go through the same [`ingest_events`].
 
 use std::fmt::Write as _;
+use std::net::IpAddr;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use super::ShardCtx;
+use super::{ShardCtx, ws};
+use crate::broadcast::{Admission, Refusal};
 use super::http::{self, BodyFraming, GunzipError, HeadError, Media, Method, RequestHead, Response, Target};
 use crate::config::AckMode;
 use crate::ingest::{BodyError, BodyKind, Clock, Rejection};
@@ -22,7 +25,8 @@ pub fn route(head: &RequestHead) -> Route {
         Target::Health => Route::Health,
         Target::Stats => Route::Stats,
         Target::Metrics => Route::Metrics,
-        Target::Ws | Target::Unknown => Route::Other,
+        Target::Ws => Route::Ws,
+        Target::Unknown => Route::Other,
     }
 }
 
@@ -57,8 +61,6 @@ pub fn refuse_before_body(ctx: &ShardCtx, head: &RequestHead) -> Option<Response
         let mut r = Response::error(405, &format!("method not allowed here; use {}", head.target.allow()));
         r.allow = Some(head.target.allow());
         r
-    } else if head.target == Target::Ws {
-        Response::error(501, "WebSocket (GET /ws) is not available in this build yet")
     } else if !ingest {
         return None;
     } else if head.body == BodyFraming::None {
@@ -113,28 +115,52 @@ async fn ingest(ctx: &ShardCtx, head: &RequestHead, body: Vec<u8>, kind: BodyKin
     } else {
         body
     };
+    match ingest_events(ctx, &body, kind).await {
+        Ingested::Answer { status, accepted, rejected } => Response::json(status, ingest_json(accepted, &rejected)),
+        Ingested::BodyRefused { status, message } => {
+            Response::json(status, serde_json::json!({"error": message, "accepted": 0, "rejected": []}).to_string())
+        }
+        Ingested::Failed { status, message, retry } => {
+            let r = Response::error(status, &message);
+            if retry { r.retry_after(server.retry_after_s) } else { r }
+        }
+    }
+}
+
+/// What ingesting one body came to, for HTTP and WebSocket alike.
+pub enum Ingested {
+    /// 200 (committed), 202 (queued) or 400 (no event was valid).
+    Answer { status: u16, accepted: usize, rejected: Vec<Rejection> },
+    /// The body as a whole was refused (400 malformed, 413 too many events).
+    BodyRefused { status: u16, message: String },
+    /// Nothing stored: 503 (retry may help) or 500.
+    Failed { status: u16, message: String, retry: bool },
+}
+
+/// Validates a body on this shard, hands its rows to a writer without
+/// blocking, and with `ack = "commit"` waits for the commit report.
+pub async fn ingest_events(ctx: &ShardCtx, body: &[u8], kind: BodyKind) -> Ingested {
     let now_unix_us = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
     // The parser is borrowed only for this synchronous call, never across an await.
-    let parsed = ctx.parser.borrow_mut().parse(&body, kind, Clock { now_unix_us });
-    drop(body);
+    let parsed = ctx.parser.borrow_mut().parse(body, kind, Clock { now_unix_us });
+    let stats = ctx.stats();
     let parsed = match parsed {
         Ok(p) => p,
         Err(e) => {
             let status = if matches!(e, BodyError::TooManyEvents { .. }) { 413 } else { 400 };
             if let BodyError::Malformed(_) = e {
-                ctx.stats().rejected(crate::ingest::event::RejectKind::Malformed);
+                stats.rejected(crate::ingest::event::RejectKind::Malformed);
             }
-            return Response::json(status, serde_json::json!({"error": e.to_string(), "accepted": 0, "rejected": []}).to_string());
+            return Ingested::BodyRefused { status, message: e.to_string() };
         }
     };
-    let stats = ctx.stats();
     for r in &parsed.rejected {
         stats.rejected(r.error.kind);
     }
     let accepted = parsed.rows.len();
     stats.events_accepted.add(accepted as u64);
     if accepted == 0 {
-        return Response::json(400, ingest_json(0, &parsed.rejected));
+        return Ingested::Answer { status: 400, accepted: 0, rejected: parsed.rejected };
     }
     let (reply, wait) = match ctx.config.ingest.ack {
         AckMode::Commit => {
@@ -144,30 +170,57 @@ async fn ingest(ctx: &ShardCtx, head: &RequestHead, body: Vec<u8>, kind: BodyKin
         AckMode::Queue => (None, None),
     };
     let job = Job { rows: parsed.rows, reply, enqueued: Instant::now() };
-    let retry = server.retry_after_s;
+    let failed = |status, message: &str, retry| Ingested::Failed { status, message: message.to_string(), retry };
     match ctx.rings.try_send(job) {
         Ok(()) => {}
         Err(HandOffError::Full(_)) => {
             stats.overload_rejections.inc();
-            return Response::error(503, "ingest rings are full; retry later").retry_after(retry);
+            return failed(503, "ingest rings are full; retry later", true);
         }
-        Err(HandOffError::Closed(_)) => {
-            return Response::error(503, "shutting down; retry on another instance or later").retry_after(retry);
-        }
+        Err(HandOffError::Closed(_)) => return failed(503, "shutting down; retry on another instance or later", true),
     }
     let Some(wait) = wait else {
-        return Response::json(202, ingest_json(accepted, &parsed.rejected));
+        return Ingested::Answer { status: 202, accepted, rejected: parsed.rejected };
     };
     match wait.await {
-        Ok(CommitOutcome::Committed) => Response::json(200, ingest_json(accepted, &parsed.rejected)),
+        Ok(CommitOutcome::Committed) => Ingested::Answer { status: 200, accepted, rejected: parsed.rejected },
         Ok(CommitOutcome::Unavailable(why)) => {
-            Response::error(503, &format!("database unavailable, nothing was stored: {why}")).retry_after(retry)
+            failed(503, &format!("database unavailable, nothing was stored: {why}"), true)
         }
         Ok(CommitOutcome::Refused(why)) => {
-            Response::error(500, &format!("PostgreSQL refused these events, nothing was stored: {why}"))
+            failed(500, &format!("PostgreSQL refused these events, nothing was stored: {why}"), false)
         }
-        Err(_canceled) => Response::error(503, "writer stopped before commit; retry").retry_after(retry),
+        Err(_canceled) => failed(503, "writer stopped before commit; retry", true),
     }
+}
+
+/// Decides a `GET /ws` upgrade: the handshake, the query, the limits.
+/// On success: the `Sec-WebSocket-Accept` value, the subscription, and the
+/// admission that holds the subscriber's slot.
+pub fn upgrade(ctx: &ShardCtx, head: &RequestHead, peer: IpAddr) -> Result<(String, ws::WsRequest, Admission), Response> {
+    let retry = ctx.config.server.retry_after_s;
+    let Some(hs) = head.websocket.as_deref() else {
+        return Err(Response::error(400, "expected a WebSocket upgrade"));
+    };
+    if !hs.upgrade {
+        return Err(Response::error(426, "GET /ws needs `Upgrade: websocket` and `Connection: Upgrade`"));
+    }
+    if hs.version.as_deref() != Some("13") {
+        return Err(Response::error(426, "Sec-WebSocket-Version must be 13"));
+    }
+    let Some(key) = hs.key.as_deref().filter(|k| !k.is_empty()) else {
+        return Err(Response::error(400, "Sec-WebSocket-Key is missing"));
+    };
+    if ctx.is_shutting_down() {
+        return Err(Response::error(503, "shutting down").retry_after(retry));
+    }
+    let request = ws::WsRequest::parse(&hs.query, &ctx.config.websocket).map_err(|why| Response::error(400, &why))?;
+    let admission = ctx.hub.admit(ctx.id, peer, ctx.ws_limits.max_per_shard).map_err(|refusal| match refusal {
+        Refusal::Full => Response::error(503, "subscriber limit reached (websocket.max_subscribers)").retry_after(retry),
+        Refusal::PerIp => Response::error(429, "too many WebSocket connections from this address (websocket.max_per_ip)")
+            .retry_after(retry),
+    })?;
+    Ok((tungstenite::handshake::derive_accept_key(key.as_bytes()), request, admission))
 }
 
 /// `{"accepted": N, "rejected": [{"index": i, "error": "..."}]}`

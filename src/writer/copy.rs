@@ -115,6 +115,44 @@ impl RowBuf {
     }
 }
 
+/// The fields of one encoded row, read back (for broadcasting committed rows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowView<'a> {
+    pub event_id: &'a [u8],
+    pub device_id: &'a [u8],
+    pub event_type: &'a [u8],
+    pub ts: PgMicros,
+    pub received_at: PgMicros,
+    /// JSON text (without jsonb's version byte), or `None` for SQL NULL.
+    pub payload: Option<&'a [u8]>,
+}
+
+impl RowBuf {
+    /// Decodes row `i`. Rows are only ever written by [`RowBuf::push`], so
+    /// the layout is known; a malformed row yields `None` rather than a panic.
+    pub fn view(&self, i: usize) -> Option<RowView<'_>> {
+        let row = self.row(i);
+        let mut at = 2;
+        let mut field = || -> Option<Option<&[u8]>> {
+            let len = i32::from_be_bytes(row.get(at..at + 4)?.try_into().ok()?);
+            at += 4;
+            if len < 0 {
+                return Some(None);
+            }
+            let value = row.get(at..at + len as usize)?;
+            at += len as usize;
+            Some(Some(value))
+        };
+        let event_id = field()??;
+        let device_id = field()??;
+        let event_type = field()??;
+        let ts = i64::from_be_bytes(field()??.try_into().ok()?);
+        let received_at = i64::from_be_bytes(field()??.try_into().ok()?);
+        let payload = field()?.map(|p| p.get(1..).unwrap_or_default());
+        Some(RowView { event_id, device_id, event_type, ts, received_at, payload })
+    }
+}
+
 fn field_len(len: usize) -> i32 {
     // Every field is bounded by validation far below 2 GiB.
     i32::try_from(len).unwrap_or(i32::MAX)
@@ -152,6 +190,17 @@ mod tests {
         .concat();
         assert_eq!(rows.bytes(), &expected[..]);
         assert_eq!(rows.event_id(0), b"e1");
+    }
+
+    #[test]
+    fn rows_read_back() {
+        let mut rows = RowBuf::default();
+        let fields = RowFields { event_id: b"e", device_id: "dev", event_type: "t", ts: -5, received_at: 7, payload: Some(b"[1]") };
+        rows.push(&fields);
+        rows.push(&RowFields { payload: None, ..fields });
+        let v = rows.view(0).unwrap();
+        assert_eq!((v.event_id, v.device_id, v.event_type, v.ts, v.received_at, v.payload), (&b"e"[..], &b"dev"[..], &b"t"[..], -5, 7, Some(&b"[1]"[..])));
+        assert_eq!(rows.view(1).unwrap().payload, None);
     }
 
     #[test]

@@ -136,7 +136,7 @@ impl Statements {
             ),
             copy_into_staging: format!("COPY {staging} ({COLUMNS}) FROM STDIN (FORMAT binary)"),
             insert_from_staging: format!(
-                "INSERT INTO {quoted} ({COLUMNS}) SELECT {COLUMNS} FROM {staging} ON CONFLICT (event_id) DO NOTHING"
+                "INSERT INTO {quoted} ({COLUMNS}) SELECT {COLUMNS} FROM {staging} ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
             ),
         }
     }
@@ -154,12 +154,14 @@ pub fn prepare_table(client: &mut Client, sql: &Statements, create: bool) -> Res
 }
 
 /// What a committed batch did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Committed {
     /// New rows.
     pub inserted: u64,
     /// Whether the whole batch was redone through staging after a violation.
     pub via_staging: bool,
+    /// Ids inserted through staging (the others there were already stored).
+    pub staged_ids: Vec<String>,
 }
 
 /// Streams some of a batch's tuples into a COPY (between the header and
@@ -182,29 +184,31 @@ pub fn copy_batch(
     let mut tx = client.transaction()?;
     match copy(&mut tx, &sql.copy_into_table, clean) {
         Ok(copied) => {
-            let inserted = match suspects {
+            let staged_ids = match suspects {
                 Some(rows) => copy_via_staging(&mut tx, sql, &[rows])?,
-                None => 0,
+                None => Vec::new(),
             };
             tx.commit()?;
-            return Ok(Committed { inserted: copied + inserted, via_staging: false });
+            return Ok(Committed { inserted: copied + staged_ids.len() as u64, via_staging: false, staged_ids });
         }
         Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => tx.rollback()?,
         Err(e) => return Err(e.into()),
     }
     let mut tx = client.transaction()?;
     let all: Vec<RowWriter<'_>> = std::iter::once(clean).chain(suspects).collect();
-    let inserted = copy_via_staging(&mut tx, sql, &all)?;
+    let staged_ids = copy_via_staging(&mut tx, sql, &all)?;
     tx.commit()?;
-    Ok(Committed { inserted, via_staging: true })
+    Ok(Committed { inserted: staged_ids.len() as u64, via_staging: true, staged_ids })
 }
 
-/// COPY into the staging table, then `INSERT … ON CONFLICT DO NOTHING`.
-fn copy_via_staging(tx: &mut Transaction<'_>, sql: &Statements, rows: &[RowWriter<'_>]) -> Result<u64, postgres::Error> {
+/// COPY into the staging table, then `INSERT … ON CONFLICT DO NOTHING`;
+/// returns the ids that were new.
+fn copy_via_staging(tx: &mut Transaction<'_>, sql: &Statements, rows: &[RowWriter<'_>]) -> Result<Vec<String>, postgres::Error> {
     tx.batch_execute(&sql.create_staging)?;
     let all = |out: &mut dyn std::io::Write| rows.iter().try_for_each(|write| write(out));
     copy(tx, &sql.copy_into_staging, &all)?;
-    tx.execute(&sql.insert_from_staging, &[])
+    let inserted = tx.query(&sql.insert_from_staging, &[])?;
+    inserted.iter().map(|row| row.try_get::<_, String>(0)).collect()
 }
 
 fn copy(tx: &mut Transaction<'_>, statement: &str, write_rows: RowWriter<'_>) -> Result<u64, postgres::Error> {

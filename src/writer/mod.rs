@@ -30,7 +30,8 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use crate::config::WriterConfig;
 use crate::metrics::Metrics;
 use crate::pipeline::{CommitOutcome, Job};
-use db::{Pool, Statements, WriteError};
+use crate::broadcast::{Published, Publisher};
+use db::{Committed, Pool, Statements, WriteError};
 use recent::RecentIds;
 
 /// What a writer needs, handed to its thread.
@@ -46,6 +47,8 @@ pub struct Writer {
     pub deadline: Arc<std::sync::OnceLock<Instant>>,
     /// Recently committed ids, shared by all writers; `None` when off.
     pub recent: Option<Arc<RecentIds>>,
+    /// Where committed events go for WebSocket subscribers.
+    pub publisher: Publisher,
 }
 
 /// What a writer reports when its ring has closed and drained.
@@ -79,16 +82,27 @@ struct Batch {
     classes: Option<Vec<Vec<RowClass>>>,
     /// Fingerprints of the rows, in order (empty when the hint is off).
     fingerprints: Vec<u64>,
+    /// Index of each job's first row among all rows of the batch (rows are
+    /// moved out when published, so lengths cannot be re-read later).
+    first_row: Vec<usize>,
 }
 
 impl Batch {
     fn new(first: Job) -> Self {
-        let mut b = Batch { jobs: Vec::with_capacity(16), events: 0, bytes: 0, classes: None, fingerprints: Vec::new() };
+        let mut b = Batch {
+            jobs: Vec::with_capacity(16),
+            events: 0,
+            bytes: 0,
+            classes: None,
+            fingerprints: Vec::new(),
+            first_row: Vec::with_capacity(16),
+        };
         b.push(first);
         b
     }
 
     fn push(&mut self, job: Job) {
+        self.first_row.push(self.events);
         self.events += job.rows.len();
         self.bytes += job.rows.bytes().len();
         self.jobs.push(job);
@@ -171,13 +185,33 @@ impl Batch {
             .sum()
     }
 
+    /// Which rows of `jobs` were inserted by the commit `done` (`None`: all).
+    fn inserted_mask(&self, jobs: std::ops::Range<usize>, done: &Committed) -> Option<Vec<Vec<bool>>> {
+        if self.classes.is_none() && !done.via_staging {
+            return None;
+        }
+        let staged: HashSet<&[u8]> = done.staged_ids.iter().map(|id| id.as_bytes()).collect();
+        let mask = jobs
+            .map(|j| {
+                let rows = &self.jobs[j].rows;
+                (0..rows.len())
+                    .map(|r| match self.class(j, r) {
+                        RowClass::Clean if !done.via_staging => true,
+                        RowClass::Repeat => false,
+                        _ => staged.contains(rows.event_id(r)),
+                    })
+                    .collect()
+            })
+            .collect();
+        Some(mask)
+    }
+
     /// Fingerprints of the written rows of jobs `first..first+count`.
     fn committed_fingerprints(&self, first: usize, count: usize) -> Vec<u64> {
         if self.fingerprints.is_empty() {
             return Vec::new();
         }
-        let offset: usize = self.jobs[..first].iter().map(|j| j.rows.len()).sum();
-        let mut at = offset;
+        let mut at = self.first_row[first];
         let mut out = Vec::new();
         for j in first..first + count {
             for r in 0..self.jobs[j].rows.len() {
@@ -231,14 +265,14 @@ impl Writer {
         let stats = &self.metrics.writers[self.id];
         let all = 0..batch.jobs.len();
         match self.write(batch, all.start, all.len()) {
-            Ok(()) => self.answer(batch, all, CommitOutcome::Committed, report),
+            Ok(done) => self.answer_committed(batch, all, &done, report),
             Err(e) if !e.is_transient() && batch.jobs.len() > 1 => {
                 // One request's rows poison the batch: commit each request
                 // alone so the others still go in.
                 crate::warn!("batch refused, retrying request by request", writer = self.id, error = e);
                 for j in 0..batch.jobs.len() {
                     match self.write(batch, j, 1) {
-                        Ok(()) => self.answer(batch, j..j + 1, CommitOutcome::Committed, report),
+                        Ok(done) => self.answer_committed(batch, j..j + 1, &done, report),
                         Err(e) => self.fail(batch, j..j + 1, &e, report),
                     }
                 }
@@ -252,7 +286,7 @@ impl Writer {
     /// connection once after a transient failure (the pooled connection may
     /// have died while idle). With `ack = "queue"` nobody can be told to
     /// retry, so transient failures are retried until shutdown's deadline.
-    fn write(&self, batch: &Batch, first: usize, count: usize) -> Result<(), WriteError> {
+    fn write(&self, batch: &Batch, first: usize, count: usize) -> Result<Committed, WriteError> {
         let stats = &self.metrics.writers[self.id];
         let unacknowledged = batch.jobs[first..first + count].iter().all(|j| j.reply.is_none());
         let mut attempt = 0u32;
@@ -279,7 +313,7 @@ impl Writer {
                     if let Some(recent) = &self.recent {
                         recent.record(batch.committed_fingerprints(first, count), Instant::now());
                     }
-                    return Ok(());
+                    return Ok(done);
                 }
                 Err(e) => {
                     stats.batch_failures.inc();
@@ -301,14 +335,24 @@ impl Writer {
         }
     }
 
-    fn answer(&self, batch: &mut Batch, jobs: std::ops::Range<usize>, outcome: CommitOutcome, report: &mut WriterReport) {
+    /// Publishes the inserted rows of committed jobs to subscribers, then
+    /// answers the jobs: publishing first keeps an acknowledged client's next
+    /// event behind this one on every subscriber.
+    fn answer_committed(&self, batch: &mut Batch, jobs: std::ops::Range<usize>, done: &Committed, report: &mut WriterReport) {
         let stats = &self.metrics.writers[self.id];
-        for job in &mut batch.jobs[jobs] {
+        for job in &batch.jobs[jobs.clone()] {
             stats.ack_us.record_duration(job.enqueued.elapsed());
             report.committed += job.rows.len() as u64;
+        }
+        if self.publisher.hub.subscribers() > 0 {
+            let mask = batch.inserted_mask(jobs.clone(), done);
+            let rows = batch.jobs[jobs.clone()].iter_mut().map(|j| std::mem::take(&mut j.rows)).collect();
+            self.publisher.publish(Published { rows, mask, committed_at: Instant::now() });
+        }
+        for job in &mut batch.jobs[jobs] {
             if let Some(reply) = job.reply.take() {
                 // The shard may have gone (client disconnected): nothing to do.
-                let _ = reply.send(outcome.clone());
+                let _ = reply.send(CommitOutcome::Committed);
             }
         }
     }

@@ -15,6 +15,7 @@
 //! - `observability`: `/health`, `/stats`, `/metrics`.
 //! - `overload`: fail fast with 503 + Retry-After.
 //! - `lifecycle`: signals and graceful shutdown under load.
+//! - `ws`: `GET /ws` subscriptions and ingest over WebSocket.
 //! - `spec`: literal readings of SPEC.md where INTERFACE.md is silent.
 
 mod support;
@@ -27,3 +28,4 @@ mod observability;
 mod overload;
 mod spec;
 mod validation;
+mod ws;

@@ -1,0 +1,663 @@
+//! WebSocket sessions on a shard: live subscriptions and ingest over a socket.
+//!
+//! `tungstenite` does the protocol (frames, masking, fragmentation, ping/pong,
+//! close handshake) through its sans-I/O `WebSocketContext`: bytes read from
+//! the socket are fed into an in-memory stream, frames it writes land in an
+//! in-memory buffer that the session writes to the socket. Each session runs
+//! two tasks on its shard — a reader (client frames: ingest, ping, close) and
+//! a writer (queued events, ingest answers, pings) — sharing one `Rc<Session>`
+//! whose `RefCell`s are never held across an `.await`.
+//!
+//! A subscriber's queue is bounded by `websocket.queue_messages` and
+//! `queue_bytes`. Events matching its filter are copied into it from the
+//! shared batch (so a slow subscriber pins its own events, never whole
+//! batches). When it is full the overflow policy applies: close with 1013,
+//! or drop the oldest and report `{"dropped": N}` before the next event.
+//! Missed batches (a full inbox upstream) are reported the same way.
+//!
+//! Ingest frames (one event or an array, as text) are answered in order with
+//! `{"seq": n, "accepted": N, "rejected": [...]}` after commit; `seq` counts
+//! the client's data frames from 1. The reader handles one frame at a time,
+//! which keeps answers in order and pushes back on a client that outruns the
+//! database.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::io::{Read, Write};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use monoio::io::{AsyncWriteRentExt, Splitable};
+use monoio::net::TcpStream;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig, WebSocketContext};
+use tungstenite::{Message, Utf8Bytes};
+
+use super::ShardCtx;
+use super::io::{self, LocalNotify, READ_CHUNK_BYTES, ReadOutcome};
+use super::routes::{self, Ingested};
+use crate::broadcast::{Admission, CommittedBatch, EventRef};
+use crate::config::{Overflow, WebSocketConfig as WsConfig};
+use crate::ingest::BodyKind;
+
+/// Most bytes of queued events encoded into one socket write.
+const WRITE_CHUNK_BYTES: usize = 64 * 1024;
+
+/// What a subscriber asked for in its `GET /ws` query.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WsRequest {
+    pub device_id: Option<Box<str>>,
+    pub event_type: Option<Box<str>>,
+    /// `coalesce_ms`: at most the latest event per device, this often.
+    pub coalesce: Option<Duration>,
+}
+
+impl WsRequest {
+    /// Parses `device_id=…&type=…&coalesce_ms=…` (all optional).
+    pub fn parse(query: &str, _config: &WsConfig) -> Result<WsRequest, String> {
+        let mut request = WsRequest::default();
+        for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+            match &*key {
+                "device_id" if !value.is_empty() => request.device_id = Some(value.into()),
+                "type" if !value.is_empty() => request.event_type = Some(value.into()),
+                "coalesce_ms" => {
+                    let ms: u64 = value
+                        .parse()
+                        .ok()
+                        .filter(|ms| (1..=60_000).contains(ms))
+                        .ok_or_else(|| "coalesce_ms must be an integer from 1 to 60000".to_string())?;
+                    request.coalesce = Some(Duration::from_millis(ms));
+                }
+                "device_id" | "type" => return Err(format!("{key} must not be empty")),
+                other => return Err(format!("unknown query parameter `{other}`; use device_id, type, coalesce_ms")),
+            }
+        }
+        Ok(request)
+    }
+
+    fn matches(&self, e: &EventRef<'_>) -> bool {
+        self.device_id.as_deref().is_none_or(|d| d == e.device_id)
+            && self.event_type.as_deref().is_none_or(|t| t == e.event_type)
+    }
+}
+
+/// The per-subscriber limits, from `[websocket]`.
+#[derive(Debug, Clone, Copy)]
+pub struct WsLimits {
+    pub max_per_shard: usize,
+    pub queue_messages: usize,
+    pub queue_bytes: usize,
+    pub overflow: Overflow,
+    pub ping_interval: Duration,
+    pub idle_timeout: Duration,
+    pub max_message_bytes: usize,
+}
+
+impl WsLimits {
+    pub fn from_config(c: &WsConfig) -> Self {
+        Self {
+            max_per_shard: c.max_subscribers_per_shard,
+            queue_messages: c.queue_messages,
+            queue_bytes: c.queue_bytes,
+            overflow: c.overflow,
+            ping_interval: Duration::from_millis(c.ping_interval_ms),
+            idle_timeout: Duration::from_millis(c.idle_timeout_ms),
+            max_message_bytes: c.max_message_bytes,
+        }
+    }
+}
+
+struct Queued {
+    json: Bytes,
+    committed_at: Instant,
+}
+
+/// One subscriber's filter and bounded queue.
+pub struct Subscriber {
+    request: WsRequest,
+    queue: RefCell<VecDeque<Queued>>,
+    queued_bytes: Cell<usize>,
+    /// Coalescing: the latest event per device since the last tick.
+    latest: RefCell<HashMap<Box<str>, Queued>>,
+    /// Events dropped and not yet reported (`drop_oldest`).
+    dropped: Cell<u64>,
+    /// The close policy tripped: the session closes with 1013.
+    overflowed: Cell<bool>,
+    wake: LocalNotify,
+}
+
+impl Subscriber {
+    fn new(request: WsRequest) -> Self {
+        Self {
+            request,
+            queue: RefCell::new(VecDeque::new()),
+            queued_bytes: Cell::new(0),
+            latest: RefCell::new(HashMap::new()),
+            dropped: Cell::new(0),
+            overflowed: Cell::new(false),
+            wake: LocalNotify::default(),
+        }
+    }
+
+    /// Takes the events of `batch` this subscriber wants. Returns how many
+    /// were dropped or lost to an overflow.
+    pub fn offer(&self, batch: &CommittedBatch, limits: &WsLimits) -> u64 {
+        if self.overflowed.get() {
+            return 0;
+        }
+        let mut taken = false;
+        let mut lost = 0;
+        for e in batch.events().filter(|e| self.request.matches(e)) {
+            let item = Queued { json: Bytes::copy_from_slice(e.json), committed_at: batch.committed_at };
+            if self.request.coalesce.is_some() {
+                let mut latest = self.latest.borrow_mut();
+                if latest.len() >= limits.queue_messages && !latest.contains_key(e.device_id) {
+                    drop(latest);
+                    lost += self.missed(1, limits);
+                    continue;
+                }
+                latest.insert(e.device_id.into(), item);
+            } else {
+                lost += self.push(item, limits);
+                taken = true;
+            }
+            if self.overflowed.get() {
+                break;
+            }
+        }
+        if taken {
+            self.wake.notify();
+        }
+        lost
+    }
+
+    fn push(&self, item: Queued, limits: &WsLimits) -> u64 {
+        let mut queue = self.queue.borrow_mut();
+        let mut lost = 0;
+        while queue.len() >= limits.queue_messages || self.queued_bytes.get() + item.json.len() > limits.queue_bytes {
+            if limits.overflow == Overflow::Close {
+                drop(queue);
+                // The queued events and this one are lost with the close.
+                return lost + self.trip() + 1;
+            }
+            let Some(old) = queue.pop_front() else {
+                // A single event larger than the whole queue.
+                self.dropped.set(self.dropped.get() + 1);
+                return lost + 1;
+            };
+            self.queued_bytes.set(self.queued_bytes.get() - old.json.len());
+            self.dropped.set(self.dropped.get() + 1);
+            lost += 1;
+        }
+        self.queued_bytes.set(self.queued_bytes.get() + item.json.len());
+        queue.push_back(item);
+        lost
+    }
+
+    /// Events this subscriber will never get (upstream overflow).
+    pub fn missed(&self, n: u64, limits: &WsLimits) -> u64 {
+        match limits.overflow {
+            Overflow::Close => self.trip() + n,
+            Overflow::DropOldest => {
+                self.dropped.set(self.dropped.get() + n);
+                self.wake.notify();
+                n
+            }
+        }
+    }
+
+    /// The close policy: empty the queue and have the session close (1013).
+    fn trip(&self) -> u64 {
+        let pending = self.queue.borrow().len() as u64;
+        self.overflowed.set(true);
+        self.queue.borrow_mut().clear();
+        self.latest.borrow_mut().clear();
+        self.queued_bytes.set(0);
+        self.wake.notify();
+        pending
+    }
+}
+
+/// The subscribers a shard owns, for its fan-out task.
+#[derive(Default)]
+pub struct Subscribers {
+    all: RefCell<HashMap<u64, Rc<Subscriber>>>,
+    next_id: Cell<u64>,
+}
+
+impl Subscribers {
+    fn register(&self, s: Rc<Subscriber>) -> u64 {
+        let id = self.next_id.get();
+        self.next_id.set(id + 1);
+        self.all.borrow_mut().insert(id, s);
+        id
+    }
+
+    fn unregister(&self, id: u64) {
+        self.all.borrow_mut().remove(&id);
+    }
+
+    /// Offers a committed batch to every subscriber; `missed` events are
+    /// reported to all of them first.
+    pub fn fan_out(&self, batch: Option<&CommittedBatch>, missed: u64, ctx: &ShardCtx) {
+        let limits = &ctx.ws_limits;
+        let stats = ctx.stats();
+        for s in self.all.borrow().values() {
+            let was_overflowed = s.overflowed.get();
+            let mut lost = 0;
+            if missed > 0 {
+                lost += s.missed(missed, limits);
+            }
+            if let Some(batch) = batch {
+                lost += s.offer(batch, limits);
+            }
+            stats.ws_dropped.add(lost);
+            if s.overflowed.get() && !was_overflowed {
+                stats.ws_slow_closes.inc();
+            }
+        }
+    }
+}
+
+/// Runs the shard's fan-out: committed batches from the broadcaster to the
+/// subscribers this shard owns. Ends at shutdown (subscribers are being
+/// closed then), which also releases its hold on the shard's context.
+pub async fn fan_out_task(ctx: Rc<ShardCtx>, mut inbox: crate::broadcast::Inbox) {
+    use futures_util::StreamExt as _;
+    loop {
+        let shutdown = ctx.shutdown.clone();
+        let batch = monoio::select! {
+            b = inbox.next() => b,
+            _ = shutdown => None,
+        };
+        let Some(batch) = batch else { return };
+        let missed = ctx.hub.slots[ctx.id].lagged.swap(0, std::sync::atomic::Ordering::Relaxed);
+        ctx.ws.fan_out(Some(&batch), missed, &ctx);
+    }
+}
+
+/// tungstenite's view of the socket: what was read, and where frames go.
+struct Mem<'a> {
+    input: &'a [u8],
+    pos: &'a mut usize,
+    output: &'a mut Vec<u8>,
+}
+
+impl Read for Mem<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let rest = &self.input[*self.pos..];
+        if rest.is_empty() {
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        }
+        let n = rest.len().min(buf.len());
+        buf[..n].copy_from_slice(&rest[..n]);
+        *self.pos += n;
+        Ok(n)
+    }
+}
+
+impl Write for Mem<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.output.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+struct Protocol {
+    ws: WebSocketContext,
+    input: Vec<u8>,
+    pos: usize,
+    output: Vec<u8>,
+}
+
+impl Protocol {
+    fn with<T>(&mut self, f: impl FnOnce(&mut WebSocketContext, &mut Mem<'_>) -> T) -> T {
+        let mut mem = Mem { input: &self.input, pos: &mut self.pos, output: &mut self.output };
+        f(&mut self.ws, &mut mem)
+    }
+}
+
+/// What both tasks of one session share.
+struct Session {
+    protocol: RefCell<Protocol>,
+    sub: Rc<Subscriber>,
+    /// Ingest answers and error notices, sent before queued events.
+    control: RefCell<VecDeque<String>>,
+    /// A close the server decided on (code, reason), not yet sent.
+    close: Cell<Option<(u16, &'static str)>>,
+    /// The peer is gone or has closed: flush what tungstenite queued, end.
+    peer_done: Cell<bool>,
+    last_heard: Cell<Instant>,
+    /// The writer has finished: the reader stops.
+    stopped: LocalNotify,
+}
+
+impl Session {
+    fn request_close(&self, code: u16, reason: &'static str) {
+        if self.close.get().is_none() {
+            self.close.set(Some((code, reason)));
+        }
+        self.sub.wake.notify();
+    }
+}
+
+/// Answers the upgrade with 101 and serves the connection until either side
+/// closes. The subscriber is registered before the 101 goes out, so every
+/// event committed after the client sees the handshake reaches it.
+pub async fn serve(
+    mut stream: TcpStream,
+    leftover: Vec<u8>,
+    ctx: Rc<ShardCtx>,
+    request: WsRequest,
+    admission: Admission,
+    accept_key: &str,
+) {
+    let limits = ctx.ws_limits;
+    let config = WebSocketConfig::default()
+        .read_buffer_size(1024)
+        .write_buffer_size(0)
+        .max_message_size(Some(limits.max_message_bytes))
+        .max_frame_size(Some(limits.max_message_bytes));
+    let sub = Rc::new(Subscriber::new(request));
+    let id = ctx.ws.register(sub.clone());
+    let session = Rc::new(Session {
+        protocol: RefCell::new(Protocol {
+            ws: WebSocketContext::new(Role::Server, Some(config)),
+            input: leftover,
+            pos: 0,
+            output: Vec::new(),
+        }),
+        sub,
+        control: RefCell::new(VecDeque::new()),
+        close: Cell::new(None),
+        peer_done: Cell::new(false),
+        last_heard: Cell::new(Instant::now()),
+        stopped: LocalNotify::default(),
+    });
+    let switching = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept_key}\r\n\r\n"
+    );
+    let (res, _) = stream.write_all(switching.into_bytes()).await;
+    if res.is_err() {
+        ctx.ws.unregister(id);
+        return;
+    }
+    let (reader, writer) = stream.into_split();
+    let read_task = monoio::spawn(read_loop(reader, session.clone(), ctx.clone()));
+    write_loop(writer, &session, &ctx).await;
+    session.stopped.notify();
+    read_task.await;
+    ctx.ws.unregister(id);
+    drop(admission);
+}
+
+async fn read_loop(mut reader: monoio::net::tcp::TcpOwnedReadHalf, session: Rc<Session>, ctx: Rc<ShardCtx>) {
+    let limits = ctx.ws_limits;
+    let mut buf = Vec::new();
+    let mut seq = 0u64;
+    // Bytes that arrived with the upgrade request are processed first.
+    let mut fresh = !session.protocol.borrow().input.is_empty();
+    loop {
+        if !fresh {
+            let deadline = session.last_heard.get() + limits.idle_timeout;
+            match io::read_more(&mut reader, &mut buf, READ_CHUNK_BYTES, deadline, session.stopped.wait()).await {
+                ReadOutcome::Data => {}
+                ReadOutcome::TimedOut => {
+                    session.request_close(1001, "idle timeout");
+                    return;
+                }
+                _ => {
+                    session.peer_done.set(true);
+                    session.sub.wake.notify();
+                    return;
+                }
+            }
+            session.last_heard.set(Instant::now());
+            let mut p = session.protocol.borrow_mut();
+            if p.pos == p.input.len() {
+                p.input.clear();
+                p.pos = 0;
+            }
+            p.input.extend_from_slice(&buf);
+            buf.clear();
+            if buf.capacity() > READ_CHUNK_BYTES * 4 {
+                buf = Vec::new();
+            }
+        }
+        fresh = false;
+        loop {
+            let message = session.protocol.borrow_mut().with(|ws, mem| ws.read(mem));
+            match message {
+                Ok(Message::Text(text)) => {
+                    seq += 1;
+                    ctx.stats().ws_ingest_frames.inc();
+                    let answer = ingest_frame(&ctx, text.as_bytes(), seq).await;
+                    session.control.borrow_mut().push_back(answer);
+                    session.sub.wake.notify();
+                }
+                Ok(Message::Binary(_)) => {
+                    seq += 1;
+                    let notice = serde_json::json!({
+                        "seq": seq,
+                        "error": "binary frames are not accepted; send events as JSON in text frames",
+                    });
+                    session.control.borrow_mut().push_back(notice.to_string());
+                    session.sub.wake.notify();
+                }
+                Ok(Message::Close(_)) => {
+                    // tungstenite has queued the reply; the writer flushes it.
+                    session.peer_done.set(true);
+                    session.sub.wake.notify();
+                    return;
+                }
+                // Pings are answered by tungstenite on the next flush.
+                Ok(_) => session.sub.wake.notify(),
+                Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(tungstenite::Error::Capacity(_)) => {
+                    session.request_close(1009, "message larger than websocket.max_message_bytes");
+                    return;
+                }
+                Err(tungstenite::Error::Utf8(_)) => {
+                    session.request_close(1007, "text frame is not valid UTF-8");
+                    return;
+                }
+                Err(tungstenite::Error::Protocol(_)) => {
+                    session.request_close(1002, "WebSocket protocol error");
+                    return;
+                }
+                Err(_) => {
+                    session.peer_done.set(true);
+                    session.sub.wake.notify();
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Ingests one text frame and renders its in-order answer.
+async fn ingest_frame(ctx: &ShardCtx, body: &[u8], seq: u64) -> String {
+    let kind = match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'[') => BodyKind::JsonArray,
+        _ => BodyKind::Single,
+    };
+    match routes::ingest_events(ctx, body, kind).await {
+        Ingested::Answer { status: _, accepted, rejected } => {
+            let body = routes::ingest_json(accepted, &rejected);
+            format!("{{\"seq\":{seq},{}", &body[1..])
+        }
+        Ingested::BodyRefused { status, message } | Ingested::Failed { status, message, .. } => {
+            serde_json::json!({"seq": seq, "status": status, "error": message, "accepted": 0, "rejected": []}).to_string()
+        }
+    }
+}
+
+async fn write_loop(mut writer: monoio::net::tcp::TcpOwnedWriteHalf, session: &Session, ctx: &ShardCtx) {
+    let limits = ctx.ws_limits;
+    let stats = ctx.stats();
+    let sub = &session.sub;
+    let mut last_sent = Instant::now();
+    let mut next_tick = sub.request.coalesce.map(|every| Instant::now() + every);
+    let mut out = Vec::new();
+    loop {
+        let pending = !session.control.borrow().is_empty() || !sub.queue.borrow().is_empty();
+        if !pending && session.close.get().is_none() && !session.peer_done.get() && !sub.overflowed.get() {
+            let ping_at = last_sent + limits.ping_interval;
+            let wake_at = next_tick.map_or(ping_at, |t| t.min(ping_at));
+            let shutdown = ctx.shutdown.clone();
+            monoio::select! {
+                _ = sub.wake.wait() => {},
+                _ = monoio::time::sleep(wake_at.saturating_duration_since(Instant::now())) => {},
+                _ = shutdown => session.request_close(1001, "server shutting down"),
+            }
+        }
+        let now = Instant::now();
+        if now.duration_since(session.last_heard.get()) >= limits.idle_timeout {
+            session.request_close(1001, "idle timeout");
+        }
+        if sub.overflowed.get() {
+            session.close.set(Some((1013, "subscriber too slow; queue full")));
+        }
+        if let Some(tick) = next_tick.filter(|t| now >= *t) {
+            next_tick = sub.request.coalesce.map(|every| tick.max(now - every) + every);
+            let latest: Vec<_> = sub.latest.borrow_mut().drain().map(|(_, q)| q).collect();
+            for q in latest {
+                let _ = sub.push(q, &limits);
+            }
+        }
+        let closing = session.close.take();
+        let mut sent_events = 0u64;
+        {
+            let mut p = session.protocol.borrow_mut();
+            p.with(|ws, mem| {
+                if let Some((code, reason)) = closing {
+                    let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
+                    let _ = ws.close(mem, Some(frame));
+                    return;
+                }
+                for text in session.control.borrow_mut().drain(..) {
+                    let _ = ws.write(mem, Message::Text(text.into()));
+                }
+                let dropped = sub.dropped.replace(0);
+                if dropped > 0 {
+                    let _ = ws.write(mem, Message::Text(format!("{{\"dropped\":{dropped}}}").into()));
+                }
+                let mut queue = sub.queue.borrow_mut();
+                let mut budget = WRITE_CHUNK_BYTES;
+                while budget > 0 {
+                    let Some(q) = queue.pop_front() else { break };
+                    sub.queued_bytes.set(sub.queued_bytes.get() - q.json.len());
+                    budget = budget.saturating_sub(q.json.len());
+                    stats.ws_fanout_us.record_duration(q.committed_at.elapsed());
+                    if let Ok(text) = Utf8Bytes::try_from(q.json) {
+                        let _ = ws.write(mem, Message::Text(text));
+                        sent_events += 1;
+                    }
+                }
+                if mem.output.is_empty() && now.duration_since(last_sent) >= limits.ping_interval {
+                    let _ = ws.write(mem, Message::Ping(Bytes::new()));
+                }
+                let _ = ws.flush(mem);
+            });
+            std::mem::swap(&mut out, &mut p.output);
+        }
+        if !out.is_empty() {
+            let bytes = out.len() as u64;
+            // A peer that reads nothing for idle_timeout is gone.
+            let deadline = Instant::now() + limits.idle_timeout;
+            let (written, back) = io::write_all_by(&mut writer, std::mem::take(&mut out), deadline).await;
+            out = back;
+            out.clear();
+            if out.capacity() > WRITE_CHUNK_BYTES * 2 {
+                out = Vec::new();
+            }
+            if !written {
+                return;
+            }
+            stats.ws_messages_sent.add(sent_events);
+            stats.ws_bytes_sent.add(bytes);
+            last_sent = Instant::now();
+        }
+        if closing.is_some() || session.peer_done.get() {
+            return;
+        }
+        if !sub.queue.borrow().is_empty() {
+            sub.wake.notify();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broadcast::Published;
+    use crate::writer::copy::{RowBuf, RowFields};
+
+    fn batch(devices: &[&str]) -> CommittedBatch {
+        let mut rows = RowBuf::default();
+        for (i, d) in devices.iter().enumerate() {
+            let id = format!("e{i}");
+            rows.push(&RowFields { event_id: id.as_bytes(), device_id: d, event_type: "t", ts: 0, received_at: 0, payload: Some(b"{}") });
+        }
+        CommittedBatch::build(&Published { rows: vec![rows], mask: None, committed_at: Instant::now() })
+    }
+
+    fn limits(overflow: Overflow, messages: usize) -> WsLimits {
+        WsLimits {
+            max_per_shard: 10,
+            queue_messages: messages,
+            queue_bytes: 1 << 20,
+            overflow,
+            ping_interval: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(2),
+            max_message_bytes: 1 << 20,
+        }
+    }
+
+    #[test]
+    fn query_parsing() {
+        let c = WsConfig::default();
+        let r = WsRequest::parse("device_id=d%201&type=boot&coalesce_ms=250", &c).unwrap();
+        assert_eq!((r.device_id.as_deref(), r.event_type.as_deref(), r.coalesce), (Some("d 1"), Some("boot"), Some(Duration::from_millis(250))));
+        assert_eq!(WsRequest::parse("", &c).unwrap(), WsRequest::default());
+        assert!(WsRequest::parse("device=x", &c).unwrap_err().contains("unknown query parameter"));
+        assert!(WsRequest::parse("coalesce_ms=0", &c).is_err());
+    }
+
+    #[test]
+    fn filters_select_events() {
+        let s = Subscriber::new(WsRequest { device_id: Some("b".into()), ..Default::default() });
+        s.offer(&batch(&["a", "b", "c", "b"]), &limits(Overflow::Close, 10));
+        assert_eq!(s.queue.borrow().len(), 2);
+    }
+
+    #[test]
+    fn close_policy_trips_and_empties() {
+        let s = Subscriber::new(WsRequest::default());
+        let lost = s.offer(&batch(&["a", "b", "c"]), &limits(Overflow::Close, 2));
+        assert!(s.overflowed.get());
+        assert_eq!(s.queue.borrow().len(), 0);
+        assert_eq!(lost, 3);
+    }
+
+    #[test]
+    fn drop_oldest_keeps_the_newest_and_counts() {
+        let s = Subscriber::new(WsRequest::default());
+        let lost = s.offer(&batch(&["a", "b", "c", "d", "e"]), &limits(Overflow::DropOldest, 2));
+        assert_eq!((lost, s.dropped.get(), s.queue.borrow().len()), (3, 3, 2));
+        let kept: Vec<_> = s.queue.borrow().iter().map(|q| String::from_utf8(q.json.to_vec()).unwrap()).collect();
+        assert!(kept[0].contains("\"d\"") && kept[1].contains("\"e\""), "{kept:?}");
+    }
+
+    #[test]
+    fn coalescing_keeps_latest_per_device() {
+        let s = Subscriber::new(WsRequest { coalesce: Some(Duration::from_millis(10)), ..Default::default() });
+        s.offer(&batch(&["a", "b", "a", "a"]), &limits(Overflow::Close, 10));
+        assert_eq!(s.latest.borrow().len(), 2);
+        assert!(s.queue.borrow().is_empty());
+    }
+}
