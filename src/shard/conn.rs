@@ -16,11 +16,11 @@ use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 
 use super::http::{self, BodyFraming, ChunkError, Chunked, HeadError, RequestHead, Response, Target};
-use super::io::{self, READ_CHUNK_BYTES, ReadOutcome};
+use super::io::{self, IDLE_READ_BYTES, READ_CHUNK_BYTES, ReadOutcome};
 use super::{ShardCtx, routes, ws};
 
-/// Buffer kept by an idle connection; larger ones are released after a request.
-const IDLE_BUFFER_BYTES: usize = 2 * 1024;
+/// Response buffer kept between requests; a larger one is released.
+const KEPT_OUT_BYTES: usize = 4 * 1024;
 
 /// What reading from the connection produced.
 enum Next {
@@ -82,8 +82,9 @@ impl Conn {
             if !self.send(&response, head_only).await || close {
                 return;
             }
-            if self.buf.capacity() > IDLE_BUFFER_BYTES * 8 && self.buf.len() < IDLE_BUFFER_BYTES {
-                self.buf.shrink_to(IDLE_BUFFER_BYTES);
+            // Nothing pipelined: the next wait needs only a small buffer.
+            if self.buf.is_empty() && self.buf.capacity() > IDLE_READ_BYTES {
+                self.buf = Vec::new();
             }
         }
     }
@@ -108,7 +109,8 @@ impl Conn {
                 return Err(Stop::Close);
             }
             let idle = self.buf.is_empty();
-            match self.read_more(deadline.unwrap_or(idle_deadline), idle, max_head + READ_CHUNK_BYTES).await {
+            let want = if idle { IDLE_READ_BYTES } else { READ_CHUNK_BYTES.min(max_head) };
+            match self.read_more(deadline.unwrap_or(idle_deadline), idle, want).await {
                 ReadOutcome::Data => {
                     deadline.get_or_insert_with(|| Instant::now() + request_timeout);
                 }
@@ -207,7 +209,7 @@ impl Conn {
         let mut out = std::mem::take(&mut self.out);
         response.write_to(&mut out, head_only);
         let (res, mut out) = self.stream.write_all(out).await;
-        if out.capacity() > IDLE_BUFFER_BYTES * 8 {
+        if out.capacity() > KEPT_OUT_BYTES {
             out = Vec::new();
         }
         self.out = out;

@@ -30,19 +30,23 @@ pub enum ReadOutcome {
     Failed,
 }
 
-/// Smallest read; a buffer grows by at least this much when full.
+/// Read size once a request or frame is known to be arriving.
 pub const READ_CHUNK_BYTES: usize = 16 * 1024;
 
-/// Appends whatever the socket has (growing `buf` by up to `want` bytes) to
-/// `buf`, unless `deadline` passes or `interrupt` completes first.
+/// Buffer an idle connection parks in the kernel while it waits for bytes:
+/// small, because with io_uring the buffer is pinned for the whole wait and
+/// an appliance holds tens of thousands of idle keep-alive connections.
+pub const IDLE_READ_BYTES: usize = 1024;
+
+/// Appends whatever the socket has to `buf`, making room for at least `want`
+/// more bytes first, unless `deadline` passes or `interrupt` completes first.
 pub async fn read_more<R, I>(reader: &mut R, buf: &mut Vec<u8>, want: usize, deadline: Instant, interrupt: I) -> ReadOutcome
 where
     R: CancelableAsyncReadRent,
     I: Future<Output = ()>,
 {
-    let spare = buf.capacity() - buf.len();
-    if spare < want.min(READ_CHUNK_BYTES) {
-        buf.reserve(want.clamp(1024, READ_CHUNK_BYTES.max(want.min(1 << 20))));
+    if buf.capacity() - buf.len() < want {
+        buf.reserve(want);
     }
     let (len, cap) = (buf.len(), buf.capacity());
     let slice = std::mem::take(buf).slice_mut(len..cap);

@@ -35,7 +35,7 @@ use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig, WebSocketContext}
 use tungstenite::{Message, Utf8Bytes};
 
 use super::ShardCtx;
-use super::io::{self, LocalNotify, READ_CHUNK_BYTES, ReadOutcome};
+use super::io::{self, IDLE_READ_BYTES, LocalNotify, READ_CHUNK_BYTES, ReadOutcome};
 use super::routes::{self, Ingested};
 use crate::broadcast::{Admission, CommittedBatch, EventRef};
 use crate::config::{Overflow, WebSocketConfig as WsConfig};
@@ -367,7 +367,8 @@ pub async fn serve(
     let session = Rc::new(Session {
         protocol: RefCell::new(Protocol {
             ws: WebSocketContext::new(Role::Server, Some(config)),
-            input: leftover,
+            // The HTTP buffer may be large; keep only the bytes.
+            input: leftover.as_slice().to_vec(),
             pos: 0,
             output: Vec::new(),
         }),
@@ -398,13 +399,16 @@ pub async fn serve(
 async fn read_loop(mut reader: monoio::net::tcp::TcpOwnedReadHalf, session: Rc<Session>, ctx: Rc<ShardCtx>) {
     let limits = ctx.ws_limits;
     let mut buf = Vec::new();
+    // Reads start small (an idle subscriber pins little) and double while
+    // they come back full (a client streaming ingest frames).
+    let mut want = IDLE_READ_BYTES;
     let mut seq = 0u64;
     // Bytes that arrived with the upgrade request are processed first.
     let mut fresh = !session.protocol.borrow().input.is_empty();
     loop {
         if !fresh {
             let deadline = session.last_heard.get() + limits.idle_timeout;
-            match io::read_more(&mut reader, &mut buf, READ_CHUNK_BYTES, deadline, session.stopped.wait()).await {
+            match io::read_more(&mut reader, &mut buf, want, deadline, session.stopped.wait()).await {
                 ReadOutcome::Data => {}
                 ReadOutcome::TimedOut => {
                     session.request_close(1001, "idle timeout");
@@ -423,10 +427,13 @@ async fn read_loop(mut reader: monoio::net::tcp::TcpOwnedReadHalf, session: Rc<S
                 p.pos = 0;
             }
             p.input.extend_from_slice(&buf);
+            let filled = buf.len() >= want;
+            want = if filled { (want * 2).min(READ_CHUNK_BYTES * 4) } else { IDLE_READ_BYTES };
             buf.clear();
-            if buf.capacity() > READ_CHUNK_BYTES * 4 {
+            if !filled && buf.capacity() > IDLE_READ_BYTES {
                 buf = Vec::new();
             }
+
         }
         fresh = false;
         loop {
@@ -456,7 +463,19 @@ async fn read_loop(mut reader: monoio::net::tcp::TcpOwnedReadHalf, session: Rc<S
                 }
                 // Pings are answered by tungstenite on the next flush.
                 Ok(_) => session.sub.wake.notify(),
-                Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    // Everything fed in was consumed: release a grown buffer.
+                    let mut p = session.protocol.borrow_mut();
+                    if p.pos == p.input.len() {
+                        p.pos = 0;
+                        if p.input.capacity() > IDLE_READ_BYTES {
+                            p.input = Vec::new();
+                        } else {
+                            p.input.clear();
+                        }
+                    }
+                    break;
+                }
                 Err(tungstenite::Error::Capacity(_)) => {
                     session.request_close(1009, "message larger than websocket.max_message_bytes");
                     return;
