@@ -65,7 +65,7 @@ pub fn run(config: Config) -> Result<Ended, RunError> {
     let shards = config.shard_count();
     let writers = config.writer.writers;
 
-    let sql = Arc::new(Statements::new(&config.database.table));
+    let sql = Arc::new(Statements::new(&config.database.table, &config.dead_letter_table()));
     let pool = db::pool(&config.database, config.pool_size()).map_err(|e| RunError::Database(e.to_string()))?;
     {
         let mut client = pool.get().map_err(|e| RunError::Database(format!("cannot connect: {e}")))?;

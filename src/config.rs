@@ -187,6 +187,9 @@ pub struct DatabaseConfig {
     pub statement_timeout_ms: u64,
     /// Create the table (and nothing else) at start-up when it is missing.
     pub create_table: bool,
+    /// Where events PostgreSQL refuses (e.g. an operator's CHECK constraint)
+    /// are kept with its error; empty means `<table>_dead_letter`.
+    pub dead_letter_table: String,
 }
 
 impl Default for DatabaseConfig {
@@ -198,6 +201,7 @@ impl Default for DatabaseConfig {
             connect_timeout_ms: 5_000,
             statement_timeout_ms: 30_000,
             create_table: true,
+            dead_letter_table: String::new(),
         }
     }
 }
@@ -424,6 +428,11 @@ impl Config {
             "must be `name` or `schema.name`, each [A-Za-z_][A-Za-z0-9_]{0,62}",
         );
         check(
+            self.database.dead_letter_table.is_empty() || table_name_is_valid(&self.database.dead_letter_table),
+            "database.dead_letter_table",
+            "must be empty (<table>_dead_letter), `name` or `schema.name`",
+        );
+        check(
             self.database.pool_size == 0 || self.database.pool_size as usize >= self.writer.writers,
             "database.pool_size",
             "must be 0 (writers + 1) or at least writer.writers",
@@ -453,6 +462,15 @@ impl Config {
             self.server.shards
         } else {
             std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        }
+    }
+
+    /// The dead-letter table's name.
+    pub fn dead_letter_table(&self) -> String {
+        if self.database.dead_letter_table.is_empty() {
+            format!("{}_dead_letter", self.database.table)
+        } else {
+            self.database.dead_letter_table.clone()
         }
     }
 

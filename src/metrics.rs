@@ -148,6 +148,8 @@ pub struct WriterStats {
     pub staging_fallbacks: Counter,
     /// Rows sent through staging because their id was committed lately.
     pub dedup_suspects: Counter,
+    /// Events PostgreSQL refused, kept in the dead-letter table.
+    pub events_dead_lettered: Counter,
     /// `ack = "queue"` events that could not be committed before shutdown.
     pub events_lost: Counter,
     /// COPY + commit time per batch, µs.
@@ -261,6 +263,7 @@ impl Metrics {
             "batch_failures": self.sum_writers(|w| w.batch_failures.get()),
             "staging_fallbacks": self.sum_writers(|w| w.staging_fallbacks.get()),
             "dedup_suspects": self.sum_writers(|w| w.dedup_suspects.get()),
+            "events_dead_lettered": self.sum_writers(|w| w.events_dead_lettered.get()),
             "batch_events": { "count": batch.len(), "mean": batch.mean(), "max": batch.max() },
             "ring_depth": self.rings.depths().iter().sum::<usize>(),
             "ring_capacity": self.rings.capacity() * self.rings.depths().len(),
@@ -333,6 +336,7 @@ impl Metrics {
         per_writer(o, self, "ingestd_batches_total", "counter", "COPY transactions committed.", |w| w.batches.get());
         per_writer(o, self, "ingestd_batch_failures_total", "counter", "COPY transactions that failed.", |w| w.batch_failures.get());
         per_writer(o, self, "ingestd_staging_fallbacks_total", "counter", "Batches redone through the staging table after a unique violation.", |w| w.staging_fallbacks.get());
+        per_writer(o, self, "ingestd_events_dead_lettered_total", "counter", "Events PostgreSQL refused, kept in the dead-letter table.", |w| w.events_dead_lettered.get());
         per_writer(o, self, "ingestd_dedup_suspects_total", "counter", "Rows inserted through staging because their event_id was committed lately.", |w| w.dedup_suspects.get());
 
         family(o, "ingestd_ring_depth", "gauge", "Requests waiting in each writer ring.");

@@ -34,8 +34,10 @@ pub struct Job {
 /// How a job's rows ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CommitOutcome {
-    /// Every row is in PostgreSQL (newly inserted or already there).
-    Committed,
+    /// Every row is in PostgreSQL (newly inserted or already there), except
+    /// `dead_letters`: rows (by position in the job) that PostgreSQL refused,
+    /// kept in the dead-letter table with its error.
+    Committed { dead_letters: Vec<(usize, String)> },
     /// Not committed; a retry may succeed (database down, timeout): 503.
     Unavailable(String),
     /// Not committed; PostgreSQL refused these rows and a retry will not help: 500.

@@ -44,10 +44,12 @@ pub enum RejectKind {
     DuplicateField,
     PayloadTooLarge,
     PayloadTooDeep,
+    /// Passed validation but PostgreSQL refused it (dead-lettered).
+    RefusedByDatabase,
 }
 
 impl RejectKind {
-    pub const ALL: [RejectKind; 11] = [
+    pub const ALL: [RejectKind; 12] = [
         RejectKind::Malformed,
         RejectKind::NotAnObject,
         RejectKind::MissingField,
@@ -59,6 +61,7 @@ impl RejectKind {
         RejectKind::DuplicateField,
         RejectKind::PayloadTooLarge,
         RejectKind::PayloadTooDeep,
+        RejectKind::RefusedByDatabase,
     ];
 
     pub fn label(self) -> &'static str {
@@ -74,6 +77,7 @@ impl RejectKind {
             RejectKind::DuplicateField => "duplicate_field",
             RejectKind::PayloadTooLarge => "payload_too_large",
             RejectKind::PayloadTooDeep => "payload_too_deep",
+            RejectKind::RefusedByDatabase => "refused_by_database",
         }
     }
 }

@@ -13,6 +13,7 @@ use super::{ShardCtx, ws};
 use crate::broadcast::{Admission, Refusal};
 use super::http::{self, BodyFraming, GunzipError, HeadError, Media, Method, RequestHead, Response, Target};
 use crate::config::AckMode;
+use crate::ingest::event::{Reason, RejectKind};
 use crate::ingest::{BodyError, BodyKind, Clock, Rejection};
 use crate::metrics::Route;
 use crate::pipeline::{self, CommitOutcome, HandOffError, Job};
@@ -149,7 +150,7 @@ pub async fn ingest_events(ctx: &ShardCtx, body: &[u8], kind: BodyKind) -> Inges
         Err(e) => {
             let status = if matches!(e, BodyError::TooManyEvents { .. }) { 413 } else { 400 };
             if let BodyError::Malformed(_) = e {
-                stats.rejected(crate::ingest::event::RejectKind::Malformed);
+                stats.rejected(RejectKind::Malformed);
             }
             return Ingested::BodyRefused { status, message: e.to_string() };
         }
@@ -183,7 +184,31 @@ pub async fn ingest_events(ctx: &ShardCtx, body: &[u8], kind: BodyKind) -> Inges
         return Ingested::Answer { status: 202, accepted, rejected: parsed.rejected };
     };
     match wait.await {
-        Ok(CommitOutcome::Committed) => Ingested::Answer { status: 200, accepted, rejected: parsed.rejected },
+        Ok(CommitOutcome::Committed { dead_letters }) if dead_letters.is_empty() => {
+            Ingested::Answer { status: 200, accepted, rejected: parsed.rejected }
+        }
+        Ok(CommitOutcome::Committed { dead_letters }) => {
+            let mut rejected = parsed.rejected;
+            let refused = dead_letters.len();
+            let table = ctx.config.dead_letter_table();
+            let mut extra: Vec<Rejection> = dead_letters
+                .into_iter()
+                .map(|(row, why)| Rejection {
+                    index: request_index(&rejected, row),
+                    error: Reason::new(
+                        RejectKind::RefusedByDatabase,
+                        format!("PostgreSQL refused this event ({why}); it was kept in {table}"),
+                    ),
+                })
+                .collect();
+            for r in &extra {
+                stats.rejected(r.error.kind);
+            }
+            rejected.append(&mut extra);
+            rejected.sort_by_key(|r| r.index);
+            let accepted = accepted - refused;
+            Ingested::Answer { status: if accepted > 0 { 200 } else { 400 }, accepted, rejected }
+        }
         Ok(CommitOutcome::Unavailable(why)) => {
             failed(503, &format!("database unavailable, nothing was stored: {why}"), true)
         }
@@ -223,6 +248,20 @@ pub fn upgrade(ctx: &ShardCtx, head: &RequestHead, peer: IpAddr) -> Result<(Stri
     Ok((tungstenite::handshake::derive_accept_key(key.as_bytes()), request, admission))
 }
 
+/// The request index of accepted row `row`: rows are the events that passed
+/// validation, in order, so skip the rejected indexes (sorted) before it.
+fn request_index(rejected: &[Rejection], row: usize) -> usize {
+    let mut index = row;
+    for r in rejected {
+        if r.index <= index {
+            index += 1;
+        } else {
+            break;
+        }
+    }
+    index
+}
+
 /// `{"accepted": N, "rejected": [{"index": i, "error": "..."}]}`
 pub fn ingest_json(accepted: usize, rejected: &[Rejection]) -> String {
     let mut s = String::with_capacity(32 + rejected.len() * 80);
@@ -240,7 +279,15 @@ pub fn ingest_json(accepted: usize, rejected: &[Rejection]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ingest::event::{Reason, RejectKind};
+
+    #[test]
+    fn rows_map_back_to_request_indexes() {
+        let rej = |i| Rejection { index: i, error: Reason::new(RejectKind::InvalidValue, "x") };
+        let rejected = [rej(0), rej(2), rej(3)];
+        // Request: 0 rej, 1 row0, 2 rej, 3 rej, 4 row1, 5 row2.
+        assert_eq!([0, 1, 2].map(|r| request_index(&rejected, r)), [1, 4, 5]);
+        assert_eq!(request_index(&[], 7), 7);
+    }
 
     #[test]
     fn ingest_body_shape() {

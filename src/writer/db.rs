@@ -106,7 +106,11 @@ pub fn pool(db: &DatabaseConfig, size: u32) -> Result<Pool, WriteError> {
 #[derive(Debug, Clone)]
 pub struct Statements {
     pub table: String,
+    /// Where events PostgreSQL refuses go, with its error.
+    pub dead_letter_table: String,
     create_table: String,
+    create_dead_letter: String,
+    insert_dead_letter: String,
     copy_into_table: String,
     create_staging: String,
     copy_into_staging: String,
@@ -116,11 +120,29 @@ pub struct Statements {
 impl Statements {
     /// `table` is validated by the config (`name` or `schema.name`); it is
     /// quoted here all the same.
-    pub fn new(table: &str) -> Self {
-        let quoted = table.split('.').map(|p| format!("\"{p}\"")).collect::<Vec<_>>().join(".");
+    pub fn new(table: &str, dead_letter_table: &str) -> Self {
+        let quote = |name: &str| name.split('.').map(|p| format!("\"{p}\"")).collect::<Vec<_>>().join(".");
+        let quoted = quote(table);
+        let dead = quote(dead_letter_table);
         let staging = format!("\"ingestd_staging_{}\"", table.replace('.', "_"));
         Self {
             table: quoted.clone(),
+            dead_letter_table: dead.clone(),
+            create_dead_letter: format!(
+                "CREATE TABLE IF NOT EXISTS {dead} (\n  \
+                 event_id    text,\n  \
+                 device_id   text,\n  \
+                 event_type  text,\n  \
+                 ts          timestamptz,\n  \
+                 received_at timestamptz,\n  \
+                 payload     text,\n  \
+                 error       text        NOT NULL,\n  \
+                 failed_at   timestamptz NOT NULL DEFAULT now()\n)"
+            ),
+            insert_dead_letter: format!(
+                "INSERT INTO {dead} (event_id, device_id, event_type, ts, received_at, payload, error) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)"
+            ),
             create_table: format!(
                 "CREATE TABLE IF NOT EXISTS {quoted} (\n  \
                  event_id    text PRIMARY KEY,\n  \
@@ -145,11 +167,50 @@ impl Statements {
 /// Creates the table when missing (or checks it exists when creation is off).
 pub fn prepare_table(client: &mut Client, sql: &Statements, create: bool) -> Result<(), WriteError> {
     if create {
-        // Quiet the NOTICE "relation already exists" for this one statement.
-        client.batch_execute(&format!("SET client_min_messages = warning; {}; RESET client_min_messages", sql.create_table))?;
+        // Quiet the NOTICE "relation already exists" for these statements.
+        client.batch_execute(&format!(
+            "SET client_min_messages = warning; {}; {}; RESET client_min_messages",
+            sql.create_table, sql.create_dead_letter
+        ))?;
     } else {
-        client.batch_execute(&format!("SELECT 1 FROM {} LIMIT 0", sql.table))?;
+        client.batch_execute(&format!("SELECT 1 FROM {} LIMIT 0; SELECT 1 FROM {} LIMIT 0", sql.table, sql.dead_letter_table))?;
     }
+    Ok(())
+}
+
+/// One event PostgreSQL refused, with its reason.
+pub struct DeadLetter<'a> {
+    pub row: super::copy::RowView<'a>,
+    pub error: &'a str,
+}
+
+/// Stores refused events in the dead-letter table, in one transaction. The
+/// payload goes in as text: it may be the very value jsonb refused.
+pub fn store_dead_letters(client: &mut Client, sql: &Statements, letters: &[DeadLetter<'_>]) -> Result<(), WriteError> {
+    use std::time::{Duration, UNIX_EPOCH};
+    let time = |pg_us: i64| {
+        let unix_us = pg_us.saturating_add(super::copy::PG_EPOCH_UNIX_SECS * 1_000_000);
+        UNIX_EPOCH + Duration::from_micros(unix_us.max(0) as u64)
+    };
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let mut tx = client.transaction()?;
+    let insert = tx.prepare(&sql.insert_dead_letter)?;
+    for l in letters {
+        let payload = l.row.payload.map(text);
+        tx.execute(
+            &insert,
+            &[
+                &text(l.row.event_id),
+                &text(l.row.device_id),
+                &text(l.row.event_type),
+                &time(l.row.ts),
+                &time(l.row.received_at),
+                &payload,
+                &l.error,
+            ],
+        )?;
+    }
+    tx.commit()?;
     Ok(())
 }
 
@@ -225,7 +286,8 @@ mod tests {
 
     #[test]
     fn statements_quote_and_name_staging() {
-        let s = Statements::new("ingest.events");
+        let s = Statements::new("ingest.events", "ingest.events_dead_letter");
+        assert_eq!(s.dead_letter_table, "\"ingest\".\"events_dead_letter\"");
         assert_eq!(s.table, "\"ingest\".\"events\"");
         assert!(s.insert_from_staging.contains("\"ingestd_staging_ingest_events\""));
         assert!(s.copy_into_table.ends_with("FROM STDIN (FORMAT binary)"));

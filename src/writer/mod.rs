@@ -266,14 +266,22 @@ impl Writer {
         let all = 0..batch.jobs.len();
         match self.write(batch, all.start, all.len()) {
             Ok(done) => self.answer_committed(batch, all, &done, report),
-            Err(e) if !e.is_transient() && batch.jobs.len() > 1 => {
-                // One request's rows poison the batch: commit each request
-                // alone so the others still go in.
-                crate::warn!("batch refused, retrying request by request", writer = self.id, error = e);
+            Err(e) if !e.is_transient() => {
+                // Some rows poison the batch: find them, request by request
+                // and then by halving, so that everything else still goes in.
+                crate::warn!("batch refused, isolating the refused events", writer = self.id, error = e);
                 for j in 0..batch.jobs.len() {
-                    match self.write(batch, j, 1) {
+                    let outcome = if batch.jobs.len() > 1 { self.write(batch, j, 1) } else { Err(e.clone()) };
+                    match outcome {
                         Ok(done) => self.answer_committed(batch, j..j + 1, &done, report),
-                        Err(e) => self.fail(batch, j..j + 1, &e, report),
+                        Err(e) if e.is_transient() => self.fail(batch, j..j + 1, &e, report),
+                        Err(_) => match self.isolate(batch, j) {
+                            Ok((done, dead)) => {
+                                stats.events_dead_lettered.add(dead.len() as u64);
+                                self.answer(batch, j..j + 1, &done, dead, report);
+                            }
+                            Err(e) => self.fail(batch, j..j + 1, &e, report),
+                        },
                     }
                 }
             }
@@ -335,10 +343,68 @@ impl Writer {
         }
     }
 
+    /// Commits the rows of job `j` in parts, halving a part PostgreSQL
+    /// refuses until the refused rows stand alone; those go to the
+    /// dead-letter table with PostgreSQL's error. Returns what was committed
+    /// (every inserted id, as `staged_ids`) and the dead letters by row.
+    fn isolate(&self, batch: &Batch, j: usize) -> Result<(Committed, Vec<(usize, String)>), WriteError> {
+        let rows = &batch.jobs[j].rows;
+        let mut done = Committed { inserted: 0, via_staging: true, staged_ids: Vec::new() };
+        let mut dead: Vec<(usize, String)> = Vec::new();
+        let mut parts = vec![(0..rows.len()).filter(|&r| batch.class(j, r) != RowClass::Repeat).collect::<Vec<_>>()];
+        while let Some(part) = parts.pop() {
+            if part.is_empty() {
+                continue;
+            }
+            let write = |out: &mut dyn std::io::Write| part.iter().try_for_each(|&r| out.write_all(rows.row(r)));
+            let result = self.pool.get().map_err(WriteError::from).and_then(|mut conn| db::copy_batch(&mut conn, &self.sql, &write, None));
+            match result {
+                Ok(c) => {
+                    done.inserted += c.inserted;
+                    if c.via_staging {
+                        done.staged_ids.extend(c.staged_ids);
+                    } else {
+                        done.staged_ids.extend(part.iter().map(|&r| String::from_utf8_lossy(rows.event_id(r)).into_owned()));
+                    }
+                }
+                Err(e) if e.is_transient() => return Err(e),
+                Err(e) if part.len() == 1 => dead.push((part[0], e.message().to_string())),
+                Err(_) => {
+                    let (left, right) = part.split_at(part.len() / 2);
+                    parts.push(right.to_vec());
+                    parts.push(left.to_vec());
+                }
+            }
+        }
+        if !dead.is_empty() {
+            let letters: Vec<db::DeadLetter<'_>> = dead
+                .iter()
+                .filter_map(|(r, error)| rows.view(*r).map(|row| db::DeadLetter { row, error }))
+                .collect();
+            let mut conn = self.pool.get()?;
+            db::store_dead_letters(&mut conn, &self.sql, &letters)?;
+            crate::warn!("events refused by PostgreSQL kept as dead letters", writer = self.id, events = dead.len(), table = self.sql.dead_letter_table);
+        }
+        dead.sort_unstable_by_key(|(r, _)| *r);
+        Ok((done, dead))
+    }
+
+    fn answer_committed(&self, batch: &mut Batch, jobs: std::ops::Range<usize>, done: &Committed, report: &mut WriterReport) {
+        self.answer(batch, jobs, done, Vec::new(), report);
+    }
+
     /// Publishes the inserted rows of committed jobs to subscribers, then
     /// answers the jobs: publishing first keeps an acknowledged client's next
-    /// event behind this one on every subscriber.
-    fn answer_committed(&self, batch: &mut Batch, jobs: std::ops::Range<usize>, done: &Committed, report: &mut WriterReport) {
+    /// event behind this one on every subscriber. `dead_letters` (rows of a
+    /// single job) go back to its client as rejected events.
+    fn answer(
+        &self,
+        batch: &mut Batch,
+        jobs: std::ops::Range<usize>,
+        done: &Committed,
+        dead_letters: Vec<(usize, String)>,
+        report: &mut WriterReport,
+    ) {
         let stats = &self.metrics.writers[self.id];
         for job in &batch.jobs[jobs.clone()] {
             stats.ack_us.record_duration(job.enqueued.elapsed());
@@ -349,10 +415,11 @@ impl Writer {
             let rows = batch.jobs[jobs.clone()].iter_mut().map(|j| std::mem::take(&mut j.rows)).collect();
             self.publisher.publish(Published { rows, mask, committed_at: Instant::now() });
         }
+        let outcome = CommitOutcome::Committed { dead_letters };
         for job in &mut batch.jobs[jobs] {
             if let Some(reply) = job.reply.take() {
                 // The shard may have gone (client disconnected): nothing to do.
-                let _ = reply.send(CommitOutcome::Committed);
+                let _ = reply.send(outcome.clone());
             }
         }
     }

@@ -14,6 +14,7 @@
 //! - `http`: HTTP/1.1 handling and the error statuses.
 //! - `observability`: `/health`, `/stats`, `/metrics`.
 //! - `overload`: fail fast with 503 + Retry-After.
+//! - `reliability`: faults: dead letters (issue 5).
 //! - `lifecycle`: signals and graceful shutdown under load.
 //! - `ws`: `GET /ws` subscriptions and ingest over WebSocket.
 //! - `spec`: literal readings of SPEC.md where INTERFACE.md is silent.
@@ -26,6 +27,7 @@ mod ingest;
 mod lifecycle;
 mod observability;
 mod overload;
+mod reliability;
 mod spec;
 mod validation;
 mod ws;
