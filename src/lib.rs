@@ -37,4 +37,5 @@ pub mod log;
 pub mod metrics;
 pub mod pipeline;
 pub mod shard;
+pub mod spool;
 pub mod writer;

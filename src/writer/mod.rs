@@ -16,6 +16,7 @@
 //! - [`db`]: pool, table, idempotent COPY of a batch.
 //! - [`recent`]: fingerprints of recently committed ids (a hint).
 
+pub mod breaker;
 pub mod copy;
 pub mod db;
 pub mod recent;

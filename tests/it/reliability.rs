@@ -68,3 +68,83 @@ fn refused_events_become_dead_letters_and_the_rest_commit() {
     // And the server keeps serving.
     assert_eq!(server.post_event(&ev(&unique("after"), "good")).status, 200);
 }
+
+/// Counts how many of `acked` are in `table` (in chunks, for big runs).
+fn present(url: &str, table: &str, acked: &[String]) -> usize {
+    let mut db = db_connect(url);
+    acked.chunks(10_000).map(|c| count_ids(&mut db, table, c) as usize).sum()
+}
+
+#[test]
+fn sigkill_mid_load_loses_no_acknowledged_event() {
+    let server = Ingestd::new().set("server.shards", 2).set("writer.writers", 2).start();
+    let (addr, table) = (server.addr, server.table.clone());
+    let load = Load::start(addr, 4, 100, 200);
+    eventually(std::time::Duration::from_secs(10), "some acknowledged batches", || {
+        let s: Value = serde_json::from_slice(&server.get("/stats").body).ok()?;
+        (s["events_committed"].as_u64()? >= 5_000).then_some(())
+    });
+    server.signal("KILL");
+    let mut server = server;
+    server.wait_exit(std::time::Duration::from_secs(10));
+    let result = load.stop();
+    // Restart on the same table: everything acknowledged is there.
+    let mut again = Ingestd::new().table(&table).start();
+    again.set_owns_table(true);
+    let found = present(&database_url(), &table, &result.acked);
+    println!(
+        "SIGKILL mid-load (ack=commit): acked {} events, present {found}, lost {}; statuses {:?}",
+        result.acked.len(),
+        result.acked.len() - found,
+        result.statuses
+    );
+    assert!(!result.acked.is_empty());
+    assert_eq!(found, result.acked.len(), "acknowledged events lost");
+    // Retrying what may have been in flight makes no duplicates.
+    assert_eq!(again.post_batch(&events(&unique("after-kill"), 10)).status, 200);
+}
+
+#[test]
+fn postgres_restart_mid_load_loses_nothing_and_recovers_by_itself() {
+    let pg = PrivatePg::start();
+    let server = Ingestd::new()
+        .database_url(&pg.url)
+        .set("server.shards", 2)
+        .set("writer.writers", 2)
+        .set("database.connect_timeout_ms", 1000)
+        .start();
+    let load = Load::start(server.addr, 4, 100, 200);
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    pg.stop();
+    let down_at = std::time::Instant::now();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let health_down = server.get("/health").status;
+    pg.start_again();
+    let up_at = std::time::Instant::now();
+    eventually(std::time::Duration::from_secs(30), "a commit after PostgreSQL returned", || {
+        let s: Value = serde_json::from_slice(&server.get("/stats").body).ok()?;
+        s["database_up"].as_bool()?.then_some(())
+    });
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    let result = load.stop();
+    let recovered_after = result
+        .ok_times
+        .iter()
+        .find(|t| **t > up_at)
+        .map(|t| t.duration_since(up_at))
+        .expect("a 200 after PostgreSQL returned");
+    let found = present(&pg.url, &server.table, &result.acked);
+    println!(
+        "PostgreSQL restart mid-load: acked {}, present {found}, lost {}; statuses {:?}; outage {:?}; first 200 {:?} after PostgreSQL was back; /health during outage {health_down}",
+        result.acked.len(),
+        result.acked.len() - found,
+        result.statuses,
+        up_at.duration_since(down_at),
+        recovered_after
+    );
+    assert!(!result.acked.is_empty());
+    assert_eq!(found, result.acked.len(), "acknowledged events lost");
+    assert!(result.statuses.get(&503).copied().unwrap_or(0) > 0, "503s during the outage: {:?}", result.statuses);
+    assert!(result.statuses.keys().all(|s| *s == 200 || *s == 503), "{:?}", result.statuses);
+    assert_eq!(health_down, 503, "/health says not ready during the outage");
+}

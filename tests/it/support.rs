@@ -1128,3 +1128,152 @@ pub fn sum_numeric_keys(v: &Value, needle: &str) -> f64 {
     }
     walk(v, needle, false)
 }
+
+// ---------------------------------------------------------------------------
+// A private PostgreSQL cluster, for tests that stop and restart it
+// ---------------------------------------------------------------------------
+
+/// A cluster of the test's own (scripts/lib/pg.sh), so that stopping it
+/// cannot disturb other tests. Removed on drop.
+pub struct PrivatePg {
+    dir: std::path::PathBuf,
+    port: u16,
+    pub url: String,
+}
+
+fn pg_script(command: &str) -> String {
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!("source scripts/lib/pg.sh && {command}"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run bash");
+    assert!(
+        out.status.success(),
+        "`{command}` failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+impl PrivatePg {
+    pub fn start() -> PrivatePg {
+        let dir = std::env::temp_dir().join(unique("ingestd-pg"));
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+        let url = pg_script(&format!("pg_start '{}' {port}", dir.display()));
+        PrivatePg { dir, port, url }
+    }
+
+    /// `pg_ctl stop -m fast`: connections are cut, as in a crash or restart.
+    pub fn stop(&self) {
+        pg_script(&format!("pg_stop '{}'", self.dir.display()));
+    }
+
+    pub fn start_again(&self) {
+        pg_script(&format!("pg_start '{}' {} >/dev/null", self.dir.display(), self.port));
+    }
+}
+
+impl Drop for PrivatePg {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg("-c")
+            .arg(format!("source scripts/lib/pg.sh && pg_stop '{}'", self.dir.display()))
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Background load for fault tests
+// ---------------------------------------------------------------------------
+
+/// Client threads posting batches of unique events until stopped, keeping
+/// every acknowledged id. They reconnect after transport errors.
+pub struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<JoinHandle<LoadResult>>,
+}
+
+/// What a load run saw.
+#[derive(Debug, Default)]
+pub struct LoadResult {
+    pub acked: Vec<String>,
+    pub statuses: std::collections::BTreeMap<u16, usize>,
+    pub transport_errors: usize,
+    /// When each 200 (or `ok` status) arrived, for recovery times.
+    pub ok_times: Vec<Instant>,
+}
+
+impl Load {
+    pub fn start(addr: SocketAddr, threads: usize, batch: usize, ok: u16) -> Load {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let threads = (0..threads)
+            .map(|t| {
+                let stop = stop.clone();
+                let prefix = unique(&format!("load{t}"));
+                thread::spawn(move || {
+                    let mut out = LoadResult::default();
+                    let mut conn: Option<Conn> = None;
+                    let mut r = 0usize;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let evs = events(&format!("{prefix}-{r}"), batch);
+                        r += 1;
+                        if conn.is_none() {
+                            match Conn::try_open(addr) {
+                                Ok(mut c) => {
+                                    c.set_read_timeout(Duration::from_secs(20));
+                                    conn = Some(c);
+                                }
+                                Err(_) => {
+                                    out.transport_errors += 1;
+                                    thread::sleep(Duration::from_millis(20));
+                                    continue;
+                                }
+                            }
+                        }
+                        let req = Req::post("/events/batch").json(&Value::Array(evs.clone()));
+                        match conn.as_mut().map(|c| c.try_roundtrip(&req)) {
+                            Some(Ok(resp)) => {
+                                *out.statuses.entry(resp.status).or_default() += 1;
+                                if resp.status == ok {
+                                    out.acked.extend(ids_of(&evs));
+                                    out.ok_times.push(Instant::now());
+                                } else {
+                                    thread::sleep(Duration::from_millis(10));
+                                }
+                                if resp.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close")) {
+                                    conn = None;
+                                }
+                            }
+                            _ => {
+                                out.transport_errors += 1;
+                                conn = None;
+                            }
+                        }
+                    }
+                    out
+                })
+            })
+            .collect();
+        Load { stop, threads }
+    }
+
+    pub fn stop(self) -> LoadResult {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut all = LoadResult::default();
+        for t in self.threads {
+            let r = t.join().expect("load thread");
+            all.acked.extend(r.acked);
+            for (k, v) in r.statuses {
+                *all.statuses.entry(k).or_default() += v;
+            }
+            all.transport_errors += r.transport_errors;
+            all.ok_times.extend(r.ok_times);
+        }
+        all.ok_times.sort();
+        all
+    }
+}

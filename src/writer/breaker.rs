@@ -1,0 +1,440 @@
+//! The database circuit breaker: a small, pure state machine with the clock
+//! passed in.
+//!
+//! Why: when PostgreSQL is down, every batch would otherwise wait for a
+//! connect or statement timeout before failing, and every client would wait
+//! with it. After `failure_threshold` consecutive transient failures the
+//! breaker opens: writers stop calling the database and shards answer 503 with
+//! `Retry-After` at once. After `open_ms` it lets one probe through
+//! (half-open); a success closes it, a failure re-opens it for twice as long
+//! (up to `max_open_ms`), so a long outage is probed ever less often.
+//!
+//! ```text
+//!            failure_threshold consecutive failures
+//!   Closed ─────────────────────────────────────────▶ Open ◀──────┐
+//!     ▲                                                │ open time │ probe fails:
+//!     │ probe succeeds                                 ▼ elapsed   │ open time × 2
+//!     └──────────────────────────────────────────── HalfOpen ──────┘
+//!                                            (one probe at a time)
+//! ```
+//!
+//! Ownership: one [`Breaker`] is owned by one thread (a writer, or several
+//! writers behind one lock taken once per batch). It never reads the clock:
+//! every method takes `now`, so tests drive it through every transition
+//! without sleeping. Other threads read a [`BreakerView`]: two atomics behind
+//! an `Arc`, so a shard can refuse a request without locking anything.
+//!
+//! Only transient failures count ([`WriteError::is_transient`]: lost
+//! connections, timeouts, PostgreSQL shutting down). A permanent error (bad
+//! data refused by PostgreSQL) proves the database is answering, so it counts
+//! as a success for the breaker: bad events can never open it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use super::db::WriteError;
+
+/// When the breaker opens and for how long. The lead's `config.rs` embeds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerConfig {
+    /// Consecutive transient failures (or timeouts) that open the breaker.
+    pub failure_threshold: u32,
+    /// How long the breaker stays open the first time before a probe.
+    pub open_ms: u64,
+    /// Cap on the open time, which doubles after each failed probe.
+    pub max_open_ms: u64,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self { failure_threshold: 5, open_ms: 1_000, max_open_ms: 30_000 }
+    }
+}
+
+impl BreakerConfig {
+    /// Range problems as `(key, why)`, keys relative to the breaker's section.
+    pub fn problems(&self) -> Vec<(&'static str, &'static str)> {
+        let mut out = Vec::new();
+        if self.failure_threshold < 1 {
+            out.push(("failure_threshold", "must be at least 1"));
+        }
+        if self.open_ms < 1 {
+            out.push(("open_ms", "must be at least 1"));
+        }
+        if self.max_open_ms < self.open_ms {
+            out.push(("max_open_ms", "must be at least open_ms"));
+        }
+        out
+    }
+}
+
+/// Where the breaker stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum BreakerState {
+    /// Calls flow; consecutive transient failures are counted.
+    Closed = 0,
+    /// Calls are refused until the open time has passed.
+    Open = 1,
+    /// The open time has passed; one probe call at a time is let through.
+    HalfOpen = 2,
+}
+
+impl BreakerState {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => BreakerState::Open,
+            2 => BreakerState::HalfOpen,
+            _ => BreakerState::Closed,
+        }
+    }
+
+    /// Lower-case name for `/health` and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BreakerState::Closed => "closed",
+            BreakerState::Open => "open",
+            BreakerState::HalfOpen => "half_open",
+        }
+    }
+
+    /// Numeric value for a Prometheus gauge: 0 closed, 1 open, 2 half-open.
+    pub fn as_gauge(self) -> u8 {
+        self as u8
+    }
+}
+
+/// The answer to "may I call the database now?".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Go ahead, then report the outcome with `on_success` / `on_failure`.
+    Permit,
+    /// Do not call; try again after `retry_after` (what `Retry-After` says).
+    Rejected { retry_after: Duration },
+}
+
+/// The state machine. Owned by one thread; see the module docs.
+#[derive(Debug)]
+pub struct Breaker {
+    config: BreakerConfig,
+    state: BreakerState,
+    /// Transient failures in a row while closed.
+    failures: u32,
+    /// Open time used the last time the breaker opened (doubles on a failed probe).
+    open_for: Duration,
+    /// While open: when a probe becomes allowed.
+    open_until: Instant,
+    /// While half-open: a probe is out and has not reported yet.
+    probing: bool,
+    view: BreakerView,
+}
+
+impl Breaker {
+    /// A closed breaker. `now` anchors the view's clock (any instant will do).
+    pub fn new(config: BreakerConfig, now: Instant) -> Self {
+        let open_for = Duration::from_millis(config.open_ms);
+        let view = BreakerView {
+            shared: Arc::new(Shared {
+                epoch: now,
+                state: AtomicU8::new(BreakerState::Closed as u8),
+                open_until_ms: AtomicU64::new(0),
+                opens: AtomicU64::new(0),
+            }),
+        };
+        Self { config, state: BreakerState::Closed, failures: 0, open_for, open_until: now, probing: false, view }
+    }
+
+    /// Asks to call the database. While open and the open time has passed,
+    /// this is the moment the breaker turns half-open and hands out the probe.
+    pub fn allow(&mut self, now: Instant) -> Admission {
+        match self.state {
+            BreakerState::Closed => Admission::Permit,
+            BreakerState::Open if now >= self.open_until => {
+                self.set_state(BreakerState::HalfOpen);
+                self.probing = true;
+                Admission::Permit
+            }
+            BreakerState::Open => Admission::Rejected { retry_after: self.open_until - now },
+            BreakerState::HalfOpen if !self.probing => {
+                self.probing = true;
+                Admission::Permit
+            }
+            // A probe is out: whoever asks waits for its verdict, about one
+            // base open time at most.
+            BreakerState::HalfOpen => {
+                Admission::Rejected { retry_after: Duration::from_millis(self.config.open_ms) }
+            }
+        }
+    }
+
+    /// The permitted call succeeded (or failed permanently: the database answered).
+    pub fn on_success(&mut self, _now: Instant) {
+        match self.state {
+            BreakerState::Closed => self.failures = 0,
+            BreakerState::HalfOpen => {
+                self.failures = 0;
+                self.probing = false;
+                self.open_for = Duration::from_millis(self.config.open_ms);
+                self.set_state(BreakerState::Closed);
+            }
+            // A call permitted before the breaker opened finished late: its
+            // verdict is stale, the probe decides.
+            BreakerState::Open => {}
+        }
+    }
+
+    /// The permitted call failed transiently or timed out.
+    pub fn on_failure(&mut self, now: Instant) {
+        match self.state {
+            BreakerState::Closed => {
+                self.failures += 1;
+                if self.failures >= self.config.failure_threshold {
+                    self.open_for = Duration::from_millis(self.config.open_ms);
+                    self.open(now);
+                }
+            }
+            BreakerState::HalfOpen => {
+                let doubled = self.open_for.saturating_mul(2);
+                self.open_for = doubled.min(Duration::from_millis(self.config.max_open_ms));
+                self.open(now);
+            }
+            BreakerState::Open => {}
+        }
+    }
+
+    /// Reports a database call's result: transient errors count as failures,
+    /// successes and permanent errors as successes (see the module docs).
+    pub fn on_result<T>(&mut self, now: Instant, result: &Result<T, WriteError>) {
+        match result {
+            Err(e) if e.is_transient() => self.on_failure(now),
+            _ => self.on_success(now),
+        }
+    }
+
+    pub fn state(&self) -> BreakerState {
+        self.state
+    }
+
+    /// Transient failures in a row so far (closed state).
+    pub fn consecutive_failures(&self) -> u32 {
+        self.failures
+    }
+
+    /// A read-only view for other threads.
+    pub fn view(&self) -> BreakerView {
+        self.view.clone()
+    }
+
+    fn open(&mut self, now: Instant) {
+        self.probing = false;
+        self.open_until = now + self.open_for;
+        let until_ms = self.open_until.saturating_duration_since(self.view.shared.epoch).as_millis();
+        self.view.shared.open_until_ms.store(u64::try_from(until_ms).unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.view.shared.opens.fetch_add(1, Ordering::Relaxed);
+        self.set_state(BreakerState::Open);
+    }
+
+    fn set_state(&mut self, state: BreakerState) {
+        self.state = state;
+        // Release: a reader that sees Open also sees the open_until_ms stored before.
+        self.view.shared.state.store(state as u8, Ordering::Release);
+    }
+}
+
+/// What the breaker publishes. `open_until_ms` counts from `epoch`.
+#[derive(Debug)]
+struct Shared {
+    epoch: Instant,
+    state: AtomicU8,
+    open_until_ms: AtomicU64,
+    opens: AtomicU64,
+}
+
+/// A cheap, lock-free, read-only view of a [`Breaker`] for shards, `/health`
+/// and `/metrics`. Clone it freely.
+#[derive(Debug, Clone)]
+pub struct BreakerView {
+    shared: Arc<Shared>,
+}
+
+impl BreakerView {
+    pub fn state(&self) -> BreakerState {
+        BreakerState::from_u8(self.shared.state.load(Ordering::Acquire))
+    }
+
+    /// Whether a shard should take a request that needs the database now.
+    ///
+    /// Closed and half-open admit (the writer's own breaker lets one probe
+    /// batch through). Open rejects until its open time has passed, and then
+    /// admits even though the owner has not turned half-open yet: the owner
+    /// only turns when it next asks, and it may be waiting for that very
+    /// request, so refusing here could keep the breaker open for ever.
+    pub fn admit(&self, now: Instant) -> Admission {
+        if self.state() != BreakerState::Open {
+            return Admission::Permit;
+        }
+        let until = self.shared.epoch + Duration::from_millis(self.shared.open_until_ms.load(Ordering::Relaxed));
+        if now >= until { Admission::Permit } else { Admission::Rejected { retry_after: until - now } }
+    }
+
+    /// Times the breaker has opened (a counter for `/metrics`).
+    pub fn opens(&self) -> u64 {
+        self.shared.opens.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: BreakerConfig = BreakerConfig { failure_threshold: 3, open_ms: 100, max_open_ms: 350 };
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// A breaker that has just opened at `t0 + at`.
+    fn opened(t0: Instant, at: u64) -> Breaker {
+        let mut b = Breaker::new(CONFIG, t0);
+        for _ in 0..CONFIG.failure_threshold {
+            assert_eq!(b.allow(t0 + ms(at)), Admission::Permit);
+            b.on_failure(t0 + ms(at));
+        }
+        assert_eq!(b.state(), BreakerState::Open);
+        b
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones_and_valid() {
+        let c = BreakerConfig::default();
+        assert_eq!((c.failure_threshold, c.open_ms, c.max_open_ms), (5, 1_000, 30_000));
+        assert!(c.problems().is_empty());
+        let bad = BreakerConfig { failure_threshold: 0, open_ms: 0, max_open_ms: 0 };
+        assert_eq!(bad.problems().iter().map(|p| p.0).collect::<Vec<_>>(), ["failure_threshold", "open_ms"]);
+        let bad = BreakerConfig { max_open_ms: 10, ..CONFIG };
+        assert_eq!(bad.problems()[0].0, "max_open_ms");
+    }
+
+    #[test]
+    fn closed_permits_and_a_success_resets_the_count() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(CONFIG, t0);
+        assert_eq!(b.state(), BreakerState::Closed);
+        b.on_failure(t0);
+        b.on_failure(t0);
+        assert_eq!(b.consecutive_failures(), 2);
+        b.on_success(t0);
+        assert_eq!(b.consecutive_failures(), 0);
+        b.on_failure(t0);
+        b.on_failure(t0);
+        assert_eq!(b.state(), BreakerState::Closed, "failures must be consecutive");
+        assert_eq!(b.allow(t0), Admission::Permit);
+    }
+
+    #[test]
+    fn threshold_failures_open_and_reject_with_the_remaining_time() {
+        let t0 = Instant::now();
+        let mut b = opened(t0, 0);
+        assert_eq!(b.allow(t0 + ms(30)), Admission::Rejected { retry_after: ms(70) });
+        assert_eq!(b.view().state(), BreakerState::Open);
+        assert_eq!(b.view().opens(), 1);
+    }
+
+    #[test]
+    fn open_turns_half_open_after_open_ms_with_a_single_probe() {
+        let t0 = Instant::now();
+        let mut b = opened(t0, 0);
+        assert_eq!(b.allow(t0 + ms(100)), Admission::Permit, "the probe");
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        assert_eq!(b.allow(t0 + ms(101)), Admission::Rejected { retry_after: ms(100) }, "one probe at a time");
+    }
+
+    #[test]
+    fn probe_success_closes_and_resets_the_open_time() {
+        let t0 = Instant::now();
+        let mut b = opened(t0, 0);
+        assert_eq!(b.allow(t0 + ms(100)), Admission::Permit);
+        b.on_failure(t0 + ms(100)); // open for 200 now
+        assert_eq!(b.allow(t0 + ms(300)), Admission::Permit);
+        b.on_success(t0 + ms(300));
+        assert_eq!(b.state(), BreakerState::Closed);
+        assert_eq!(b.view().state(), BreakerState::Closed);
+        assert_eq!(b.consecutive_failures(), 0);
+        // Opening again starts from open_ms, not the doubled time.
+        for _ in 0..3 {
+            b.on_failure(t0 + ms(400));
+        }
+        assert_eq!(b.allow(t0 + ms(400)), Admission::Rejected { retry_after: ms(100) });
+    }
+
+    #[test]
+    fn probe_failure_reopens_with_doubling_up_to_the_cap() {
+        let t0 = Instant::now();
+        let mut b = opened(t0, 0);
+        let mut at = 100;
+        for expected in [200, 350, 350] {
+            assert_eq!(b.allow(t0 + ms(at)), Admission::Permit, "probe at {at}");
+            b.on_failure(t0 + ms(at));
+            assert_eq!(b.state(), BreakerState::Open);
+            assert_eq!(b.allow(t0 + ms(at)), Admission::Rejected { retry_after: ms(expected) });
+            assert_eq!(b.allow(t0 + ms(at + expected - 1)), Admission::Rejected { retry_after: ms(1) });
+            at += expected;
+        }
+        assert_eq!(b.view().opens(), 4);
+    }
+
+    #[test]
+    fn late_verdicts_while_open_are_ignored() {
+        let t0 = Instant::now();
+        let mut b = opened(t0, 0);
+        b.on_success(t0 + ms(10));
+        assert_eq!(b.state(), BreakerState::Open, "a stale success does not close");
+        b.on_failure(t0 + ms(90));
+        assert_eq!(b.allow(t0 + ms(100)), Admission::Permit, "a stale failure does not extend");
+    }
+
+    #[test]
+    fn only_transient_errors_count() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(CONFIG, t0);
+        for _ in 0..10 {
+            b.on_result::<()>(t0, &Err(WriteError::Permanent("invalid input syntax".into())));
+        }
+        assert_eq!(b.state(), BreakerState::Closed);
+        for _ in 0..3 {
+            b.on_result::<()>(t0, &Err(WriteError::Transient("connection refused".into())));
+        }
+        assert_eq!(b.state(), BreakerState::Open);
+        assert_eq!(b.allow(t0 + ms(100)), Admission::Permit);
+        b.on_result(t0 + ms(100), &Ok(()));
+        assert_eq!(b.state(), BreakerState::Closed);
+    }
+
+    #[test]
+    fn view_rejects_while_open_and_admits_once_the_open_time_has_passed() {
+        let t0 = Instant::now();
+        let b = opened(t0, 50);
+        let view = b.view();
+        assert_eq!(view.admit(t0 + ms(60)), Admission::Rejected { retry_after: ms(90) });
+        // The owner has not asked yet, so it is still Open; the view admits
+        // so that a request can reach the owner and become the probe.
+        assert_eq!(view.admit(t0 + ms(150)), Admission::Permit);
+        assert_eq!(view.state(), BreakerState::Open);
+        let mut b = b;
+        assert_eq!(b.allow(t0 + ms(150)), Admission::Permit);
+        assert_eq!(view.state(), BreakerState::HalfOpen);
+        assert_eq!(view.admit(t0 + ms(150)), Admission::Permit);
+    }
+
+    #[test]
+    fn view_is_shareable_across_threads() {
+        let t0 = Instant::now();
+        let b = opened(t0, 0);
+        let view = b.view();
+        let seen = std::thread::spawn(move || view.state()).join().expect("reader thread");
+        assert_eq!(seen, BreakerState::Open);
+        assert_eq!(BreakerState::HalfOpen.as_str(), "half_open");
+        assert_eq!(BreakerState::Open.as_gauge(), 1);
+    }
+}
