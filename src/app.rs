@@ -23,7 +23,8 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::pipeline::{self, RingGauge};
 use crate::shard::{self, ShardSetup};
-use crate::writer::db::{self, Statements};
+use crate::writer::breaker::Breaker;
+use crate::writer::db::{self, Statements, WriteError};
 use crate::writer::recent::RecentIds;
 use crate::writer::{Writer, WriterReport};
 
@@ -67,11 +68,25 @@ pub fn run(config: Config) -> Result<Ended, RunError> {
 
     let sql = Arc::new(Statements::new(&config.database.table, &config.dead_letter_table()));
     let pool = db::pool(&config.database, config.pool_size()).map_err(|e| RunError::Database(e.to_string()))?;
-    {
-        let mut client = pool.get().map_err(|e| RunError::Database(format!("cannot connect: {e}")))?;
-        db::prepare_table(&mut client, &sql, config.database.create_table)
-            .map_err(|e| RunError::Database(format!("table {}: {e}", config.database.table)))?;
-    }
+    // A database that refuses us (auth, missing table) stops start-up; one
+    // that is unreachable does not: ingestd starts not ready, answers 503,
+    // and makes the table on first contact.
+    let prepared = pool
+        .get()
+        .map_err(WriteError::from)
+        .and_then(|mut client| db::prepare_table(&mut client, &sql, config.database.create_table));
+    let table_ready = match prepared {
+        Ok(()) => true,
+        Err(e) if e.is_transient() && config.database.create_table => {
+            crate::warn!("database unreachable at start-up; starting not ready", error = e);
+            false
+        }
+        Err(e) => return Err(RunError::Database(format!("table {}: {e}", config.database.table))),
+    };
+    let table_ready = Arc::new(std::sync::atomic::AtomicBool::new(table_ready));
+    let breaker = Breaker::new(config.breaker, Instant::now());
+    let breaker_view = breaker.view();
+    let breaker = Arc::new(parking_lot::Mutex::new(breaker));
 
     let (ring_set, receivers) = pipeline::rings(writers, config.pipeline.ring_capacity);
     let ws = &config.websocket;
@@ -82,7 +97,9 @@ pub fn run(config: Config) -> Result<Ended, RunError> {
         writers,
         RingGauge::new(&receivers, config.pipeline.ring_capacity),
         hub.clone(),
+        breaker_view,
     ));
+    metrics.database_up.store(table_ready.load(Ordering::Relaxed), Ordering::Relaxed);
     let broadcaster = {
         let hub = hub.clone();
         std::thread::Builder::new()
@@ -109,6 +126,8 @@ pub fn run(config: Config) -> Result<Ended, RunError> {
             deadline: deadline.clone(),
             recent: recent.clone(),
             publisher: publisher.clone(),
+            breaker: breaker.clone(),
+            table_ready: table_ready.clone(),
         };
         let handle = std::thread::Builder::new()
             .name(format!("writer-{id}"))

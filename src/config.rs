@@ -24,6 +24,8 @@ pub struct Config {
     pub pipeline: PipelineConfig,
     pub writer: WriterConfig,
     pub database: DatabaseConfig,
+    /// The circuit breaker around every database call.
+    pub breaker: crate::writer::breaker::BreakerConfig,
     pub websocket: WebSocketConfig,
     pub log: LogConfig,
 }
@@ -446,6 +448,9 @@ impl Config {
         check(ws.max_message_bytes >= 1024, "websocket.max_message_bytes", "must be at least 1024");
         check(ws.inbox_batches >= 1, "websocket.inbox_batches", "must be at least 1");
         check(ws.broadcast_ring >= 1, "websocket.broadcast_ring", "must be at least 1");
+        for (key, why) in self.breaker.problems() {
+            problems.push((format!("breaker.{key}"), why.to_string()));
+        }
         if problems.is_empty() { Ok(()) } else { Err(ConfigError::Invalid(problems)) }
     }
 

@@ -167,6 +167,8 @@ pub struct Metrics {
     pub rings: RingGauge,
     /// Subscriber counts per shard.
     pub hub: Arc<crate::broadcast::Hub>,
+    /// The database breaker's state, read without a lock.
+    pub breaker: crate::writer::breaker::BreakerView,
     pub started: Instant,
     /// Set by writers after each database round trip, and at start-up.
     pub database_up: AtomicBool,
@@ -174,8 +176,15 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(shards: usize, writers: usize, rings: RingGauge, hub: Arc<crate::broadcast::Hub>) -> Self {
+    pub fn new(
+        shards: usize,
+        writers: usize,
+        rings: RingGauge,
+        hub: Arc<crate::broadcast::Hub>,
+        breaker: crate::writer::breaker::BreakerView,
+    ) -> Self {
         Self {
+            breaker,
             shards: (0..shards).map(|_| ShardStats::default()).collect(),
             writers: (0..writers).map(|_| WriterStats::default()).collect(),
             rings,
@@ -186,9 +195,12 @@ impl Metrics {
         }
     }
 
-    /// Ready means: accepting work and the database answered last time.
+    /// Ready means: accepting work, the database answered last time, and
+    /// the breaker is not open.
     pub fn ready(&self) -> bool {
-        !self.shutting_down.load(Ordering::Relaxed) && self.database_up.load(Ordering::Relaxed)
+        !self.shutting_down.load(Ordering::Relaxed)
+            && self.database_up.load(Ordering::Relaxed)
+            && self.breaker.state() != crate::writer::breaker::BreakerState::Open
     }
 
     fn sum_shards(&self, f: impl Fn(&ShardStats) -> u64) -> u64 {
@@ -219,7 +231,7 @@ impl Metrics {
     pub fn health_json(&self) -> String {
         let status = if self.shutting_down.load(Ordering::Relaxed) {
             "shutting_down"
-        } else if !self.database_up.load(Ordering::Relaxed) {
+        } else if !self.ready() {
             "database_unavailable"
         } else {
             "ready"
@@ -228,6 +240,7 @@ impl Metrics {
             "status": status,
             "ready": self.ready(),
             "database_up": self.database_up.load(Ordering::Relaxed),
+            "breaker": self.breaker.state().as_str(),
             "uptime_s": self.started.elapsed().as_secs(),
         })
         .to_string()
@@ -253,6 +266,8 @@ impl Metrics {
             "uptime_s": self.started.elapsed().as_secs_f64(),
             "ready": self.ready(),
             "database_up": self.database_up.load(Ordering::Relaxed),
+            "breaker": self.breaker.state().as_str(),
+            "breaker_opens": self.breaker.opens(),
             "events_accepted": self.sum_shards(|s| s.events_accepted.get()),
             "events_rejected": self.sum_shards(|s| s.events_rejected.iter().map(Counter::get).sum()),
             "events_rejected_by_reason": rejected_by_reason,
@@ -292,6 +307,10 @@ impl Metrics {
         family(o, "ingestd_database_up", "gauge", "1 when the last database round trip succeeded.");
         let _ = writeln!(o, "ingestd_database_up {}", u8::from(self.database_up.load(Ordering::Relaxed)));
 
+        family(o, "ingestd_breaker_state", "gauge", "Database circuit breaker: 0 closed, 1 open, 2 half-open.");
+        let _ = writeln!(o, "ingestd_breaker_state {}", self.breaker.state().as_gauge());
+        family(o, "ingestd_breaker_opens_total", "counter", "Times the database circuit breaker opened.");
+        let _ = writeln!(o, "ingestd_breaker_opens_total {}", self.breaker.opens());
         family(o, "ingestd_http_requests_total", "counter", "HTTP requests by shard and route.");
         for (i, s) in self.shards.iter().enumerate() {
             for r in Route::ALL {
@@ -405,7 +424,8 @@ mod tests {
     fn metrics() -> Metrics {
         let (_set, receivers) = crate::pipeline::rings(2, 8);
         let (hub, _publisher, _rx) = crate::broadcast::Hub::new(2, 10, 10, 4);
-        Metrics::new(2, 2, RingGauge::new(&receivers, 8), hub)
+        let breaker = crate::writer::breaker::Breaker::new(Default::default(), Instant::now()).view();
+        Metrics::new(2, 2, RingGauge::new(&receivers, 8), hub, breaker)
     }
 
     #[test]

@@ -141,6 +141,18 @@ pub enum Ingested {
 /// Validates a body on this shard, hands its rows to a writer without
 /// blocking, and with `ack = "commit"` waits for the commit report.
 pub async fn ingest_events(ctx: &ShardCtx, body: &[u8], kind: BodyKind) -> Ingested {
+    // While the database breaker is open, say so at once instead of queueing.
+    if let crate::writer::breaker::Admission::Rejected { retry_after } = ctx.metrics.breaker.admit(Instant::now()) {
+        ctx.stats().overload_rejections.inc();
+        return Ingested::Failed {
+            status: 503,
+            message: format!(
+                "database unavailable (circuit breaker open); nothing was stored, retry in {} ms",
+                retry_after.as_millis()
+            ),
+            retry: true,
+        };
+    }
     let now_unix_us = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
     // The parser is borrowed only for this synchronous call, never across an await.
     let parsed = ctx.parser.borrow_mut().parse(body, kind, Clock { now_unix_us });

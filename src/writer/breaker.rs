@@ -36,7 +36,8 @@ use std::time::{Duration, Instant};
 use super::db::WriteError;
 
 /// When the breaker opens and for how long. The lead's `config.rs` embeds it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct BreakerConfig {
     /// Consecutive transient failures (or timeouts) that open the breaker.
     pub failure_threshold: u32,

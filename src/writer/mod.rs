@@ -33,6 +33,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::{CommitOutcome, Job};
 use crate::broadcast::{Published, Publisher};
 use db::{Committed, Pool, Statements, WriteError};
+use breaker::{Admission, Breaker};
 use recent::RecentIds;
 
 /// What a writer needs, handed to its thread.
@@ -50,6 +51,12 @@ pub struct Writer {
     pub recent: Option<Arc<RecentIds>>,
     /// Where committed events go for WebSocket subscribers.
     pub publisher: Publisher,
+    /// The breaker around the database, shared by writers (locked once
+    /// before and once after each database round trip).
+    pub breaker: Arc<parking_lot::Mutex<Breaker>>,
+    /// Whether the table is known to exist (it is made on first contact
+    /// when PostgreSQL was unreachable at start-up).
+    pub table_ready: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// What a writer reports when its ring has closed and drained.
@@ -302,10 +309,10 @@ impl Writer {
         loop {
             let started = Instant::now();
             let suspects = batch.count(first, count, RowClass::Suspect);
-            let result = self.pool.get().map_err(WriteError::from).and_then(|mut conn| {
+            let result = self.guarded(|conn| {
                 let clean = |out: &mut dyn std::io::Write| batch.write_rows(first, count, RowClass::Clean, out);
                 let suspect = |out: &mut dyn std::io::Write| batch.write_rows(first, count, RowClass::Suspect, out);
-                db::copy_batch(&mut conn, &self.sql, &clean, (suspects > 0).then_some(&suspect as db::RowWriter<'_>))
+                db::copy_batch(conn, &self.sql, &clean, (suspects > 0).then_some(&suspect as db::RowWriter<'_>))
             });
             match result {
                 Ok(done) => {
@@ -344,6 +351,27 @@ impl Writer {
         }
     }
 
+    /// Runs one database round trip through the breaker: refused at once
+    /// while it is open, and its outcome (transient failures only) recorded.
+    /// Makes the table first if start-up could not.
+    fn guarded<T>(&self, f: impl FnOnce(&mut postgres::Client) -> Result<T, WriteError>) -> Result<T, WriteError> {
+        if let Admission::Rejected { retry_after } = self.breaker.lock().allow(Instant::now()) {
+            return Err(WriteError::Transient(format!(
+                "circuit breaker open after repeated database failures; next probe in {} ms",
+                retry_after.as_millis()
+            )));
+        }
+        let result = self.pool.get().map_err(WriteError::from).and_then(|mut conn| {
+            if !self.table_ready.load(Ordering::Acquire) {
+                db::prepare_table(&mut conn, &self.sql, true)?;
+                self.table_ready.store(true, Ordering::Release);
+            }
+            f(&mut conn)
+        });
+        self.breaker.lock().on_result(Instant::now(), &result);
+        result
+    }
+
     /// Commits the rows of job `j` in parts, halving a part PostgreSQL
     /// refuses until the refused rows stand alone; those go to the
     /// dead-letter table with PostgreSQL's error. Returns what was committed
@@ -358,7 +386,7 @@ impl Writer {
                 continue;
             }
             let write = |out: &mut dyn std::io::Write| part.iter().try_for_each(|&r| out.write_all(rows.row(r)));
-            let result = self.pool.get().map_err(WriteError::from).and_then(|mut conn| db::copy_batch(&mut conn, &self.sql, &write, None));
+            let result = self.guarded(|conn| db::copy_batch(conn, &self.sql, &write, None));
             match result {
                 Ok(c) => {
                     done.inserted += c.inserted;
@@ -382,8 +410,7 @@ impl Writer {
                 .iter()
                 .filter_map(|(r, error)| rows.view(*r).map(|row| db::DeadLetter { row, error }))
                 .collect();
-            let mut conn = self.pool.get()?;
-            db::store_dead_letters(&mut conn, &self.sql, &letters)?;
+            self.guarded(|conn| db::store_dead_letters(conn, &self.sql, &letters))?;
             crate::warn!("events refused by PostgreSQL kept as dead letters", writer = self.id, events = dead.len(), table = self.sql.dead_letter_table);
         }
         dead.sort_unstable_by_key(|(r, _)| *r);

@@ -2,15 +2,17 @@
 //! and exit codes): `--check-config` prints the effective config (TOML) and
 //! exits 0 without a database; precedence flag > env > file > default;
 //! unknown keys and invalid values exit 64 naming the key, from `--set`, env
-//! or a config file, before any database connection; an unreachable database
-//! at start-up exits 69.
+//! or a config file, before any database connection; a database that
+//! refuses ingestd at start-up (missing table with creation off) exits 69.
+//! (An unreachable one does not: see `reliability`.)
 
 use std::time::Duration;
 
 use crate::support::*;
 
 const CLI_TIMEOUT: Duration = Duration::from_secs(20);
-/// Nothing listens on port 1: a run that tried to connect would fail (69).
+/// Nothing listens on port 1: a run that got past the config would hang
+/// around not ready instead of exiting 64.
 const NOWHERE: &str = "postgres://nobody:s3cr3t-pw@127.0.0.1:1/none";
 
 /// `ingestd --check-config --database-url NOWHERE ARGS...`.
@@ -194,7 +196,7 @@ fn unknown_key_in_a_config_file_exits_64() {
 
 #[test]
 fn bad_config_is_reported_before_touching_the_database() {
-    // An unreachable database would be exit 69: 64 shows config came first.
+    // An unreachable database would start ingestd not ready: 64 shows config came first.
     let out = run_cli(
         &[
             "--listen",
@@ -211,15 +213,19 @@ fn bad_config_is_reported_before_touching_the_database() {
 }
 
 #[test]
-fn unreachable_database_exits_69() {
+fn database_refusing_the_table_exits_69() {
+    let missing = unique("missing");
+    let url = database_url();
     let out = run_cli(
         &[
             "--listen",
             "127.0.0.1:0",
             "--database-url",
-            "postgres://nobody@127.0.0.1:1/none",
+            &url,
             "--set",
-            "database.connect_timeout_ms=1000",
+            &format!("database.table={missing}"),
+            "--set",
+            "database.create_table=false",
             "--set",
             "server.pin_cores=false",
         ],
@@ -227,9 +233,6 @@ fn unreachable_database_exits_69() {
         CLI_TIMEOUT,
     );
     assert_eq!(out.code(), Some(69), "{out:?}");
-    assert!(
-        !out.stdout.contains(READY_PREFIX),
-        "printed ready without a database: {}",
-        out.stdout
-    );
+    assert!(out.stderr.contains(&missing), "names the table: {}", out.stderr);
+    assert!(!out.stdout.contains(READY_PREFIX), "printed ready without its table: {}", out.stdout);
 }

@@ -148,3 +148,38 @@ fn postgres_restart_mid_load_loses_nothing_and_recovers_by_itself() {
     assert!(result.statuses.keys().all(|s| *s == 200 || *s == 503), "{:?}", result.statuses);
     assert_eq!(health_down, 503, "/health says not ready during the outage");
 }
+
+#[test]
+fn postgres_unreachable_at_start_up_starts_not_ready_and_recovers() {
+    let pg = PrivatePg::start();
+    pg.stop();
+    let server = Ingestd::new()
+        .database_url(&pg.url)
+        .set("database.connect_timeout_ms", 1000)
+        .set("breaker.failure_threshold", 2)
+        .set("breaker.open_ms", 200)
+        .start();
+    let health = server.get("/health");
+    assert_eq!(health.status, 503, "not ready without a database");
+    // Ingest fails fast with 503 + Retry-After (after the breaker opens, at once).
+    let mut statuses = Vec::new();
+    let started = std::time::Instant::now();
+    for i in 0..5 {
+        let resp = server.post_event(&ev(&unique(&format!("u{i}")), "d"));
+        assert!(resp.header("retry-after").is_some(), "{resp:?}");
+        statuses.push(resp.status);
+    }
+    assert!(statuses.iter().all(|s| *s == 503), "{statuses:?}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10), "503s are fast: {:?}", started.elapsed());
+    let metrics = String::from_utf8_lossy(&server.get("/metrics").body).into_owned();
+    assert!(metrics.contains("ingestd_breaker_state 1") || metrics.contains("ingestd_breaker_state 2"), "breaker open:\n{metrics}");
+    pg.start_again();
+    let back = std::time::Instant::now();
+    let id = unique("back");
+    eventually(std::time::Duration::from_secs(30), "ingest succeeds once PostgreSQL is up", || {
+        (server.post_event(&ev(&id, "d")).status == 200).then_some(())
+    });
+    println!("PostgreSQL unreachable at start-up: 503s {statuses:?}; first 200 {:?} after it came up", back.elapsed());
+    assert_eq!(server.get("/health").status, 200);
+    assert_eq!(present(&pg.url, &server.table, &[id]), 1, "the table was made on first contact");
+}
