@@ -19,7 +19,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use crate::broadcast::{self, Hub};
-use crate::config::Config;
+use crate::config::{AckMode, Config};
+use crate::spool::Spool;
+use crate::spool::drain::Drainer;
 use crate::metrics::Metrics;
 use crate::pipeline::{self, RingGauge};
 use crate::shard::{self, ShardSetup};
@@ -37,6 +39,8 @@ pub enum RunError {
     Bind(String),
     /// A thread or the signal handler could not start (70).
     Internal(String),
+    /// The disk spool could not be opened (74): locked, corrupt, unwritable.
+    Spool(String),
 }
 
 impl std::fmt::Display for RunError {
@@ -45,6 +49,7 @@ impl std::fmt::Display for RunError {
             RunError::Database(m) => write!(f, "database: {m}"),
             RunError::Bind(m) => write!(f, "listen: {m}"),
             RunError::Internal(m) => write!(f, "internal: {m}"),
+            RunError::Spool(m) => write!(f, "spool: {m}"),
         }
     }
 }
@@ -139,6 +144,45 @@ pub fn run(config: Config) -> Result<Ended, RunError> {
     // Only writers publish now; their exit is what closes the broadcaster's ring.
     drop(publisher);
 
+    // ack = spool: the spool takes the shards' appends (one group-commit
+    // thread) and a drainer feeds its records to the writers.
+    let drain_deadline: Arc<OnceLock<Instant>> = Arc::new(OnceLock::new());
+    let (spool_sender, spool_threads) = if config.ingest.ack == AckMode::Spool {
+        let (spool, appender, recovery) =
+            Spool::open(config.spool.clone()).map_err(|e| RunError::Spool(format!("{}: {e}", config.spool.dir.display())))?;
+        if let Some(cut) = &recovery.tail_cut {
+            crate::warn!(
+                "spool: torn tail cut at start-up",
+                path = cut.path.display(),
+                offset = cut.offset,
+                bytes = cut.bytes_cut,
+                intact_records_after = cut.intact_after
+            );
+        }
+        crate::info!(
+            "spool opened",
+            dir = config.spool.dir.display(),
+            committed_seq = recovery.committed_seq,
+            next_seq = recovery.next_seq,
+            to_replay = recovery.next_seq.saturating_sub(recovery.committed_seq + 1)
+        );
+        let _ = metrics.spool.set(spool.clone());
+        let (sender, appender) = appender.spawn().map_err(|e| RunError::Internal(format!("cannot start spool appender: {e}")))?;
+        let drainer = Drainer {
+            spool,
+            rings: ring_set.clone(),
+            max_in_flight: (config.pipeline.ring_capacity * writers).max(1),
+            deadline: drain_deadline.clone(),
+        };
+        let drain = std::thread::Builder::new()
+            .name("spool-drain".into())
+            .spawn(move || drainer.run())
+            .map_err(|e| RunError::Internal(format!("cannot start spool drainer: {e}")))?;
+        (Some(sender), Some((appender, drain)))
+    } else {
+        (None, None)
+    };
+
     let listeners = bind_listeners(&config, shards)?;
     let local = listeners[0].local_addr().map_err(|e| RunError::Bind(e.to_string()))?;
     let cores = if config.server.pin_cores { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };
@@ -157,12 +201,15 @@ pub fn run(config: Config) -> Result<Ended, RunError> {
             shutdown,
             hub: hub.clone(),
             inbox,
+            spool: spool_sender.clone(),
         };
         let handle = shard::spawn(setup).map_err(|e| RunError::Internal(format!("cannot start shard thread: {e}")))?;
         shard_threads.push(handle);
     }
-    // Only shards hold ring senders now; their exit is what closes the rings.
+    // Only shards (and the spool drainer) hold ring senders now, and only
+    // shards hold spool senders: their exit is what closes the rings.
     drop(ring_set);
+    drop(spool_sender);
 
     let signals = signal_channel()?;
     crate::info!(
@@ -182,6 +229,9 @@ pub fn run(config: Config) -> Result<Ended, RunError> {
     let started = Instant::now();
     let timeout = config.server.shutdown_timeout();
     let _ = deadline.set(started + timeout);
+    // The drainer stops dispatching a little earlier, so that what it sent
+    // can still commit before the deadline.
+    let _ = drain_deadline.set(started + timeout.mul_f64(0.8));
     metrics.shutting_down.store(true, Ordering::Relaxed);
     crate::info!("shutdown started", signal = signal, timeout_ms = timeout.as_millis());
     for trigger in triggers {
@@ -197,6 +247,21 @@ pub fn run(config: Config) -> Result<Ended, RunError> {
             for t in shard_threads {
                 let _ = t.join();
             }
+            // Shards are gone: the appender stops, the drainer catches up
+            // (or runs out of time) and drops its ring senders.
+            let mut left_in_spool = 0;
+            if let Some((appender, drain)) = spool_threads {
+                if let Ok(report) = drain.join() {
+                    left_in_spool = report.left();
+                    crate::info!(
+                        "spool drained",
+                        committed_seq = report.committed_seq,
+                        durable_seq = report.durable_seq,
+                        left_for_next_start = report.left()
+                    );
+                }
+                let _ = appender.join();
+            }
             let mut total = WriterReport::default();
             for t in writer_threads {
                 if let Ok(r) = t.join() {
@@ -207,21 +272,22 @@ pub fn run(config: Config) -> Result<Ended, RunError> {
             }
             // Writers are gone, so the broadcaster's ring has closed.
             let _ = broadcaster.join();
-            let _ = done_tx.send(total);
+            let _ = done_tx.send((total, left_in_spool));
         })
         .map_err(|e| RunError::Internal(format!("cannot start joiner thread: {e}")))?;
     let until = started + timeout;
     let ended = crossbeam_channel::select! {
         recv(done_rx) -> report => match report {
-            Ok(report) => {
+            Ok((report, left_in_spool)) => {
                 crate::info!(
                     "shutdown complete",
                     acknowledged = report.committed,
                     not_committed = report.uncommitted,
                     lost = report.lost,
+                    spool_records_left = left_in_spool,
                     elapsed_ms = started.elapsed().as_millis()
                 );
-                if report.lost == 0 { Ended::Clean } else { Ended::Incomplete }
+                if report.lost == 0 && left_in_spool == 0 { Ended::Clean } else { Ended::Incomplete }
             }
             Err(_) => Ended::Incomplete,
         },

@@ -26,6 +26,8 @@ pub struct Config {
     pub database: DatabaseConfig,
     /// The circuit breaker around every database call.
     pub breaker: crate::writer::breaker::BreakerConfig,
+    /// The disk spool behind `ack = "spool"`.
+    pub spool: crate::spool::SpoolConfig,
     pub websocket: WebSocketConfig,
     pub log: LogConfig,
 }
@@ -84,6 +86,8 @@ impl Default for ServerConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct IngestConfig {
     /// `commit`: 200 once every accepted event is committed in PostgreSQL.
+    /// `spool`: 200 once the events are fsync'd in the local disk spool, from
+    /// which they reach PostgreSQL even across outages and restarts.
     /// `queue`: 202 once the events are in a ring (no durability promise).
     pub ack: AckMode,
     /// Most events in one request (JSON array elements or NDJSON lines); more answers 413.
@@ -120,6 +124,8 @@ pub enum AckMode {
     Commit,
     /// 202 means handed to a writer ring.
     Queue,
+    /// 200 means fsync'd in the disk spool.
+    Spool,
 }
 
 /// The bounded rings between shards and writers.
@@ -450,6 +456,11 @@ impl Config {
         check(ws.broadcast_ring >= 1, "websocket.broadcast_ring", "must be at least 1");
         for (key, why) in self.breaker.problems() {
             problems.push((format!("breaker.{key}"), why.to_string()));
+        }
+        if self.ingest.ack == AckMode::Spool {
+            for (key, why) in self.spool.problems() {
+                problems.push((format!("spool.{key}"), why.to_string()));
+            }
         }
         if problems.is_empty() { Ok(()) } else { Err(ConfigError::Invalid(problems)) }
     }

@@ -2,9 +2,10 @@
 //! exit codes. Everything else lives in the library.
 //!
 //! Exit codes: 0 clean shutdown; 64 bad usage or configuration; 69 database
-//! unreachable at start-up; 70 internal error; 71 cannot listen; 75 shutdown
-//! ended with work not committed (deadline passed, second signal, or queued
-//! events lost).
+//! refusing ingestd at start-up; 70 internal error; 71 cannot listen; 74 the
+//! disk spool cannot be opened; 75 shutdown ended with work not committed to
+//! PostgreSQL (deadline passed, second signal, queued events lost, or spool
+//! records left for the next start: those are safe on disk).
 
 use std::process::ExitCode;
 
@@ -92,6 +93,7 @@ fn main() -> ExitCode {
                 RunError::Database(_) => 69,
                 RunError::Internal(_) => 70,
                 RunError::Bind(_) => 71,
+                RunError::Spool(_) => 74,
             })
         }
     }

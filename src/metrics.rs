@@ -173,6 +173,8 @@ pub struct Metrics {
     /// Set by writers after each database round trip, and at start-up.
     pub database_up: AtomicBool,
     pub shutting_down: AtomicBool,
+    /// The disk spool, with `ack = "spool"`.
+    pub spool: std::sync::OnceLock<crate::spool::Spool>,
 }
 
 impl Metrics {
@@ -192,15 +194,22 @@ impl Metrics {
             started: Instant::now(),
             database_up: AtomicBool::new(true),
             shutting_down: AtomicBool::new(false),
+            spool: std::sync::OnceLock::new(),
         }
     }
 
-    /// Ready means: accepting work, the database answered last time, and
-    /// the breaker is not open.
+    /// Ready means accepting work: not shutting down, and either the spool
+    /// can take appends (`ack = "spool"`, which rides out database outages)
+    /// or the database answered last time and the breaker is not open.
     pub fn ready(&self) -> bool {
-        !self.shutting_down.load(Ordering::Relaxed)
-            && self.database_up.load(Ordering::Relaxed)
-            && self.breaker.state() != crate::writer::breaker::BreakerState::Open
+        if self.shutting_down.load(Ordering::Relaxed) {
+            return false;
+        }
+        if let Some(spool) = self.spool.get() {
+            let st = spool.stats();
+            return !st.failed && st.used_bytes < st.max_bytes;
+        }
+        self.database_up.load(Ordering::Relaxed) && self.breaker.state() != crate::writer::breaker::BreakerState::Open
     }
 
     fn sum_shards(&self, f: impl Fn(&ShardStats) -> u64) -> u64 {
@@ -231,6 +240,8 @@ impl Metrics {
     pub fn health_json(&self) -> String {
         let status = if self.shutting_down.load(Ordering::Relaxed) {
             "shutting_down"
+        } else if !self.ready() && self.spool.get().is_some() {
+            "spool_unavailable"
         } else if !self.ready() {
             "database_unavailable"
         } else {
@@ -262,7 +273,21 @@ impl Metrics {
             })
         };
         let batch = self.merged(|w| &w.batch_events);
+        let spool = self.spool.get().map(|s| {
+            let st = s.stats();
+            serde_json::json!({
+                "used_bytes": st.used_bytes,
+                "max_bytes": st.max_bytes,
+                "segments": st.segments,
+                "durable_seq": st.durable_seq,
+                "committed_seq": st.committed_seq,
+                "pending_records": st.durable_seq.saturating_sub(st.committed_seq),
+                "append_groups": st.append_groups,
+                "appended_records": st.appended_records,
+            })
+        });
         serde_json::json!({
+            "spool": spool,
             "uptime_s": self.started.elapsed().as_secs_f64(),
             "ready": self.ready(),
             "database_up": self.database_up.load(Ordering::Relaxed),
@@ -369,6 +394,17 @@ impl Metrics {
         summary(o, "ingestd_ack_latency_seconds", "Time from ring hand-off to commit, per request.", &self.merged(|w| &w.ack_us), 1e-6);
         summary(o, "ingestd_batch_events", "Events per COPY batch.", &self.merged(|w| &w.batch_events), 1.0);
 
+        if let Some(spool) = self.spool.get() {
+            let st = spool.stats();
+            family(o, "ingestd_spool_used_bytes", "gauge", "Bytes in the disk spool.");
+            let _ = writeln!(o, "ingestd_spool_used_bytes {}", st.used_bytes);
+            family(o, "ingestd_spool_max_bytes", "gauge", "Bound on the disk spool (spool.max_bytes).");
+            let _ = writeln!(o, "ingestd_spool_max_bytes {}", st.max_bytes);
+            family(o, "ingestd_spool_pending_records", "gauge", "Spool records durable but not yet committed in PostgreSQL.");
+            let _ = writeln!(o, "ingestd_spool_pending_records {}", st.durable_seq.saturating_sub(st.committed_seq));
+            family(o, "ingestd_spool_fsyncs_total", "counter", "Group commits (one fsync each) of the spool.");
+            let _ = writeln!(o, "ingestd_spool_fsyncs_total {}", st.append_groups);
+        }
         if let Some(rss) = process_rss_bytes() {
             family(o, "process_resident_memory_bytes", "gauge", "Resident set size.");
             let _ = writeln!(o, "process_resident_memory_bytes {rss}");

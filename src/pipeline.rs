@@ -25,8 +25,8 @@ use crate::writer::copy::RowBuf;
 /// One request's worth of rows on its way to a writer.
 pub struct Job {
     pub rows: RowBuf,
-    /// `None` with `ack = "queue"`: nobody waits.
-    pub reply: Option<CommitReply>,
+    /// Who learns how the rows ended.
+    pub reply: Reply,
     /// When the shard handed it over, for ack latency.
     pub enqueued: Instant,
 }
@@ -45,6 +45,37 @@ pub enum CommitOutcome {
 }
 
 pub type CommitReply = futures_channel::oneshot::Sender<CommitOutcome>;
+
+/// Who waits for a job's outcome.
+pub enum Reply {
+    /// `ack = "queue"`: nobody; a writer retries until shutdown's deadline.
+    None,
+    /// `ack = "commit"`: a shard, to answer its client.
+    Shard(CommitReply),
+    /// `ack = "spool"`: the spool drainer, to advance the spool's checkpoint
+    /// (true: committed) or to send the record again (false).
+    Spool { seq: crate::spool::Seq, done: crossbeam_channel::Sender<(crate::spool::Seq, bool)> },
+}
+
+impl Reply {
+    /// Sends the outcome to whoever waits, once.
+    pub fn send(&mut self, outcome: &CommitOutcome) {
+        match std::mem::replace(self, Reply::None) {
+            Reply::None => {}
+            // The shard may have gone (client disconnected): nothing to do.
+            Reply::Shard(tx) => {
+                let _ = tx.send(outcome.clone());
+            }
+            Reply::Spool { seq, done } => {
+                let _ = done.send((seq, matches!(outcome, CommitOutcome::Committed { .. })));
+            }
+        }
+    }
+
+    pub fn is_none(&self) -> bool {
+        matches!(self, Reply::None)
+    }
+}
 pub type CommitWait = futures_channel::oneshot::Receiver<CommitOutcome>;
 
 /// A reply channel pair for one job.
@@ -133,7 +164,7 @@ mod tests {
     use super::*;
 
     fn job() -> Job {
-        Job { rows: RowBuf::default(), reply: None, enqueued: Instant::now() }
+        Job { rows: RowBuf::default(), reply: Reply::None, enqueued: Instant::now() }
     }
 
     #[test]

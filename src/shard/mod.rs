@@ -59,6 +59,8 @@ pub struct ShardSetup {
     pub hub: Arc<Hub>,
     /// Committed batches for this shard's subscribers.
     pub inbox: Inbox,
+    /// With `ack = "spool"`: where requests' rows go instead of the rings.
+    pub spool: Option<crate::spool::SpoolSender>,
 }
 
 /// What a shard's connections share; lives and dies on the shard thread.
@@ -73,6 +75,9 @@ pub struct ShardCtx {
     /// The WebSocket subscribers this shard owns.
     pub ws: ws::Subscribers,
     pub ws_limits: ws::WsLimits,
+    /// With `ack = "spool"`; dropped with the context, which is how the
+    /// spool's appender learns that no more appends will come.
+    pub spool: Option<crate::spool::SpoolSender>,
     draining: Cell<bool>,
 }
 
@@ -127,6 +132,7 @@ async fn run(setup: ShardSetup) {
         hub: setup.hub,
         ws: ws::Subscribers::default(),
         ws_limits: ws::WsLimits::from_config(&setup.config.websocket),
+        spool: setup.spool,
         draining: Cell::new(false),
         config: setup.config,
         metrics: setup.metrics,

@@ -16,7 +16,7 @@ use crate::config::AckMode;
 use crate::ingest::event::{Reason, RejectKind};
 use crate::ingest::{BodyError, BodyKind, Clock, Rejection};
 use crate::metrics::Route;
-use crate::pipeline::{self, CommitOutcome, HandOffError, Job};
+use crate::pipeline::{self, CommitOutcome, HandOffError, Job, Reply};
 
 /// The metrics label of a request.
 pub fn route(head: &RequestHead) -> Route {
@@ -141,8 +141,11 @@ pub enum Ingested {
 /// Validates a body on this shard, hands its rows to a writer without
 /// blocking, and with `ack = "commit"` waits for the commit report.
 pub async fn ingest_events(ctx: &ShardCtx, body: &[u8], kind: BodyKind) -> Ingested {
-    // While the database breaker is open, say so at once instead of queueing.
-    if let crate::writer::breaker::Admission::Rejected { retry_after } = ctx.metrics.breaker.admit(Instant::now()) {
+    // While the database breaker is open, say so at once instead of queueing
+    // (with ack = spool the spool absorbs the outage instead).
+    if ctx.spool.is_none()
+        && let crate::writer::breaker::Admission::Rejected { retry_after } = ctx.metrics.breaker.admit(Instant::now())
+    {
         ctx.stats().overload_rejections.inc();
         return Ingested::Failed {
             status: 503,
@@ -175,15 +178,33 @@ pub async fn ingest_events(ctx: &ShardCtx, body: &[u8], kind: BodyKind) -> Inges
     if accepted == 0 {
         return Ingested::Answer { status: 400, accepted: 0, rejected: parsed.rejected };
     }
+    let failed = |status, message: &str, retry| Ingested::Failed { status, message: message.to_string(), retry };
+    if let Some(spool) = &ctx.spool {
+        // ack = spool: durable on local disk is the promise; the drainer
+        // takes it to PostgreSQL from there.
+        let appended = match spool.try_append(parsed.rows.to_spool_record()) {
+            Ok(wait) => wait.await,
+            Err(e) => Err(e),
+        };
+        return match appended {
+            Ok(_seq) => Ingested::Answer { status: 200, accepted, rejected: parsed.rejected },
+            Err(crate::spool::SpoolError::TooLarge { .. }) => {
+                failed(413, "request too large for one spool record (spool.segment_bytes)", false)
+            }
+            Err(e) => {
+                stats.overload_rejections.inc();
+                failed(503, &format!("spool cannot take these events, nothing was stored: {e}"), true)
+            }
+        };
+    }
     let (reply, wait) = match ctx.config.ingest.ack {
         AckMode::Commit => {
             let (tx, rx) = pipeline::commit_channel();
-            (Some(tx), Some(rx))
+            (Reply::Shard(tx), Some(rx))
         }
-        AckMode::Queue => (None, None),
+        AckMode::Queue | AckMode::Spool => (Reply::None, None),
     };
     let job = Job { rows: parsed.rows, reply, enqueued: Instant::now() };
-    let failed = |status, message: &str, retry| Ingested::Failed { status, message: message.to_string(), retry };
     match ctx.rings.try_send(job) {
         Ok(()) => {}
         Err(HandOffError::Full(_)) => {

@@ -45,6 +45,7 @@
 
 pub mod appender;
 pub mod checkpoint;
+pub mod drain;
 pub mod reader;
 pub mod record;
 pub mod segment;
@@ -68,8 +69,9 @@ pub use record::Damage;
 /// directory, then consecutive. 0 means "none".
 pub type Seq = u64;
 
-/// Where the spool lives and how big it may grow. The lead's `config.rs` embeds it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where the spool lives and how big it may grow: the `[spool]` section.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct SpoolConfig {
     /// Directory of segments and the checkpoint; created if missing. One
     /// process at a time (it is locked).

@@ -153,6 +153,31 @@ impl RowBuf {
     }
 }
 
+impl RowBuf {
+    /// The rows as one spool record: row count, row ends (u32, little
+    /// endian), then the tuples.
+    pub fn to_spool_record(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(4 + self.ends.len() * 4 + self.bytes.len());
+        out.extend_from_slice(&(self.ends.len() as u32).to_le_bytes());
+        for end in &self.ends {
+            out.extend_from_slice(&end.to_le_bytes());
+        }
+        out.extend_from_slice(&self.bytes);
+        out
+    }
+
+    /// Reads a record written by [`RowBuf::to_spool_record`]; `None` if it
+    /// is not one (the spool checksums records, so this means a bug).
+    pub fn from_spool_record(record: &[u8]) -> Option<RowBuf> {
+        let count = u32::from_le_bytes(record.get(..4)?.try_into().ok()?) as usize;
+        let table = record.get(4..4 + count.checked_mul(4)?)?;
+        let ends: Vec<u32> = table.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let bytes = record.get(4 + count * 4..)?.to_vec();
+        let ordered = ends.windows(2).all(|w| w[0] <= w[1]);
+        (ordered && ends.last().map_or(bytes.is_empty(), |&e| e as usize == bytes.len())).then_some(RowBuf { bytes, ends })
+    }
+}
+
 fn field_len(len: usize) -> i32 {
     // Every field is bounded by validation far below 2 GiB.
     i32::try_from(len).unwrap_or(i32::MAX)
@@ -190,6 +215,19 @@ mod tests {
         .concat();
         assert_eq!(rows.bytes(), &expected[..]);
         assert_eq!(rows.event_id(0), b"e1");
+    }
+
+    #[test]
+    fn spool_records_round_trip() {
+        let mut rows = RowBuf::default();
+        for id in [&b"a"[..], b"bb"] {
+            rows.push(&RowFields { event_id: id, device_id: "d", event_type: "t", ts: 1, received_at: 2, payload: Some(b"{}") });
+        }
+        let back = RowBuf::from_spool_record(&rows.to_spool_record()).unwrap();
+        assert_eq!((back.len(), back.bytes()), (2, rows.bytes()));
+        assert_eq!(back.event_id(1), b"bb");
+        assert!(RowBuf::from_spool_record(b"\x05\0\0\0").is_none());
+        assert!(RowBuf::from_spool_record(&RowBuf::default().to_spool_record()).is_some_and(|r| r.is_empty()));
     }
 
     #[test]

@@ -30,7 +30,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use crate::config::WriterConfig;
 use crate::metrics::Metrics;
-use crate::pipeline::{CommitOutcome, Job};
+use crate::pipeline::{CommitOutcome, Job, Reply};
 use crate::broadcast::{Published, Publisher};
 use db::{Committed, Pool, Statements, WriteError};
 use breaker::{Admission, Breaker};
@@ -445,10 +445,7 @@ impl Writer {
         }
         let outcome = CommitOutcome::Committed { dead_letters };
         for job in &mut batch.jobs[jobs] {
-            if let Some(reply) = job.reply.take() {
-                // The shard may have gone (client disconnected): nothing to do.
-                let _ = reply.send(outcome.clone());
-            }
+            job.reply.send(&outcome);
         }
     }
 
@@ -460,11 +457,9 @@ impl Writer {
         };
         for job in &mut batch.jobs[jobs] {
             report.uncommitted += job.rows.len() as u64;
-            match job.reply.take() {
-                Some(reply) => {
-                    let _ = reply.send(outcome.clone());
-                }
-                None => {
+            match &job.reply {
+                Reply::Shard(_) | Reply::Spool { .. } => job.reply.send(&outcome),
+                Reply::None => {
                     report.lost += job.rows.len() as u64;
                     self.metrics.writers[self.id].events_lost.add(job.rows.len() as u64);
                     crate::error!("queued events lost", writer = self.id, events = job.rows.len(), error = e);

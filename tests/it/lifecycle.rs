@@ -53,6 +53,11 @@ fn sigterm_under_load_commits_every_acknowledged_event() {
 /// With `ack = "queue"` a 202 only means "in a ring"; a graceful shutdown
 /// drains the rings, so every 202'd event must be committed by exit 0.
 #[test]
+fn sigterm_under_spool_load_commits_every_acknowledged_event() {
+    shutdown_under_load("spool", 200);
+}
+
+#[test]
 fn sigterm_under_queue_load_drains_the_rings() {
     shutdown_under_load("queue", 202);
 }
@@ -69,6 +74,7 @@ fn shutdown_under_load(ack: &str, ok: u16) {
         .set("server.shards", 2)
         .set("writer.writers", 2)
         .set("ingest.ack", ack)
+        .set("spool.dir", std::env::temp_dir().join(unique("spool")).display())
         .set("server.shutdown_timeout_ms", SHUTDOWN_TIMEOUT_MS)
         .start();
     let addr = s.addr;

@@ -183,3 +183,159 @@ fn postgres_unreachable_at_start_up_starts_not_ready_and_recovers() {
     assert_eq!(server.get("/health").status, 200);
     assert_eq!(present(&pg.url, &server.table, &[id]), 1, "the table was made on first contact");
 }
+
+// ---------------------------------------------------------------------------
+// ack = "spool"
+// ---------------------------------------------------------------------------
+
+fn spool_dir() -> String {
+    std::env::temp_dir().join(unique("spool")).display().to_string()
+}
+
+fn spooled(url: &str, dir: &str) -> Ingestd {
+    Ingestd::new()
+        .database_url(url)
+        .set("ingest.ack", "spool")
+        .set("spool.dir", dir)
+        .set("server.shards", 2)
+        .set("writer.writers", 2)
+        .set("database.connect_timeout_ms", 1000)
+        .set("breaker.open_ms", 200)
+}
+
+fn pending(server: &Server) -> Option<u64> {
+    let s: Value = serde_json::from_slice(&server.get("/stats").body).ok()?;
+    s["spool"]["pending_records"].as_u64()
+}
+
+#[test]
+fn spool_sigkill_mid_load_loses_no_acknowledged_event() {
+    let dir = spool_dir();
+    let mut server = spooled(&database_url(), &dir).start();
+    let table = server.table.clone();
+    server.set_owns_table(false);
+    let load = Load::start(server.addr, 4, 100, 200);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    server.signal("KILL");
+    server.wait_exit(std::time::Duration::from_secs(10));
+    let result = load.stop();
+    // Restart on the same spool and table: the spool is replayed.
+    let mut again = spooled(&database_url(), &dir).table(&table).start();
+    again.set_owns_table(true);
+    eventually(std::time::Duration::from_secs(30), "spool drained after restart", || (pending(&again)? == 0).then_some(()));
+    let found = present(&database_url(), &table, &result.acked);
+    println!(
+        "SIGKILL mid-load (ack=spool): acked {}, present {found}, lost {}; statuses {:?}",
+        result.acked.len(),
+        result.acked.len() - found,
+        result.statuses
+    );
+    assert!(!result.acked.is_empty());
+    assert_eq!(found, result.acked.len(), "acknowledged events lost");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn spool_absorbs_a_postgres_outage() {
+    let pg = PrivatePg::start();
+    let dir = spool_dir();
+    let server = spooled(&pg.url, &dir).start();
+    let load = Load::start(server.addr, 4, 100, 200);
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    pg.stop();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let during = pending(&server).unwrap_or(0);
+    pg.start_again();
+    let back = std::time::Instant::now();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let result = load.stop();
+    eventually(std::time::Duration::from_secs(60), "spool drained", || (pending(&server)? == 0).then_some(()));
+    let drained = back.elapsed();
+    let found = present(&pg.url, &server.table, &result.acked);
+    println!(
+        "PostgreSQL outage with ack=spool: acked {}, present {found}, lost {}; statuses {:?}; {during} records waiting during the outage; drained {drained:?} after PostgreSQL returned",
+        result.acked.len(),
+        result.acked.len() - found,
+        result.statuses
+    );
+    assert!(during > 0, "records waited in the spool during the outage");
+    assert_eq!(result.statuses.get(&503), None, "the spool absorbs the outage: {:?}", result.statuses);
+    assert_eq!(found, result.acked.len(), "acknowledged events lost");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn spool_full_answers_503_and_keeps_what_it_acknowledged() {
+    let pg = PrivatePg::start();
+    pg.stop();
+    let dir = spool_dir();
+    let server = spooled(&pg.url, &dir)
+        .set("spool.segment_bytes", 64 * 1024)
+        .set("spool.max_bytes", 256 * 1024)
+        .start();
+    let mut acked = Vec::new();
+    let mut full = None;
+    for r in 0..200 {
+        let evs = events(&unique(&format!("full{r}")), 50);
+        let resp = server.post_batch(&evs);
+        match resp.status {
+            200 => acked.extend(ids_of(&evs)),
+            503 => {
+                full = Some(resp);
+                break;
+            }
+            other => panic!("status {other}"),
+        }
+    }
+    let full = full.expect("the spool filled up");
+    assert!(full.header("retry-after").is_some());
+    assert!(String::from_utf8_lossy(&full.body).contains("spool"), "{full:?}");
+    pg.start_again();
+    eventually(std::time::Duration::from_secs(60), "spool drained", || (pending(&server)? == 0).then_some(()));
+    let found = present(&pg.url, &server.table, &acked);
+    println!("spool full: acked {} before 503, present {found}, lost {}", acked.len(), acked.len() - found);
+    assert!(!acked.is_empty());
+    assert_eq!(found, acked.len());
+    // Room again once drained.
+    assert_eq!(server.post_batch(&events(&unique("room"), 10)).status, 200);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_corrupt_spool_tail_is_cut_and_the_rest_replayed() {
+    let pg = PrivatePg::start();
+    pg.stop();
+    let dir = spool_dir();
+    let mut server = spooled(&pg.url, &dir).start();
+    let table = server.table.clone();
+    let mut acked = Vec::new();
+    for r in 0..20 {
+        let evs = events(&unique(&format!("tail{r}")), 20);
+        assert_eq!(server.post_batch(&evs).status, 200);
+        acked.extend(ids_of(&evs));
+    }
+    server.signal("KILL");
+    server.wait_exit(std::time::Duration::from_secs(10));
+    // A torn write: garbage after the last record of the last segment.
+    let mut segments: Vec<_> = std::fs::read_dir(&dir)
+        .expect("spool dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .collect();
+    segments.sort();
+    let last = segments.last().unwrap_or_else(|| panic!("no segment files in {dir}"));
+    {
+        use std::io::Write as _;
+        let mut f = std::fs::OpenOptions::new().append(true).open(last).expect("open segment");
+        f.write_all(&[0xA5; 37]).expect("garbage");
+    }
+    pg.start_again();
+    let mut again = spooled(&pg.url, &dir).table(&table).start();
+    again.set_owns_table(true);
+    eventually(std::time::Duration::from_secs(30), "spool drained", || (pending(&again)? == 0).then_some(()));
+    let found = present(&pg.url, &table, &acked);
+    println!("corrupt spool tail: acked {}, present {found}, lost {}", acked.len(), acked.len() - found);
+    assert_eq!(found, acked.len());
+    assert!(again.stderr().contains("torn tail"), "the cut is logged:\n{}", again.stderr());
+    let _ = std::fs::remove_dir_all(&dir);
+}
