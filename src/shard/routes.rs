@@ -216,7 +216,20 @@ pub async fn ingest_events(ctx: &ShardCtx, body: &[u8], kind: BodyKind) -> Inges
     let Some(wait) = wait else {
         return Ingested::Answer { status: 202, accepted, rejected: parsed.rejected };
     };
-    match wait.await {
+    // At shutdown, a commit that is not reported in time is answered 503
+    // (before the process exits) rather than left to a dropped connection.
+    let give_up = async {
+        let _ = ctx.shutdown.clone().await;
+        monoio::time::sleep(ctx.config.server.shutdown_timeout().mul_f64(0.9)).await;
+    };
+    let outcome = monoio::select! {
+        r = wait => Some(r),
+        _ = give_up => None,
+    };
+    let Some(outcome) = outcome else {
+        return failed(503, "shutting down before this batch was committed; it may or may not be stored: retry", true);
+    };
+    match outcome {
         Ok(CommitOutcome::Committed { dead_letters }) if dead_letters.is_empty() => {
             Ingested::Answer { status: 200, accepted, rejected: parsed.rejected }
         }

@@ -84,7 +84,15 @@ pub fn pg_config(db: &DatabaseConfig) -> Result<postgres::Config, postgres::Erro
         config.application_name("ingestd");
     }
     config.options(&format!("-c statement_timeout={}", db.statement_timeout_ms));
+    // statement_timeout is enforced by the server; a server that vanished
+    // without a RST cannot enforce it. These make the client notice a dead
+    // peer on its own: keepalive probes on an idle connection, and a bound on
+    // unacknowledged sends (a COPY into a black hole).
     config.keepalives(true);
+    config.keepalives_idle(Duration::from_secs(5));
+    config.keepalives_interval(Duration::from_secs(2));
+    config.keepalives_retries(3);
+    config.tcp_user_timeout(Duration::from_millis(db.statement_timeout_ms.max(1000)));
     Ok(config)
 }
 

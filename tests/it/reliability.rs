@@ -339,3 +339,27 @@ fn a_corrupt_spool_tail_is_cut_and_the_rest_replayed() {
     assert!(again.stderr().contains("torn tail"), "the cut is logged:\n{}", again.stderr());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn shutdown_deadline_answers_503_and_exit_code_says_so() {
+    let mut server = Ingestd::new().set("server.shutdown_timeout_ms", 2000).start();
+    // A commit that cannot finish: the table is locked by someone else.
+    let mut locker = server.db();
+    let mut tx = locker.transaction().expect("begin");
+    tx.batch_execute(&format!("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE", server.table)).expect("lock");
+    let addr = server.addr;
+    let waiting = std::thread::spawn(move || {
+        let mut conn = Conn::open(addr);
+        conn.set_read_timeout(std::time::Duration::from_secs(20));
+        conn.roundtrip(&Req::post("/events/batch").json(&Value::Array(events(&unique("stuck"), 5))))
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    server.signal("TERM");
+    let resp = waiting.join().expect("client");
+    let status = server.wait_exit(std::time::Duration::from_secs(10));
+    drop(tx);
+    println!("shutdown deadline: waiting request answered {}, exit code {:?}", resp.status, status.code());
+    assert_eq!(resp.status, 503, "{resp:?}");
+    assert!(resp.header("retry-after").is_some());
+    assert_eq!(status.code(), Some(75), "work left at the deadline");
+}
