@@ -19,7 +19,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use crate::broadcast::{self, Hub};
-use crate::config::{AckMode, Config};
+use crate::config::{AckMode, Config, LiveConfig, Sources};
 use crate::spool::Spool;
 use crate::spool::drain::Drainer;
 use crate::metrics::Metrics;
@@ -65,9 +65,11 @@ pub enum Ended {
     Incomplete,
 }
 
-/// Runs ingestd until a signal, then shuts down gracefully.
-pub fn run(config: Config) -> Result<Ended, RunError> {
-    let config = Arc::new(config);
+/// Runs ingestd until SIGTERM or SIGINT, then shuts down gracefully. SIGHUP
+/// re-reads `sources` and applies the settings that can change live.
+pub fn run(config: Config, sources: Sources) -> Result<Ended, RunError> {
+    let live: Arc<LiveConfig> = Arc::new(LiveConfig::from_pointee(config));
+    let config = live.load_full();
     let shards = config.shard_count();
     let writers = config.writer.writers;
 
@@ -126,7 +128,7 @@ pub fn run(config: Config) -> Result<Ended, RunError> {
             ring,
             pool: pool.clone(),
             sql: sql.clone(),
-            config: config.writer.clone(),
+            config: live.clone(),
             metrics: metrics.clone(),
             deadline: deadline.clone(),
             recent: recent.clone(),
@@ -196,7 +198,7 @@ pub fn run(config: Config) -> Result<Ended, RunError> {
             core: (!cores.is_empty()).then(|| cores[id % cores.len()]),
             listener,
             rings: ring_set.clone(),
-            config: config.clone(),
+            config: live.clone(),
             metrics: metrics.clone(),
             shutdown,
             hub: hub.clone(),
@@ -225,7 +227,13 @@ pub fn run(config: Config) -> Result<Ended, RunError> {
     let _ = stdout.flush();
     drop(stdout);
 
-    let signal = signals.recv().unwrap_or(signal_hook::consts::SIGTERM);
+    let signal = loop {
+        match signals.recv() {
+            Ok(signal_hook::consts::SIGHUP) => reload(&live, &sources),
+            Ok(signal) => break signal,
+            Err(_) => break signal_hook::consts::SIGTERM,
+        }
+    };
     let started = Instant::now();
     let timeout = config.server.shutdown_timeout();
     let _ = deadline.set(started + timeout);
@@ -276,7 +284,8 @@ pub fn run(config: Config) -> Result<Ended, RunError> {
         })
         .map_err(|e| RunError::Internal(format!("cannot start joiner thread: {e}")))?;
     let until = started + timeout;
-    let ended = crossbeam_channel::select! {
+    let ended = loop {
+        break crossbeam_channel::select! {
         recv(done_rx) -> report => match report {
             Ok((report, left_in_spool)) => {
                 crate::info!(
@@ -291,7 +300,10 @@ pub fn run(config: Config) -> Result<Ended, RunError> {
             }
             Err(_) => Ended::Incomplete,
         },
-        recv(signals) -> _ => {
+        recv(signals) -> signal => {
+            if signal == Ok(signal_hook::consts::SIGHUP) {
+                continue;
+            }
             crate::warn!("second signal: exiting before shutdown finished");
             Ended::Incomplete
         },
@@ -303,6 +315,7 @@ pub fn run(config: Config) -> Result<Ended, RunError> {
             );
             Ended::Incomplete
         },
+        };
     };
     drop(pool);
     Ok(ended)
@@ -334,11 +347,33 @@ fn bind_one(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
-/// SIGTERM and SIGINT as a channel: the first starts a graceful shutdown,
-/// the second cuts it short.
+/// Re-reads the configuration's sources; applies live keys, keeps the rest
+/// (naming them), and keeps everything when the new configuration is bad.
+fn reload(live: &LiveConfig, sources: &Sources) {
+    let mut sources = sources.clone();
+    sources.env = Sources::env_overrides(std::env::vars());
+    match Config::load(&sources).and_then(|new| live.load().reloaded(&new)) {
+        Err(e) => crate::error!("SIGHUP: reload refused, the running configuration stays", error = e),
+        Ok((merged, report)) => {
+            crate::log::init(merged.log.level, merged.log.format);
+            live.store(Arc::new(merged));
+            for key in &report.need_restart {
+                crate::warn!("SIGHUP: changed, but needs a restart to take effect", key = key);
+            }
+            crate::info!(
+                "SIGHUP: configuration reloaded",
+                applied = if report.applied.is_empty() { "none".to_string() } else { report.applied.join(",") },
+                needs_restart = if report.need_restart.is_empty() { "none".to_string() } else { report.need_restart.join(",") }
+            );
+        }
+    }
+}
+
+/// SIGTERM and SIGINT (and SIGHUP) as a channel: the first of SIGTERM or
+/// SIGINT starts a graceful shutdown, the second cuts it short.
 fn signal_channel() -> Result<crossbeam_channel::Receiver<i32>, RunError> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .map_err(|e| RunError::Internal(format!("cannot install signal handlers: {e}")))?;
     let (tx, rx) = crossbeam_channel::bounded(4);
     std::thread::Builder::new()

@@ -288,6 +288,100 @@ impl Default for LogConfig {
     }
 }
 
+/// The running configuration, swapped whole on SIGHUP; reads are lock-free.
+pub type LiveConfig = arc_swap::ArcSwap<Config>;
+/// A read of the running configuration.
+pub type ConfigGuard = arc_swap::Guard<std::sync::Arc<Config>>;
+
+/// Keys a SIGHUP reload applies to the running process. Every other key
+/// needs a restart: it sized threads, rings, sockets or files at start-up.
+pub const LIVE_KEYS: &[&str] = &[
+    "server.max_connections",
+    "server.max_header_bytes",
+    "server.max_headers",
+    "server.max_body_bytes",
+    "server.max_decompressed_bytes",
+    "server.request_timeout_ms",
+    "server.idle_timeout_ms",
+    "server.shutdown_timeout_ms",
+    "server.retry_after_s",
+    "ingest.max_events_per_request",
+    "ingest.max_payload_bytes",
+    "ingest.max_payload_depth",
+    "ingest.max_future_skew_ms",
+    "ingest.allow_unknown_fields",
+    "writer.max_batch_events",
+    "writer.max_batch_bytes",
+    "writer.max_linger_ms",
+    "websocket.queue_messages",
+    "websocket.queue_bytes",
+    "websocket.overflow",
+    "websocket.ping_interval_ms",
+    "websocket.idle_timeout_ms",
+    "websocket.max_message_bytes",
+    "websocket.max_subscribers_per_shard",
+    "log.level",
+    "log.format",
+];
+
+/// What a reload did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Reload {
+    /// Live keys whose new values are now in force.
+    pub applied: Vec<String>,
+    /// Keys that changed in the sources but keep their running values
+    /// until a restart.
+    pub need_restart: Vec<String>,
+}
+
+impl Config {
+    /// Merges a newly loaded configuration into the running one: live keys
+    /// take their new values, the others keep the running ones.
+    pub fn reloaded(&self, new: &Config) -> Result<(Config, Reload), ConfigError> {
+        let flat = |c: &Config| -> Result<Vec<(String, toml::Value)>, ConfigError> {
+            let value = toml::Value::try_from(c)
+                .map_err(|e| ConfigError::Parse { key: String::new(), message: e.to_string() })?;
+            let mut out = Vec::new();
+            if let toml::Value::Table(sections) = value {
+                for (section, v) in sections {
+                    if let toml::Value::Table(keys) = v {
+                        out.extend(keys.into_iter().map(|(k, v)| (format!("{section}.{k}"), v)));
+                    }
+                }
+            }
+            Ok(out)
+        };
+        let old = flat(self)?;
+        let new_flat = flat(new)?;
+        let mut merged = toml::Table::new();
+        let mut report = Reload::default();
+        for (key, new_value) in new_flat {
+            let old_value = old.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone());
+            let changed = old_value.as_ref() != Some(&new_value);
+            let value = if LIVE_KEYS.contains(&key.as_str()) || !changed {
+                if changed {
+                    report.applied.push(key.clone());
+                }
+                new_value
+            } else {
+                report.need_restart.push(key.clone());
+                old_value.unwrap_or(new_value)
+            };
+            let (section, field) = key.split_once('.').unwrap_or((&key, ""));
+            if let toml::Value::Table(t) =
+                merged.entry(section.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            {
+                t.insert(field.to_string(), value);
+            }
+        }
+        let config: Config = toml::Value::Table(merged)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse { key: String::new(), message: e.to_string() })?;
+        config.validate()?;
+        Ok((config, report))
+    }
+}
+
 /// Everything that can be wrong with a configuration; each names its key.
 #[derive(Debug)]
 pub enum ConfigError {
@@ -632,6 +726,31 @@ mod tests {
         ];
         let keys: Vec<_> = Sources::env_overrides(vars).into_iter().map(|(k, _)| k).collect();
         assert_eq!(keys, ["server.listen", "writer.max_linger_ms"]);
+    }
+
+    #[test]
+    fn reload_applies_live_keys_and_holds_the_rest() {
+        let running = with(&[("writer.writers", "2")]).unwrap();
+        let new = with(&[("writer.writers", "4"), ("ingest.max_payload_bytes", "10"), ("log.level", "debug")]).unwrap();
+        let (merged, report) = running.reloaded(&new).unwrap();
+        assert_eq!(merged.writer.writers, 2, "threads are sized at start-up");
+        assert_eq!(merged.ingest.max_payload_bytes, 10);
+        assert_eq!(merged.log.level, crate::log::Level::Debug);
+        assert_eq!(report.need_restart, ["writer.writers"]);
+        let mut applied = report.applied.clone();
+        applied.sort();
+        assert_eq!(applied, ["ingest.max_payload_bytes", "log.level"]);
+        assert_eq!(running.reloaded(&running).unwrap().1, Reload::default());
+    }
+
+    #[test]
+    fn live_keys_exist() {
+        let text = toml::to_string(&Config::default()).unwrap();
+        let table: toml::Table = text.parse().unwrap();
+        for key in LIVE_KEYS {
+            let (s, k) = key.split_once('.').unwrap();
+            assert!(table[s].as_table().unwrap().contains_key(k), "{key}");
+        }
     }
 
     #[test]

@@ -84,7 +84,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     ingestd::log::init(config.log.level, config.log.format);
-    match app::run(config) {
+    match app::run(config, sources) {
         Ok(Ended::Clean) => ExitCode::SUCCESS,
         Ok(Ended::Incomplete) => ExitCode::from(75),
         Err(e) => {

@@ -38,6 +38,18 @@ pub struct Rules {
     pub allow_unknown_fields: bool,
 }
 
+impl Rules {
+    pub fn from_config(c: &crate::config::IngestConfig) -> Rules {
+        Rules {
+            max_events: c.max_events_per_request,
+            max_payload_bytes: c.max_payload_bytes,
+            max_payload_depth: c.max_payload_depth,
+            max_future_skew_us: (c.max_future_skew_ms as i64).saturating_mul(1000),
+            allow_unknown_fields: c.allow_unknown_fields,
+        }
+    }
+}
+
 /// One rejected event: its position in the request and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejection {
@@ -111,6 +123,11 @@ impl Parser {
 
     pub fn rules(&self) -> &Rules {
         &self.rules
+    }
+
+    /// Replaces the rules (a configuration reload).
+    pub fn set_rules(&mut self, rules: Rules) {
+        self.rules = rules;
     }
 
     /// Parses and validates a whole body.

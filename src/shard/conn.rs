@@ -92,10 +92,12 @@ impl Conn {
     /// Reads one whole request: its head, then its body. The request's bytes
     /// are consumed from the buffer.
     async fn next_request(&mut self) -> Result<Next, Stop> {
-        let cfg = &self.ctx.config.server;
-        let (max_headers, max_head, max_body) = (cfg.max_headers, cfg.max_header_bytes, cfg.max_body_bytes);
-        let request_timeout = cfg.request_timeout();
-        let idle_deadline = Instant::now() + cfg.idle_timeout();
+        let (max_headers, max_head, max_body, request_timeout, idle_timeout) = {
+            let c = self.ctx.config();
+            let s = &c.server;
+            (s.max_headers, s.max_header_bytes, s.max_body_bytes, s.request_timeout(), s.idle_timeout())
+        };
+        let idle_deadline = Instant::now() + idle_timeout;
         let mut deadline = (!self.buf.is_empty()).then(|| Instant::now() + request_timeout);
         let head = loop {
             if !self.buf.is_empty() {

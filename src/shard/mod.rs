@@ -36,7 +36,7 @@ use futures_util::future::Shared;
 use monoio::io::Canceller;
 
 use crate::broadcast::{Hub, Inbox};
-use crate::config::Config;
+use crate::config::LiveConfig;
 use crate::ingest::Parser;
 use crate::metrics::{Metrics, ShardStats};
 use crate::pipeline::RingSet;
@@ -53,7 +53,7 @@ pub struct ShardSetup {
     /// the real port are known before ingestd reports ready.
     pub listener: std::net::TcpListener,
     pub rings: RingSet,
-    pub config: Arc<Config>,
+    pub config: Arc<LiveConfig>,
     pub metrics: Arc<Metrics>,
     pub shutdown: oneshot::Receiver<()>,
     pub hub: Arc<Hub>,
@@ -66,7 +66,8 @@ pub struct ShardSetup {
 /// What a shard's connections share; lives and dies on the shard thread.
 pub struct ShardCtx {
     pub id: usize,
-    pub config: Arc<Config>,
+    /// The running configuration; SIGHUP may replace its live settings.
+    live: Arc<LiveConfig>,
     pub metrics: Arc<Metrics>,
     pub parser: RefCell<Parser>,
     pub rings: RingSet,
@@ -74,7 +75,6 @@ pub struct ShardCtx {
     pub hub: Arc<Hub>,
     /// The WebSocket subscribers this shard owns.
     pub ws: ws::Subscribers,
-    pub ws_limits: ws::WsLimits,
     /// With `ack = "spool"`; dropped with the context, which is how the
     /// spool's appender learns that no more appends will come.
     pub spool: Option<crate::spool::SpoolSender>,
@@ -84,6 +84,17 @@ pub struct ShardCtx {
 impl ShardCtx {
     pub fn stats(&self) -> &ShardStats {
         &self.metrics.shards[self.id]
+    }
+
+    /// The configuration now: a lock-free load. Read what you need and let
+    /// the guard go; don't hold it across an `.await`.
+    pub fn config(&self) -> crate::config::ConfigGuard {
+        self.live.load()
+    }
+
+    /// WebSocket limits now.
+    pub fn ws_limits(&self) -> ws::WsLimits {
+        ws::WsLimits::from_config(&self.config().websocket)
     }
 
     pub fn is_shutting_down(&self) -> bool {
@@ -116,14 +127,10 @@ async fn run(setup: ShardSetup) {
             return;
         }
     };
-    let rules = crate::ingest::Rules {
-        max_events: setup.config.ingest.max_events_per_request,
-        max_payload_bytes: setup.config.ingest.max_payload_bytes,
-        max_payload_depth: setup.config.ingest.max_payload_depth,
-        max_future_skew_us: (setup.config.ingest.max_future_skew_ms as i64).saturating_mul(1000),
-        allow_unknown_fields: setup.config.ingest.allow_unknown_fields,
-    };
-    let max_connections = setup.config.server.max_connections.div_ceil(setup.config.shard_count());
+    let config = setup.config.load();
+    let rules = crate::ingest::Rules::from_config(&config.ingest);
+    let shards = config.shard_count();
+    drop(config);
     let ctx = Rc::new(ShardCtx {
         id,
         parser: RefCell::new(Parser::new(rules)),
@@ -131,10 +138,9 @@ async fn run(setup: ShardSetup) {
         shutdown: setup.shutdown.shared(),
         hub: setup.hub,
         ws: ws::Subscribers::default(),
-        ws_limits: ws::WsLimits::from_config(&setup.config.websocket),
         spool: setup.spool,
         draining: Cell::new(false),
-        config: setup.config,
+        live: setup.config,
         metrics: setup.metrics,
     });
     let fan_out = monoio::spawn(ws::fan_out_task(ctx.clone(), setup.inbox));
@@ -160,6 +166,7 @@ async fn run(setup: ShardSetup) {
             Ok((stream, peer)) => {
                 let stats = ctx.stats();
                 stats.connections_accepted.inc();
+                let max_connections = ctx.config().server.max_connections.div_ceil(shards);
                 if gate.open.get() >= max_connections {
                     stats.connections_refused.inc();
                     drop(stream);

@@ -69,9 +69,9 @@ pub fn refuse_before_body(ctx: &ShardCtx, head: &RequestHead) -> Option<Response
     } else if head.media == Media::Unsupported {
         Response::error(415, "Content-Type must be application/json, or application/x-ndjson on /events/batch")
     } else if let BodyFraming::Length(n) = head.body
-        && n > ctx.config.server.max_body_bytes as u64
+        && n > ctx.config().server.max_body_bytes as u64
     {
-        too_large_body(ctx.config.server.max_body_bytes)
+        too_large_body(ctx.config().server.max_body_bytes)
     } else {
         return None;
     };
@@ -88,7 +88,7 @@ pub async fn handle(ctx: &ShardCtx, head: &RequestHead, body: Vec<u8>) -> Respon
         Target::Health => {
             let status = if ctx.metrics.ready() { 200 } else { 503 };
             let r = Response::json(status, ctx.metrics.health_json());
-            if status == 503 { r.retry_after(ctx.config.server.retry_after_s) } else { r }
+            if status == 503 { r.retry_after(ctx.config().server.retry_after_s) } else { r }
         }
         Target::Stats => Response::json(200, ctx.metrics.stats_json()),
         Target::Metrics => {
@@ -101,15 +101,18 @@ pub async fn handle(ctx: &ShardCtx, head: &RequestHead, body: Vec<u8>) -> Respon
 }
 
 async fn ingest(ctx: &ShardCtx, head: &RequestHead, body: Vec<u8>, kind: BodyKind) -> Response {
-    let server = &ctx.config.server;
+    let (max_decompressed, retry_after) = {
+        let c = ctx.config();
+        (c.server.max_decompressed_bytes, c.server.retry_after_s)
+    };
     let body = if head.gzip {
-        match http::gunzip(&body, server.max_decompressed_bytes) {
+        match http::gunzip(&body, max_decompressed) {
             Ok(b) => b,
             Err(GunzipError::Invalid) => return Response::error(400, "body is not valid gzip"),
             Err(GunzipError::TooLarge) => {
                 return Response::error(
                     413,
-                    &format!("gzip body inflates past server.max_decompressed_bytes ({})", server.max_decompressed_bytes),
+                    &format!("gzip body inflates past server.max_decompressed_bytes ({max_decompressed})"),
                 );
             }
         }
@@ -123,7 +126,7 @@ async fn ingest(ctx: &ShardCtx, head: &RequestHead, body: Vec<u8>, kind: BodyKin
         }
         Ingested::Failed { status, message, retry } => {
             let r = Response::error(status, &message);
-            if retry { r.retry_after(server.retry_after_s) } else { r }
+            if retry { r.retry_after(retry_after) } else { r }
         }
     }
 }
@@ -157,8 +160,16 @@ pub async fn ingest_events(ctx: &ShardCtx, body: &[u8], kind: BodyKind) -> Inges
         };
     }
     let now_unix_us = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
+    let (rules, ack, shutdown_timeout) = {
+        let c = ctx.config();
+        (crate::ingest::Rules::from_config(&c.ingest), c.ingest.ack, c.server.shutdown_timeout())
+    };
     // The parser is borrowed only for this synchronous call, never across an await.
-    let parsed = ctx.parser.borrow_mut().parse(body, kind, Clock { now_unix_us });
+    let parsed = {
+        let mut parser = ctx.parser.borrow_mut();
+        parser.set_rules(rules);
+        parser.parse(body, kind, Clock { now_unix_us })
+    };
     let stats = ctx.stats();
     let parsed = match parsed {
         Ok(p) => p,
@@ -197,7 +208,7 @@ pub async fn ingest_events(ctx: &ShardCtx, body: &[u8], kind: BodyKind) -> Inges
             }
         };
     }
-    let (reply, wait) = match ctx.config.ingest.ack {
+    let (reply, wait) = match ack {
         AckMode::Commit => {
             let (tx, rx) = pipeline::commit_channel();
             (Reply::Shard(tx), Some(rx))
@@ -220,7 +231,7 @@ pub async fn ingest_events(ctx: &ShardCtx, body: &[u8], kind: BodyKind) -> Inges
     // (before the process exits) rather than left to a dropped connection.
     let give_up = async {
         let _ = ctx.shutdown.clone().await;
-        monoio::time::sleep(ctx.config.server.shutdown_timeout().mul_f64(0.9)).await;
+        monoio::time::sleep(shutdown_timeout.mul_f64(0.9)).await;
     };
     let outcome = monoio::select! {
         r = wait => Some(r),
@@ -236,7 +247,7 @@ pub async fn ingest_events(ctx: &ShardCtx, body: &[u8], kind: BodyKind) -> Inges
         Ok(CommitOutcome::Committed { dead_letters }) => {
             let mut rejected = parsed.rejected;
             let refused = dead_letters.len();
-            let table = ctx.config.dead_letter_table();
+            let table = ctx.config().dead_letter_table();
             let mut extra: Vec<Rejection> = dead_letters
                 .into_iter()
                 .map(|(row, why)| Rejection {
@@ -269,7 +280,7 @@ pub async fn ingest_events(ctx: &ShardCtx, body: &[u8], kind: BodyKind) -> Inges
 /// On success: the `Sec-WebSocket-Accept` value, the subscription, and the
 /// admission that holds the subscriber's slot.
 pub fn upgrade(ctx: &ShardCtx, head: &RequestHead, peer: IpAddr) -> Result<(String, ws::WsRequest, Admission), Response> {
-    let retry = ctx.config.server.retry_after_s;
+    let retry = ctx.config().server.retry_after_s;
     let Some(hs) = head.websocket.as_deref() else {
         return Err(Response::error(400, "expected a WebSocket upgrade"));
     };
@@ -285,8 +296,8 @@ pub fn upgrade(ctx: &ShardCtx, head: &RequestHead, peer: IpAddr) -> Result<(Stri
     if ctx.is_shutting_down() {
         return Err(Response::error(503, "shutting down").retry_after(retry));
     }
-    let request = ws::WsRequest::parse(&hs.query, &ctx.config.websocket).map_err(|why| Response::error(400, &why))?;
-    let admission = ctx.hub.admit(ctx.id, peer, ctx.ws_limits.max_per_shard).map_err(|refusal| match refusal {
+    let request = ws::WsRequest::parse(&hs.query).map_err(|why| Response::error(400, &why))?;
+    let admission = ctx.hub.admit(ctx.id, peer, ctx.ws_limits().max_per_shard).map_err(|refusal| match refusal {
         Refusal::Full => Response::error(503, "subscriber limit reached (websocket.max_subscribers)").retry_after(retry),
         Refusal::PerIp => Response::error(429, "too many WebSocket connections from this address (websocket.max_per_ip)")
             .retry_after(retry),

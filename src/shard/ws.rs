@@ -55,7 +55,7 @@ pub struct WsRequest {
 
 impl WsRequest {
     /// Parses `device_id=…&type=…&coalesce_ms=…` (all optional).
-    pub fn parse(query: &str, _config: &WsConfig) -> Result<WsRequest, String> {
+    pub fn parse(query: &str) -> Result<WsRequest, String> {
         let mut request = WsRequest::default();
         for (key, value) in form_urlencoded::parse(query.as_bytes()) {
             match &*key {
@@ -241,7 +241,7 @@ impl Subscribers {
     /// Offers a committed batch to every subscriber; `missed` events are
     /// reported to all of them first.
     pub fn fan_out(&self, batch: Option<&CommittedBatch>, missed: u64, ctx: &ShardCtx) {
-        let limits = &ctx.ws_limits;
+        let limits = &ctx.ws_limits();
         let stats = ctx.stats();
         for s in self.all.borrow().values() {
             let was_overflowed = s.overflowed.get();
@@ -356,7 +356,7 @@ pub async fn serve(
     admission: Admission,
     accept_key: &str,
 ) {
-    let limits = ctx.ws_limits;
+    let limits = ctx.ws_limits();
     let config = WebSocketConfig::default()
         .read_buffer_size(1024)
         .write_buffer_size(0)
@@ -397,7 +397,7 @@ pub async fn serve(
 }
 
 async fn read_loop(mut reader: monoio::net::tcp::TcpOwnedReadHalf, session: Rc<Session>, ctx: Rc<ShardCtx>) {
-    let limits = ctx.ws_limits;
+    let limits = ctx.ws_limits();
     let mut buf = Vec::new();
     // Reads start small (an idle subscriber pins little) and double while
     // they come back full (a client streaming ingest frames).
@@ -516,7 +516,7 @@ async fn ingest_frame(ctx: &ShardCtx, body: &[u8], seq: u64) -> String {
 }
 
 async fn write_loop(mut writer: monoio::net::tcp::TcpOwnedWriteHalf, session: &Session, ctx: &ShardCtx) {
-    let limits = ctx.ws_limits;
+    let limits = ctx.ws_limits();
     let stats = ctx.stats();
     let sub = &session.sub;
     let mut last_sent = Instant::now();
@@ -639,12 +639,11 @@ mod tests {
 
     #[test]
     fn query_parsing() {
-        let c = WsConfig::default();
-        let r = WsRequest::parse("device_id=d%201&type=boot&coalesce_ms=250", &c).unwrap();
+        let r = WsRequest::parse("device_id=d%201&type=boot&coalesce_ms=250").unwrap();
         assert_eq!((r.device_id.as_deref(), r.event_type.as_deref(), r.coalesce), (Some("d 1"), Some("boot"), Some(Duration::from_millis(250))));
-        assert_eq!(WsRequest::parse("", &c).unwrap(), WsRequest::default());
-        assert!(WsRequest::parse("device=x", &c).unwrap_err().contains("unknown query parameter"));
-        assert!(WsRequest::parse("coalesce_ms=0", &c).is_err());
+        assert_eq!(WsRequest::parse("").unwrap(), WsRequest::default());
+        assert!(WsRequest::parse("device=x").unwrap_err().contains("unknown query parameter"));
+        assert!(WsRequest::parse("coalesce_ms=0").is_err());
     }
 
     #[test]

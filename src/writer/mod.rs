@@ -42,7 +42,8 @@ pub struct Writer {
     pub ring: Receiver<Job>,
     pub pool: Pool,
     pub sql: Arc<Statements>,
-    pub config: WriterConfig,
+    /// The running configuration; batch bounds are read per batch.
+    pub config: Arc<crate::config::LiveConfig>,
     pub metrics: Arc<Metrics>,
     /// Set when shutdown starts; the writer keeps retrying `ack = "queue"`
     /// batches until this instant and then counts them lost.
@@ -250,15 +251,16 @@ impl Writer {
 
     fn next_batch(&self) -> Option<Batch> {
         let mut batch = Batch::new(self.ring.recv().ok()?);
-        while !batch.full(&self.config) {
+        let config = self.config.load().writer.clone();
+        while !batch.full(&config) {
             match self.ring.try_recv() {
                 Ok(job) => batch.push(job),
                 Err(_) => break,
             }
         }
-        if self.config.max_linger_ms > 0 && !batch.full(&self.config) {
-            let until = Instant::now() + Duration::from_millis(self.config.max_linger_ms);
-            while !batch.full(&self.config) {
+        if config.max_linger_ms > 0 && !batch.full(&config) {
+            let until = Instant::now() + Duration::from_millis(config.max_linger_ms);
+            while !batch.full(&config) {
                 match self.ring.recv_deadline(until) {
                     Ok(job) => batch.push(job),
                     Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,

@@ -13,6 +13,7 @@
 //! - `validation`: per-event validation rules and their reasons.
 //! - `http`: HTTP/1.1 handling and the error statuses.
 //! - `observability`: `/health`, `/stats`, `/metrics`.
+//! - `ops`: SIGHUP reload.
 //! - `overload`: fail fast with 503 + Retry-After.
 //! - `reliability`: faults: dead letters (issue 5).
 //! - `lifecycle`: signals and graceful shutdown under load.
@@ -26,6 +27,7 @@ mod http;
 mod ingest;
 mod lifecycle;
 mod observability;
+mod ops;
 mod overload;
 mod reliability;
 mod spec;

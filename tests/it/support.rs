@@ -138,6 +138,7 @@ pub struct Ingestd {
     sets: Vec<(String, String)>,
     table: Option<String>,
     database_url: Option<String>,
+    config_file: Option<String>,
 }
 
 impl Default for Ingestd {
@@ -157,7 +158,14 @@ impl Ingestd {
             ],
             table: None,
             database_url: None,
+            config_file: None,
         }
+    }
+
+    /// `--config PATH` (flags still win over it).
+    pub fn config_file(mut self, path: &str) -> Self {
+        self.config_file = Some(path.to_string());
+        self
     }
 
     /// `--set key=value`; a later call for the same key replaces the earlier.
@@ -192,6 +200,9 @@ impl Ingestd {
             None => (unique("t"), true),
         };
         let mut cmd = command();
+        if let Some(path) = &self.config_file {
+            cmd.args(["--config", path]);
+        }
         cmd.args(["--listen", "127.0.0.1:0", "--database-url", &db_url]);
         cmd.arg("--set").arg(format!("database.table={table}"));
         for (k, v) in &self.sets {
