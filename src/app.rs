@@ -107,6 +107,7 @@ pub fn run(config: Config, sources: Sources) -> Result<Ended, RunError> {
         breaker_view,
     ));
     metrics.database_up.store(table_ready.load(Ordering::Relaxed), Ordering::Relaxed);
+    let _ = metrics.pool.set(pool.clone());
     let broadcaster = {
         let hub = hub.clone();
         std::thread::Builder::new()

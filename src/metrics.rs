@@ -98,6 +98,11 @@ pub struct ShardStats {
     pub ws_ingest_frames: Counter,
     /// Commit → frame written, per event, µs.
     pub ws_fanout_us: Distribution,
+    /// How late the shard's 100 ms lag probe woke up, µs: time the event
+    /// loop spent on other work (or the thread was not scheduled).
+    pub loop_lag_us: Distribution,
+    /// The probe's latest reading, µs.
+    pub loop_lag_last_us: AtomicU64,
 }
 
 impl ShardStats {
@@ -175,6 +180,8 @@ pub struct Metrics {
     pub shutting_down: AtomicBool,
     /// The disk spool, with `ack = "spool"`.
     pub spool: std::sync::OnceLock<crate::spool::Spool>,
+    /// The writers' connection pool, for its state.
+    pub pool: std::sync::OnceLock<crate::writer::db::Pool>,
 }
 
 impl Metrics {
@@ -195,6 +202,7 @@ impl Metrics {
             database_up: AtomicBool::new(true),
             shutting_down: AtomicBool::new(false),
             spool: std::sync::OnceLock::new(),
+            pool: std::sync::OnceLock::new(),
         }
     }
 
@@ -315,6 +323,11 @@ impl Metrics {
             "ws_dropped": self.sum_shards(|s| s.ws_dropped.get()),
             "ws_slow_closes": self.sum_shards(|s| s.ws_slow_closes.get()),
             "ws_fanout_latency_ms": quantiles_ms(&self.merged_shards(|s| &s.ws_fanout_us)),
+            "shard_loop_lag_ms": quantiles_ms(&self.merged_shards(|s| &s.loop_lag_us)),
+            "db_pool": self.pool.get().map(|p| {
+                let st = p.state();
+                serde_json::json!({"in_use": st.connections - st.idle_connections, "idle": st.idle_connections, "max": p.max_size()})
+            }),
             "commit_latency_ms": quantiles_ms(&self.merged(|w| &w.commit_us)),
             "ack_latency_ms": quantiles_ms(&self.merged(|w| &w.ack_us)),
         })
@@ -394,6 +407,25 @@ impl Metrics {
         summary(o, "ingestd_ack_latency_seconds", "Time from ring hand-off to commit, per request.", &self.merged(|w| &w.ack_us), 1e-6);
         summary(o, "ingestd_batch_events", "Events per COPY batch.", &self.merged(|w| &w.batch_events), 1.0);
 
+        family(o, "ingestd_shard_loop_lag_seconds", "summary", "How late a shard's 100 ms timer fires: event-loop lag.");
+        let lag = self.merged_shards(|s| &s.loop_lag_us);
+        for q in [0.5, 0.99, 0.999] {
+            let _ = writeln!(o, "ingestd_shard_loop_lag_seconds{{quantile=\"{q}\"}} {}", lag.value_at_quantile(q) as f64 * 1e-6);
+        }
+        let _ = writeln!(o, "ingestd_shard_loop_lag_seconds_sum {}", lag.mean() * lag.len() as f64 * 1e-6);
+        let _ = writeln!(o, "ingestd_shard_loop_lag_seconds_count {}", lag.len());
+        family(o, "ingestd_shard_loop_lag_last_seconds", "gauge", "The latest event-loop lag reading per shard.");
+        for (i, s) in self.shards.iter().enumerate() {
+            let _ = writeln!(o, "ingestd_shard_loop_lag_last_seconds{{shard=\"{i}\"}} {}", s.loop_lag_last_us.load(Ordering::Relaxed) as f64 * 1e-6);
+        }
+        if let Some(pool) = self.pool.get() {
+            let state = pool.state();
+            family(o, "ingestd_db_pool_connections", "gauge", "PostgreSQL connections in the writers' pool, by state.");
+            let _ = writeln!(o, "ingestd_db_pool_connections{{state=\"in_use\"}} {}", state.connections - state.idle_connections);
+            let _ = writeln!(o, "ingestd_db_pool_connections{{state=\"idle\"}} {}", state.idle_connections);
+            family(o, "ingestd_db_pool_max_connections", "gauge", "Size of the writers' pool (database.pool_size).");
+            let _ = writeln!(o, "ingestd_db_pool_max_connections {}", pool.max_size());
+        }
         if let Some(spool) = self.spool.get() {
             let st = spool.stats();
             family(o, "ingestd_spool_used_bytes", "gauge", "Bytes in the disk spool.");

@@ -144,6 +144,7 @@ async fn run(setup: ShardSetup) {
         metrics: setup.metrics,
     });
     let fan_out = monoio::spawn(ws::fan_out_task(ctx.clone(), setup.inbox));
+    let lag_probe = monoio::spawn(lag_probe(ctx.clone()));
     let gate = Rc::new(Gate::default());
     loop {
         let canceller = Canceller::new();
@@ -195,8 +196,29 @@ async fn run(setup: ShardSetup) {
     drop(listener);
     gate.closed().await;
     fan_out.await;
+    lag_probe.await;
     crate::debug!("shard finished", shard = id);
     // `ctx` drops here: the ring senders go, and writers can drain and stop.
+}
+
+/// Measures event-loop lag: how late a 100 ms timer fires. Ends at shutdown.
+async fn lag_probe(ctx: Rc<ShardCtx>) {
+    const EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+    loop {
+        let asked = std::time::Instant::now();
+        let shutdown = ctx.shutdown.clone();
+        let stop = monoio::select! {
+            _ = monoio::time::sleep(EVERY) => false,
+            _ = shutdown => true,
+        };
+        if stop {
+            return;
+        }
+        let late = asked.elapsed().saturating_sub(EVERY);
+        let stats = ctx.stats();
+        stats.loop_lag_us.record_duration(late);
+        stats.loop_lag_last_us.store(late.as_micros() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Counts a shard's open connections; [`Gate::closed`] resolves when the last

@@ -176,10 +176,17 @@ impl Statements {
 pub fn prepare_table(client: &mut Client, sql: &Statements, create: bool) -> Result<(), WriteError> {
     if create {
         // Quiet the NOTICE "relation already exists" for these statements.
-        client.batch_execute(&format!(
-            "SET client_min_messages = warning; {}; {}; RESET client_min_messages",
-            sql.create_table, sql.create_dead_letter
-        ))?;
+        let statements =
+            format!("SET client_min_messages = warning; {}; {}; RESET client_min_messages", sql.create_table, sql.create_dead_letter);
+        match client.batch_execute(&statements) {
+            // Two instances creating the same table at once: PostgreSQL's
+            // IF NOT EXISTS is not atomic, and the loser gets a unique
+            // violation on its catalog. The table exists now: check again.
+            Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) || e.code() == Some(&SqlState::DUPLICATE_TABLE) => {
+                client.batch_execute(&statements)?;
+            }
+            other => other?,
+        }
     } else {
         client.batch_execute(&format!("SELECT 1 FROM {} LIMIT 0; SELECT 1 FROM {} LIMIT 0", sql.table, sql.dead_letter_table))?;
     }
