@@ -51,6 +51,8 @@ pub struct WsRequest {
     pub event_type: Option<Box<str>>,
     /// `coalesce_ms`: at most the latest event per device, this often.
     pub coalesce: Option<Duration>,
+    /// `subscribe=false`: an ingest-only socket that gets no pushed events.
+    pub ingest_only: bool,
 }
 
 impl WsRequest {
@@ -69,8 +71,15 @@ impl WsRequest {
                         .ok_or_else(|| "coalesce_ms must be an integer from 1 to 60000".to_string())?;
                     request.coalesce = Some(Duration::from_millis(ms));
                 }
+                "subscribe" => match &*value {
+                    "true" | "1" => request.ingest_only = false,
+                    "false" | "0" => request.ingest_only = true,
+                    _ => return Err("subscribe must be true or false".to_string()),
+                },
                 "device_id" | "type" => return Err(format!("{key} must not be empty")),
-                other => return Err(format!("unknown query parameter `{other}`; use device_id, type, coalesce_ms")),
+                other => {
+                    return Err(format!("unknown query parameter `{other}`; use device_id, type, coalesce_ms, subscribe"));
+                }
             }
         }
         Ok(request)
@@ -362,8 +371,10 @@ pub async fn serve(
         .write_buffer_size(0)
         .max_message_size(Some(limits.max_message_bytes))
         .max_frame_size(Some(limits.max_message_bytes));
+    let ingest_only = request.ingest_only;
     let sub = Rc::new(Subscriber::new(request));
-    let id = ctx.ws.register(sub.clone());
+    // An ingest-only socket is not offered committed events.
+    let id = (!ingest_only).then(|| ctx.ws.register(sub.clone()));
     let session = Rc::new(Session {
         protocol: RefCell::new(Protocol {
             ws: WebSocketContext::new(Role::Server, Some(config)),
@@ -384,7 +395,9 @@ pub async fn serve(
     );
     let (res, _) = stream.write_all(switching.into_bytes()).await;
     if res.is_err() {
-        ctx.ws.unregister(id);
+        if let Some(id) = id {
+            ctx.ws.unregister(id);
+        }
         return;
     }
     let (reader, writer) = stream.into_split();
@@ -392,7 +405,9 @@ pub async fn serve(
     write_loop(writer, &session, &ctx).await;
     session.stopped.notify();
     read_task.await;
-    ctx.ws.unregister(id);
+    if let Some(id) = id {
+        ctx.ws.unregister(id);
+    }
     drop(admission);
 }
 
@@ -644,6 +659,8 @@ mod tests {
         assert_eq!(WsRequest::parse("").unwrap(), WsRequest::default());
         assert!(WsRequest::parse("device=x").unwrap_err().contains("unknown query parameter"));
         assert!(WsRequest::parse("coalesce_ms=0").is_err());
+        assert!(WsRequest::parse("subscribe=false").unwrap().ingest_only);
+        assert!(WsRequest::parse("subscribe=maybe").is_err());
     }
 
     #[test]

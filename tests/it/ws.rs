@@ -164,6 +164,18 @@ fn ingest_frames_are_answered_in_order_after_commit() {
 }
 
 #[test]
+fn an_ingest_only_socket_gets_answers_but_no_pushes() {
+    let server = Ingestd::new().start();
+    let mut ws = connect(&server, "?subscribe=false");
+    let mut other = connect(&server, "");
+    let id = unique("io");
+    ws.send(Message::Text(ev(&id, "d", "t").to_string().into())).expect("send");
+    assert_eq!(next_json(&mut ws)["seq"], 1, "the answer comes first and alone");
+    assert_eq!(next_json(&mut other)["event_id"], id.as_str(), "subscribers still get it");
+    assert!(drain_json(&mut ws, Duration::from_millis(300)).is_empty(), "no pushes on an ingest-only socket");
+}
+
+#[test]
 fn bad_frames_get_clear_answers_and_the_connection_goes_on() {
     let server = Ingestd::new().set("websocket.max_message_bytes", 4096).start();
     let mut ws = connect(&server, "?device_id=nobody");
