@@ -204,11 +204,12 @@ impl Breaker {
         }
     }
 
-    /// Reports a database call's result: transient errors count as failures,
-    /// successes and permanent errors as successes (see the module docs).
+    /// Reports a database call's result: failures that say the database is
+    /// unavailable count; successes, data errors and conflicts between
+    /// transactions (deadlocks) count as the database answering.
     pub fn on_result<T>(&mut self, now: Instant, result: &Result<T, WriteError>) {
         match result {
-            Err(e) if e.is_transient() => self.on_failure(now),
+            Err(e) if e.counts_against_database() => self.on_failure(now),
             _ => self.on_success(now),
         }
     }

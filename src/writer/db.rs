@@ -26,18 +26,28 @@ pub type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
 /// about the data or the schema and will not.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WriteError {
+    /// The database is unreachable, timing out or going away: the breaker counts these.
     Transient(String),
+    /// Two transactions collided (deadlock, serialization failure): retry
+    /// at once; the database itself is fine, so the breaker ignores these.
+    Conflict(String),
+    /// The data or the schema: retrying the same rows will not help.
     Permanent(String),
 }
 
 impl WriteError {
     pub fn is_transient(&self) -> bool {
+        matches!(self, WriteError::Transient(_) | WriteError::Conflict(_))
+    }
+
+    /// Whether this failure says anything about the database's health.
+    pub fn counts_against_database(&self) -> bool {
         matches!(self, WriteError::Transient(_))
     }
 
     pub fn message(&self) -> &str {
         match self {
-            WriteError::Transient(m) | WriteError::Permanent(m) => m,
+            WriteError::Transient(m) | WriteError::Conflict(m) | WriteError::Permanent(m) => m,
         }
     }
 }
@@ -56,6 +66,7 @@ impl From<postgres::Error> for WriteError {
         };
         match e.code() {
             None => WriteError::Transient(message),
+            Some(code) if code.code().starts_with("40") => WriteError::Conflict(message),
             Some(code) if is_transient_state(code) => WriteError::Transient(message),
             Some(_) => WriteError::Permanent(message),
         }
@@ -129,7 +140,7 @@ impl Statements {
     /// `table` is validated by the config (`name` or `schema.name`); it is
     /// quoted here all the same.
     pub fn new(table: &str, dead_letter_table: &str) -> Self {
-        let quote = |name: &str| name.split('.').map(|p| format!("\"{p}\"")).collect::<Vec<_>>().join(".");
+        let quote = quote_table;
         let quoted = quote(table);
         let dead = quote(dead_letter_table);
         let staging = format!("\"ingestd_staging_{}\"", table.replace('.', "_"));
@@ -151,25 +162,36 @@ impl Statements {
                 "INSERT INTO {dead} (event_id, device_id, event_type, ts, received_at, payload, error) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7)"
             ),
-            create_table: format!(
-                "CREATE TABLE IF NOT EXISTS {quoted} (\n  \
-                 event_id    text PRIMARY KEY,\n  \
-                 device_id   text        NOT NULL,\n  \
-                 event_type  text        NOT NULL,\n  \
-                 ts          timestamptz NOT NULL,\n  \
-                 received_at timestamptz NOT NULL DEFAULT now(),\n  \
-                 payload     jsonb\n)"
-            ),
+            create_table: create_table_sql(&quoted),
             copy_into_table: format!("COPY {quoted} ({COLUMNS}) FROM STDIN (FORMAT binary)"),
             create_staging: format!(
                 "CREATE TEMP TABLE IF NOT EXISTS {staging} (LIKE {quoted} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
             ),
             copy_into_staging: format!("COPY {staging} ({COLUMNS}) FROM STDIN (FORMAT binary)"),
             insert_from_staging: format!(
-                "INSERT INTO {quoted} ({COLUMNS}) SELECT {COLUMNS} FROM {staging} ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
+                "INSERT INTO {quoted} ({COLUMNS}) SELECT {COLUMNS} FROM {staging} ORDER BY event_id \
+                 ON CONFLICT DO NOTHING RETURNING event_id"
             ),
         }
     }
+}
+
+/// `name` or `schema.name`, each part quoted.
+pub fn quote_table(table: &str) -> String {
+    table.split('.').map(|p| format!("\"{p}\"")).collect::<Vec<_>>().join(".")
+}
+
+/// The SPEC's table, created if missing.
+pub fn create_table_sql(quoted: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {quoted} (\n  \
+         event_id    text PRIMARY KEY,\n  \
+         device_id   text        NOT NULL,\n  \
+         event_type  text        NOT NULL,\n  \
+         ts          timestamptz NOT NULL,\n  \
+         received_at timestamptz NOT NULL DEFAULT now(),\n  \
+         payload     jsonb\n)"
+    )
 }
 
 /// Creates the table when missing (or checks it exists when creation is off).

@@ -168,19 +168,21 @@ impl Batch {
         repeats.len() as u64
     }
 
-    /// Streams the rows of class `class` of jobs `first..first+count` into a COPY.
+    /// Streams the rows of class `class` of jobs `first..first+count` into a
+    /// COPY, in `event_id` order: two transactions holding some of the same
+    /// ids (a request re-sent while the first is still in flight) then take
+    /// their index locks in the same order and cannot deadlock.
     fn write_rows(&self, first: usize, count: usize, class: RowClass, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+        let mut rows: Vec<(&[u8], usize, usize)> = Vec::with_capacity(self.count(first, count, class) as usize);
         for j in first..first + count {
-            let rows = &self.jobs[j].rows;
-            match &self.classes {
-                None if class == RowClass::Clean => out.write_all(rows.bytes())?,
-                None => {}
-                Some(classes) => {
-                    for r in (0..rows.len()).filter(|&r| classes[j][r] == class) {
-                        out.write_all(rows.row(r))?;
-                    }
-                }
+            let buf = &self.jobs[j].rows;
+            for r in (0..buf.len()).filter(|&r| self.class(j, r) == class) {
+                rows.push((buf.event_id(r), j, r));
             }
+        }
+        rows.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        for (_, j, r) in rows {
+            out.write_all(self.jobs[j].rows.row(r))?;
         }
         Ok(())
     }
@@ -333,12 +335,24 @@ impl Writer {
                     }
                     return Ok(done);
                 }
+                Err(WriteError::Conflict(m)) if attempt < 5 => {
+                    // A deadlock or serialization failure with another
+                    // transaction: the database is fine; go again at once,
+                    // after a short jittered pause to break the symmetry.
+                    stats.batch_failures.inc();
+                    attempt += 1;
+                    let jitter = u64::from(started.elapsed().subsec_nanos() % 20);
+                    crate::debug!("transaction conflict, retrying", writer = self.id, error = m);
+                    std::thread::sleep(Duration::from_millis(1 + jitter));
+                }
                 Err(e) => {
                     stats.batch_failures.inc();
                     if !e.is_transient() {
                         return Err(e);
                     }
-                    self.metrics.database_up.store(false, Ordering::Relaxed);
+                    if e.counts_against_database() {
+                        self.metrics.database_up.store(false, Ordering::Relaxed);
+                    }
                     attempt += 1;
                     let past_deadline = self.deadline.get().is_some_and(|d| Instant::now() >= *d);
                     if (attempt >= 2 && !unacknowledged) || past_deadline {
@@ -387,7 +401,9 @@ impl Writer {
             if part.is_empty() {
                 continue;
             }
-            let write = |out: &mut dyn std::io::Write| part.iter().try_for_each(|&r| out.write_all(rows.row(r)));
+            let mut sorted = part.clone();
+            sorted.sort_unstable_by(|a, b| rows.event_id(*a).cmp(rows.event_id(*b)));
+            let write = |out: &mut dyn std::io::Write| sorted.iter().try_for_each(|&r| out.write_all(rows.row(r)));
             let result = self.guarded(|conn| db::copy_batch(conn, &self.sql, &write, None));
             match result {
                 Ok(c) => {

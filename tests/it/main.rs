@@ -15,7 +15,8 @@
 //! - `observability`: `/health`, `/stats`, `/metrics`.
 //! - `ops`: SIGHUP reload.
 //! - `overload`: fail fast with 503 + Retry-After.
-//! - `reliability`: faults: dead letters (issue 5).
+//! - `reliability`: faults: dead letters, SIGKILL, PostgreSQL restarts, the spool (issue 5).
+//! - `scale`: two instances on one table; strict `/metrics` parsing.
 //! - `lifecycle`: signals and graceful shutdown under load.
 //! - `ws`: `GET /ws` subscriptions and ingest over WebSocket.
 //! - `spec`: literal readings of SPEC.md where INTERFACE.md is silent.
@@ -30,6 +31,7 @@ mod observability;
 mod ops;
 mod overload;
 mod reliability;
+mod scale;
 mod spec;
 mod validation;
 mod ws;

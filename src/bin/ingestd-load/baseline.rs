@@ -66,24 +66,6 @@ impl BaselineConfig {
     }
 }
 
-/// `name` or `schema.name`, each part double-quoted.
-fn quote_table(table: &str) -> String {
-    table.split('.').map(|p| format!("\"{p}\"")).collect::<Vec<_>>().join(".")
-}
-
-/// The table of the contract (SPEC.md), as ingestd creates it.
-fn create_table_sql(quoted: &str) -> String {
-    format!(
-        "CREATE TABLE {quoted} (\n  \
-         event_id    text PRIMARY KEY,\n  \
-         device_id   text        NOT NULL,\n  \
-         event_type  text        NOT NULL,\n  \
-         ts          timestamptz NOT NULL,\n  \
-         received_at timestamptz NOT NULL DEFAULT now(),\n  \
-         payload     jsonb\n)"
-    )
-}
-
 fn db_config(url: &str) -> DatabaseConfig {
     DatabaseConfig { url: url.to_string(), statement_timeout_ms: 600_000, ..DatabaseConfig::default() }
 }
@@ -95,14 +77,7 @@ fn connect(url: &str) -> Result<postgres::Client, String> {
 
 /// The parser rules of ingestd's default configuration (as a shard builds them).
 fn default_rules() -> Rules {
-    let c = ingestd::config::IngestConfig::default();
-    Rules {
-        max_events: c.max_events_per_request,
-        max_payload_bytes: c.max_payload_bytes,
-        max_payload_depth: c.max_payload_depth,
-        max_future_skew_us: (c.max_future_skew_ms as i64).saturating_mul(1000),
-        allow_unknown_fields: c.allow_unknown_fields,
-    }
+    Rules::from_config(&ingestd::config::IngestConfig::default())
 }
 
 /// Raw binary COPY of pre-encoded tuples in one transaction: what ingestd's
@@ -156,12 +131,12 @@ fn generate(events: &GenConfig, streams: &[u32], rows: u64, batch_rows: usize, b
 
 pub fn run(cfg: &BaselineConfig) -> Result<Value, String> {
     let w = cfg.connections.max(1);
-    let table = quote_table(&cfg.table);
+    let table = db::quote_table(&cfg.table);
     let mut control = connect(&cfg.url)?;
     control
         .batch_execute(&format!(
             "SET client_min_messages = warning; DROP TABLE IF EXISTS {table}; {}; RESET client_min_messages",
-            create_table_sql(&table)
+            db::create_table_sql(&table)
         ))
         .map_err(|e| format!("re-creating {table}: {e}"))?;
 

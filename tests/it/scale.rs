@@ -1,0 +1,945 @@
+//! Scale-out (issue 7): several ingestd instances behind one load balancer,
+//! writing the same PostgreSQL table, keep every guarantee, idempotency
+//! across instances included. Idempotency lives in the table's primary key
+//! on `event_id`, so it holds whichever instance a retry lands on; each
+//! instance's in-memory "recently committed" set is only a hint.
+//!
+//! - two instances, one table: the same batches sent to both (one after the
+//!   other, or racing) plus different batches to each; every acked id stored
+//!   once, and both instances' committed/duplicate counters add up;
+//! - instances started together on a table that does not exist yet;
+//! - the same events raced to both in opposite orders (PostgreSQL deadlocks);
+//! - WebSocket fan-out across instances (subscribe to each: every event once);
+//! - hash- and range-partitioned tables (docs/OPERATIONS.md, section 6);
+//! - a strict parse of a `/metrics` scrape taken after some load (the text
+//!   format 0.0.4 rules a Prometheus server enforces), printed as a sample.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::support::*;
+
+/// Events per batch of the dual-sending client.
+const BATCH: usize = 40;
+/// Rounds per dual-sending client thread.
+const ROUNDS: usize = 90;
+/// Dual-sending client threads.
+const CLIENTS: usize = 4;
+
+/// One instance: two shards and two writers, so that cross-instance and
+/// cross-writer races both happen.
+fn instance() -> Ingestd {
+    Ingestd::new()
+        .set("server.shards", 2)
+        .set("writer.writers", 2)
+}
+
+fn stats(s: &Server) -> Value {
+    let resp = s.get("/stats");
+    assert_eq!(resp.status, 200, "{resp:?}");
+    resp.json()
+}
+
+fn stat(v: &Value, key: &str) -> u64 {
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("/stats lacks integer {key:?}: {v}"))
+}
+
+/// How a dual-sending round orders its two copies of one batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Order {
+    /// To A, and after A's 200 the same batch to B: B must find every id stored.
+    AThenB,
+    /// The mirror image: A must find every id stored.
+    BThenA,
+    /// To both at the same instant: the two COPYs race on the primary key.
+    Together,
+}
+
+/// What one dual-sending client saw.
+#[derive(Default)]
+struct DualResult {
+    /// Ids of batches both instances answered 200 for.
+    acked: Vec<String>,
+    /// Events in 200 answers (each batch counts twice: once per instance).
+    events_in_ok_answers: u64,
+    /// Events B was sent after A had committed them (and vice versa).
+    dup_after_a: u64,
+    dup_after_b: u64,
+    /// Events sent to both at once.
+    raced: u64,
+}
+
+/// Posts one batch and insists on a full 200: with `ack = "commit"` and no
+/// fault injected, anything else (a 503 from a deadlock or a breaker opened
+/// by cross-instance conflicts, say) is a finding, not noise.
+fn post_ok(s: &Server, name: &str, evs: &[Value]) {
+    let resp = s.post_batch(evs);
+    assert_eq!(
+        resp.status, 200,
+        "instance {name} ({}) did not answer 200 to a batch of {} events:\n{resp:?}",
+        s.addr,
+        evs.len()
+    );
+    assert_ingest(&resp, 200, evs.len() as u64, &[]);
+}
+
+#[test]
+fn two_instances_share_one_table_and_stay_idempotent() {
+    let a = instance().start();
+    // B writes into A's table (A made it and drops it at the end).
+    let b = instance().table(&a.table).start();
+    assert_ne!(a.addr, b.addr);
+    let before_a = stats(&a);
+    let before_b = stats(&b);
+
+    // Background: different batches to each instance, all the time.
+    let load_a = Load::start(a.addr, 2, 25, 200);
+    let load_b = Load::start(b.addr, 2, 25, 200);
+
+    let started = Instant::now();
+    let a = Arc::new(a);
+    let b = Arc::new(b);
+    let results: Vec<DualResult> = (0..CLIENTS)
+        .map(|c| {
+            let (a, b) = (a.clone(), b.clone());
+            thread::spawn(move || {
+                let prefix = unique(&format!("dual{c}"));
+                let mut out = DualResult::default();
+                for r in 0..ROUNDS {
+                    let order = [Order::AThenB, Order::BThenA, Order::Together][r % 3];
+                    let evs = events(&format!("{prefix}-{r}"), BATCH);
+                    match order {
+                        Order::AThenB => {
+                            post_ok(&a, "A", &evs);
+                            post_ok(&b, "B", &evs);
+                            out.dup_after_a += BATCH as u64;
+                        }
+                        Order::BThenA => {
+                            post_ok(&b, "B", &evs);
+                            post_ok(&a, "A", &evs);
+                            out.dup_after_b += BATCH as u64;
+                        }
+                        Order::Together => {
+                            let barrier = Arc::new(Barrier::new(2));
+                            let other = {
+                                let (b, evs, barrier) = (b.clone(), evs.clone(), barrier.clone());
+                                thread::spawn(move || {
+                                    barrier.wait();
+                                    post_ok(&b, "B", &evs);
+                                })
+                            };
+                            barrier.wait();
+                            post_ok(&a, "A", &evs);
+                            other.join().expect("the racing request to B failed");
+                            out.raced += BATCH as u64;
+                        }
+                    }
+                    out.events_in_ok_answers += 2 * BATCH as u64;
+                    out.acked.extend(ids_of(&evs));
+                }
+                out
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().expect("a dual-sending client failed (see its panic above)"))
+        .collect();
+    let elapsed = started.elapsed();
+    let bg_a = load_a.stop();
+    let bg_b = load_b.stop();
+    let (a, b) = (
+        Arc::into_inner(a).expect("no other owner of A"),
+        Arc::into_inner(b).expect("no other owner of B"),
+    );
+
+    // The background load must have been served, not refused.
+    for (name, bg) in [("A", &bg_a), ("B", &bg_b)] {
+        assert!(
+            !bg.acked.is_empty(),
+            "background load on {name} got no 200: {:?}, {} transport errors",
+            bg.statuses,
+            bg.transport_errors
+        );
+        let not_ok: usize = bg.statuses.iter().filter(|(k, _)| **k != 200).map(|(_, v)| v).sum();
+        assert_eq!(
+            (not_ok, bg.transport_errors),
+            (0, 0),
+            "background load on {name}: statuses {:?}, transport errors {}",
+            bg.statuses,
+            bg.transport_errors
+        );
+    }
+
+    let dual_acked: Vec<String> = results.iter().flat_map(|r| r.acked.iter().cloned()).collect();
+    let dual_events_ok: u64 = results.iter().map(|r| r.events_in_ok_answers).sum();
+    let dup_after_a: u64 = results.iter().map(|r| r.dup_after_a).sum();
+    let dup_after_b: u64 = results.iter().map(|r| r.dup_after_b).sum();
+    let raced: u64 = results.iter().map(|r| r.raced).sum();
+    let bg_events_ok = (bg_a.acked.len() + bg_b.acked.len()) as u64;
+
+    let mut all_acked: Vec<String> = dual_acked.clone();
+    all_acked.extend(bg_a.acked.iter().cloned());
+    all_acked.extend(bg_b.acked.iter().cloned());
+    let distinct: BTreeSet<&String> = all_acked.iter().collect();
+    assert_eq!(
+        distinct.len() as u64,
+        dual_acked.len() as u64 + bg_events_ok,
+        "the test's own ids collide"
+    );
+
+    // 1. Every acknowledged id is stored, exactly once, and nothing else is.
+    let mut db = a.db();
+    let present = count_ids(&mut db, &a.table, &all_acked);
+    let row = db
+        .query_one(
+            format!("SELECT count(*), count(DISTINCT event_id) FROM {}", a.table).as_str(),
+            &[],
+        )
+        .expect("count rows");
+    let (rows, distinct_rows): (i64, i64) = (row.get(0), row.get(1));
+    eprintln!(
+        "scale-out: {} dual-sent ids ({} events in 200 answers: {dup_after_a} sent to B after A \
+         committed them, {dup_after_b} to A after B, {raced} raced), {} background ids on A, {} on B, \
+         in {elapsed:?}; rows in the shared table {rows}, acked ids present {present} of {}",
+        dual_acked.len(),
+        dual_events_ok,
+        bg_a.acked.len(),
+        bg_b.acked.len(),
+        distinct.len(),
+    );
+    assert_eq!(present, distinct.len() as i64, "acked ids missing from the shared table");
+    assert_eq!(rows, distinct_rows, "duplicate event_id rows in the shared table");
+    assert_eq!(
+        rows,
+        distinct.len() as i64,
+        "the shared table holds rows nobody was told were stored (or lacks acked ones)"
+    );
+
+    // 2. Both instances count what they did, and the counts add up: every
+    //    stored row was inserted by exactly one of them, and every other
+    //    event in a 200 answer was reported as a duplicate by the one that
+    //    answered it.
+    let after_a = stats(&a);
+    let after_b = stats(&b);
+    let delta = |after: &Value, before: &Value, key: &str| stat(after, key) - stat(before, key);
+    let committed_a = delta(&after_a, &before_a, "events_committed");
+    let committed_b = delta(&after_b, &before_b, "events_committed");
+    let dup_a = delta(&after_a, &before_a, "events_duplicate");
+    let dup_b = delta(&after_b, &before_b, "events_duplicate");
+    eprintln!(
+        "A: committed {committed_a}, duplicate {dup_a}, staging fallbacks {}, dedup suspects {}, failed transactions {}\n\
+         B: committed {committed_b}, duplicate {dup_b}, staging fallbacks {}, dedup suspects {}, failed transactions {}",
+        stat(&after_a, "staging_fallbacks"),
+        stat(&after_a, "dedup_suspects"),
+        stat(&after_a, "batch_failures"),
+        stat(&after_b, "staging_fallbacks"),
+        stat(&after_b, "dedup_suspects"),
+        stat(&after_b, "batch_failures"),
+    );
+    assert!(
+        dup_b >= dup_after_a,
+        "B re-received {dup_after_a} events A had already committed but reports only {dup_b} duplicates"
+    );
+    assert!(
+        dup_a >= dup_after_b,
+        "A re-received {dup_after_b} events B had already committed but reports only {dup_a} duplicates"
+    );
+    assert_eq!(
+        committed_a + committed_b,
+        rows as u64,
+        "events_committed of A ({committed_a}) + B ({committed_b}) != rows stored"
+    );
+    assert_eq!(
+        dup_a + dup_b,
+        dual_events_ok + bg_events_ok - rows as u64,
+        "events_duplicate of A ({dup_a}) + B ({dup_b}) != events answered 200 ({}) - rows stored ({rows})",
+        dual_events_ok + bg_events_ok
+    );
+    for (name, s) in [("A", &after_a), ("B", &after_b)] {
+        assert_eq!(stat(s, "events_lost"), 0, "{name}: {s}");
+        assert_eq!(stat(s, "events_dead_lettered"), 0, "{name}: {s}");
+    }
+}
+
+/// Instances started at the same moment on a table that does not exist yet
+/// (a fleet brought up together by its orchestrator) all create-or-find it
+/// and become ready.
+#[test]
+fn instances_started_together_on_a_new_table_all_get_ready() {
+    const N: usize = 3;
+    let table = unique("t_fleet");
+    let barrier = Arc::new(Barrier::new(N));
+    let servers: Vec<Server> = (0..N)
+        .map(|_| {
+            let (table, barrier) = (table.clone(), barrier.clone());
+            thread::spawn(move || {
+                let builder = instance().set("writer.writers", 1).table(&table);
+                barrier.wait();
+                builder.start()
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join())
+        .collect::<Result<_, _>>()
+        .unwrap_or_else(|_| {
+            let _ = db_connect(&database_url())
+                .batch_execute(&format!("DROP TABLE IF EXISTS {table}, {table}_dead_letter"));
+            panic!("an instance started together with others on a new table did not get ready (see above)")
+        });
+    let mut ids = Vec::new();
+    for (i, s) in servers.iter().enumerate() {
+        let evs = events(&format!("{table}-{i}"), 5);
+        assert_ingest(&s.post_batch(&evs), 200, 5, &[]);
+        ids.extend(ids_of(&evs));
+    }
+    assert_eq!(servers[0].count_ids(&ids), ids.len() as i64);
+    drop(servers);
+    db_connect(&database_url())
+        .batch_execute(&format!("DROP TABLE IF EXISTS {table}, {table}_dead_letter"))
+        .expect("drop the shared table");
+}
+
+// ---------------------------------------------------------------------------
+// /metrics
+// ---------------------------------------------------------------------------
+
+/// One sample of a scrape.
+#[derive(Debug, Clone)]
+struct Sample {
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
+}
+
+/// A strict reader of the Prometheus text format 0.0.4: every line is a
+/// `# HELP`, `# TYPE`, other comment, blank, or `name{labels} value [ts]`
+/// with a float value; names match `^[a-zA-Z_:][a-zA-Z0-9_:]*$`, label names
+/// `^[a-zA-Z_][a-zA-Z0-9_]*$`; every sample's family has a HELP and a TYPE
+/// before it; HELP and TYPE appear at most once per family; a family's lines
+/// are one group; no series appears twice; a summary's samples are
+/// `{quantile=...}`, `_sum` and `_count`; counters end in `_total` and are
+/// not negative. Panics naming the first bad line.
+fn parse_scrape(text: &str) -> (Vec<Sample>, BTreeMap<String, String>) {
+    try_parse_scrape(text).unwrap_or_else(|e| panic!("{e}\n--- scrape ---\n{text}"))
+}
+
+type Families = BTreeMap<String, String>;
+
+fn try_parse_scrape(text: &str) -> Result<(Vec<Sample>, Families), String> {
+    fn metric_name_ok(s: &str) -> bool {
+        let mut cs = s.chars();
+        matches!(cs.next(), Some(c) if c.is_ascii_alphabetic() || c == '_' || c == ':')
+            && cs.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+    }
+    fn label_name_ok(s: &str) -> bool {
+        let mut cs = s.chars();
+        matches!(cs.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+            && cs.all(|c| c.is_ascii_alphanumeric() || c == '_')
+    }
+    let mut types: Families = BTreeMap::new();
+    let mut helps: BTreeSet<String> = BTreeSet::new();
+    let mut finished: BTreeSet<String> = BTreeSet::new();
+    let mut current: Option<String> = None;
+    let mut series: BTreeSet<String> = BTreeSet::new();
+    let mut samples = Vec::new();
+    // A family's group ends when another family's line starts.
+    let mut enter = |family: &str, current: &mut Option<String>| -> Result<(), &'static str> {
+        if current.as_deref() != Some(family) {
+            if finished.contains(family) {
+                return Err("lines of this metric family are not grouped together");
+            }
+            if let Some(prev) = current.take() {
+                finished.insert(prev);
+            }
+            *current = Some(family.to_string());
+        }
+        Ok(())
+    };
+    for (n, line) in text.lines().enumerate() {
+        let bad = |why: &str| format!("/metrics line {}: {why}: {line:?}", n + 1);
+        if line.trim().is_empty() {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix('#') {
+            let mut words = rest.trim_start().splitn(3, ' ');
+            match words.next() {
+                Some("HELP") => {
+                    let name = words.next().ok_or_else(|| bad("HELP without a name"))?;
+                    if !metric_name_ok(name) {
+                        return Err(bad("bad metric name in HELP"));
+                    }
+                    if words.next().is_none_or(|h| h.trim().is_empty()) {
+                        return Err(bad("empty HELP text"));
+                    }
+                    enter(name, &mut current).map_err(bad)?;
+                    if !helps.insert(name.to_string()) {
+                        return Err(bad("second HELP for this family"));
+                    }
+                }
+                Some("TYPE") => {
+                    let name = words.next().ok_or_else(|| bad("TYPE without a name"))?;
+                    let kind = words.next().ok_or_else(|| bad("TYPE without a type"))?.trim();
+                    if !metric_name_ok(name) {
+                        return Err(bad("bad metric name in TYPE"));
+                    }
+                    if !["counter", "gauge", "summary", "histogram", "untyped"].contains(&kind) {
+                        return Err(bad("unknown metric type"));
+                    }
+                    enter(name, &mut current).map_err(bad)?;
+                    if types.insert(name.to_string(), kind.to_string()).is_some() {
+                        return Err(bad("second TYPE for this family"));
+                    }
+                }
+                _ => {} // any other comment
+            }
+            continue;
+        }
+        // name{labels} value [timestamp]
+        let name_end = line.find(['{', ' ']).ok_or_else(|| bad("no value"))?;
+        let name = &line[..name_end];
+        if !metric_name_ok(name) {
+            return Err(bad("metric name does not match ^[a-zA-Z_:][a-zA-Z0-9_:]*$"));
+        }
+        let mut rest = &line[name_end..];
+        let mut labels = BTreeMap::new();
+        if let Some(body) = rest.strip_prefix('{') {
+            let mut chars = body.char_indices().peekable();
+            let close = loop {
+                let start = match chars.peek() {
+                    Some(&(i, '}')) => break i,
+                    Some(&(i, _)) => i,
+                    None => return Err(bad("unclosed label set")),
+                };
+                let eq = chars
+                    .by_ref()
+                    .find(|&(_, c)| c == '=')
+                    .map(|(i, _)| i)
+                    .ok_or_else(|| bad("label without ="))?;
+                let lname = &body[start..eq];
+                if !label_name_ok(lname) {
+                    return Err(bad("bad label name"));
+                }
+                if chars.next().map(|(_, c)| c) != Some('"') {
+                    return Err(bad("label value not quoted"));
+                }
+                let mut value = String::new();
+                let mut closed = false;
+                while let Some((_, c)) = chars.next() {
+                    match c {
+                        '\\' => match chars.next().map(|(_, c)| c) {
+                            Some('\\') => value.push('\\'),
+                            Some('"') => value.push('"'),
+                            Some('n') => value.push('\n'),
+                            _ => return Err(bad("bad escape in label value")),
+                        },
+                        '"' => {
+                            closed = true;
+                            break;
+                        }
+                        c => value.push(c),
+                    }
+                }
+                if !closed {
+                    return Err(bad("unterminated label value"));
+                }
+                if labels.insert(lname.to_string(), value).is_some() {
+                    return Err(bad("label repeated"));
+                }
+                match chars.next() {
+                    Some((_, ',')) => {}
+                    Some((i, '}')) => break i,
+                    _ => return Err(bad("expected , or } after a label")),
+                }
+            };
+            rest = &body[close + 1..];
+        }
+        if !rest.starts_with(' ') {
+            return Err(bad("no space before the value"));
+        }
+        let mut fields = rest.split_whitespace();
+        let value = match fields.next().ok_or_else(|| bad("no value"))? {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            "NaN" => f64::NAN,
+            v => v.parse().map_err(|_| bad("value is not a float"))?,
+        };
+        if let Some(ts) = fields.next() {
+            ts.parse::<i64>().map_err(|_| bad("timestamp is not an integer"))?;
+        }
+        if fields.next().is_some() {
+            return Err(bad("trailing fields"));
+        }
+        // Its family: the name itself, or a summary/histogram's base name.
+        let family = if types.contains_key(name) {
+            name.to_string()
+        } else {
+            ["_sum", "_count", "_bucket"]
+                .iter()
+                .find_map(|suffix| {
+                    let base = name.strip_suffix(suffix)?;
+                    let kind = types.get(base)?;
+                    let fits = match *suffix {
+                        "_bucket" => kind == "histogram",
+                        _ => kind == "summary" || kind == "histogram",
+                    };
+                    fits.then(|| base.to_string())
+                })
+                .ok_or_else(|| bad("sample without a TYPE line before it"))?
+        };
+        if !helps.contains(&family) {
+            return Err(bad("sample without a HELP line before it"));
+        }
+        enter(&family, &mut current).map_err(bad)?;
+        match types[&family].as_str() {
+            "summary" if name == family && !labels.contains_key("quantile") => {
+                return Err(bad("summary sample without a quantile label"));
+            }
+            "summary" | "histogram" if name != family && labels.contains_key("quantile") => {
+                return Err(bad("quantile label on _sum/_count"));
+            }
+            "counter" if !name.ends_with("_total") => {
+                return Err(bad("counter name does not end in _total"));
+            }
+            "counter" if value.is_nan() || value < 0.0 => return Err(bad("negative or NaN counter")),
+            _ => {}
+        }
+        if !series.insert(format!("{name}{labels:?}")) {
+            return Err(bad("series repeated"));
+        }
+        samples.push(Sample {
+            name: name.to_string(),
+            labels,
+            value,
+        });
+    }
+    Ok((samples, types))
+}
+
+fn sum_of(samples: &[Sample], name: &str, label: Option<(&str, &str)>) -> f64 {
+    samples
+        .iter()
+        .filter(|s| s.name == name)
+        .filter(|s| label.is_none_or(|(k, v)| s.labels.get(k).map(String::as_str) == Some(v)))
+        .map(|s| s.value)
+        .sum()
+}
+
+#[test]
+fn metrics_scrape_parses_strictly_after_load() {
+    let s = instance().start();
+    // Load: good batches, a batch with bad events, re-sent duplicates, an
+    // unknown route, and a few requests in parallel.
+    let load = Load::start(s.addr, 2, 50, 200);
+    let mut bad = events(&unique("mix"), 10);
+    bad[3]["ts"] = json!("yesterday");
+    bad[7]["device_id"] = json!("");
+    let resp = s.post_batch(&bad);
+    assert_ingest(&resp, 200, 8, &[3, 7]);
+    let again = events(&unique("again"), 20);
+    assert_ingest(&s.post_batch(&again), 200, 20, &[]);
+    assert_ingest(&s.post_batch(&again), 200, 20, &[]);
+    assert_eq!(s.get("/nope").status, 404);
+    thread::sleep(Duration::from_millis(300));
+    let bg = load.stop();
+    assert!(!bg.acked.is_empty(), "background load: {:?}", bg.statuses);
+
+    let resp = s.get("/metrics");
+    assert_eq!(resp.status, 200, "{resp:?}");
+    let ct = resp.header("content-type").unwrap_or_default().replace(' ', "");
+    assert!(
+        ct.starts_with("text/plain") && ct.contains("version=0.0.4"),
+        "/metrics content-type {ct:?}"
+    );
+    let text = resp.text();
+    let (samples, types) = parse_scrape(&text);
+
+    // The families the dashboard and docs/OPERATIONS.md rely on.
+    for (family, kind) in [
+        ("ingestd_up", "gauge"),
+        ("ingestd_database_up", "gauge"),
+        ("ingestd_breaker_state", "gauge"),
+        ("ingestd_events_accepted_total", "counter"),
+        ("ingestd_events_committed_total", "counter"),
+        ("ingestd_events_rejected_total", "counter"),
+        ("ingestd_events_duplicate_total", "counter"),
+        ("ingestd_events_dead_lettered_total", "counter"),
+        ("ingestd_overload_rejections_total", "counter"),
+        ("ingestd_ring_depth", "gauge"),
+        ("ingestd_ring_capacity", "gauge"),
+        ("ingestd_ack_latency_seconds", "summary"),
+        ("ingestd_commit_duration_seconds", "summary"),
+        ("ingestd_batch_events", "summary"),
+        ("ingestd_connections_open", "gauge"),
+        ("ingestd_ws_subscribers", "gauge"),
+        ("ingestd_ws_slow_closes_total", "counter"),
+        ("process_resident_memory_bytes", "gauge"),
+        ("process_open_fds", "gauge"),
+    ] {
+        assert_eq!(
+            types.get(family).map(String::as_str),
+            Some(kind),
+            "family {family} missing or not a {kind}\n--- scrape ---\n{text}"
+        );
+    }
+
+    // The numbers agree with what was sent.
+    let acked = (bg.acked.len() + 8 + 20 + 20) as f64;
+    let accepted = sum_of(&samples, "ingestd_events_accepted_total", None);
+    let committed = sum_of(&samples, "ingestd_events_committed_total", None);
+    let duplicate = sum_of(&samples, "ingestd_events_duplicate_total", None);
+    assert_eq!(accepted, acked, "accepted_total vs events answered 200");
+    assert_eq!(committed + duplicate, acked, "committed + duplicate vs events answered 200");
+    assert_eq!(duplicate, 20.0, "the re-sent batch of 20");
+    assert_eq!(committed as i64, s.count(), "committed_total vs rows stored");
+    assert_eq!(
+        sum_of(&samples, "ingestd_events_rejected_total", None),
+        2.0,
+        "two events were rejected"
+    );
+    assert_eq!(sum_of(&samples, "ingestd_events_rejected_total", Some(("reason", "ts_out_of_range"))) + sum_of(&samples, "ingestd_events_rejected_total", Some(("reason", "invalid_value"))), 2.0);
+    assert_eq!(sum_of(&samples, "ingestd_up", None), 1.0);
+    assert_eq!(sum_of(&samples, "ingestd_database_up", None), 1.0);
+    let acks = sum_of(&samples, "ingestd_ack_latency_seconds_count", None);
+    assert!(acks >= 4.0, "ack latency count {acks}");
+    let p99 = sum_of(&samples, "ingestd_ack_latency_seconds", Some(("quantile", "0.99")));
+    assert!(p99 > 0.0 && p99 < 20.0, "ack latency p99 {p99} s");
+    assert!(sum_of(&samples, "process_resident_memory_bytes", None) > 1e6);
+    assert!(sum_of(&samples, "process_open_fds", None) >= 3.0);
+
+    // A sample of the scrape for docs/OPERATIONS.md: every HELP/TYPE pair,
+    // non-zero samples, and summaries whole.
+    let mut shown = String::new();
+    for line in text.lines() {
+        let zero = line.ends_with(" 0") && !line.starts_with('#');
+        if !zero {
+            shown.push_str(line);
+            shown.push('\n');
+        }
+    }
+    eprintln!(
+        "/metrics after {} acked events ({} samples, {} families; zero-valued samples left out):\n{shown}",
+        acked,
+        samples.len(),
+        types.len()
+    );
+}
+
+#[test]
+fn scrape_parser_rejects_what_prometheus_rejects() {
+    // Guards the parser itself, both ways.
+    let good = "# HELP a_total A.\n# TYPE a_total counter\na_total{x=\"1\",y=\"a,}b\\\"c\"} 3 1700000000000\n\
+                # HELP l_seconds L.\n# TYPE l_seconds summary\nl_seconds{quantile=\"0.5\"} 0.25\nl_seconds_sum 1.5e0\nl_seconds_count 4\n\
+                # HELP g G.\n# TYPE g gauge\ng NaN\ng{k=\"v\"} -Inf\n";
+    let (samples, types) = parse_scrape(good);
+    assert_eq!(samples.len(), 6);
+    assert_eq!(samples[0].labels["y"], "a,}b\"c");
+    assert_eq!(types["l_seconds"], "summary");
+    for bad in [
+        "a_total 1\n",                                                     // no HELP/TYPE
+        "# HELP a_total A.\na_total 1\n",                                  // no TYPE
+        "# HELP a A.\n# TYPE a gauge\na one\n",                            // not a float
+        "# HELP 1a A.\n# TYPE 1a gauge\n1a 1\n",                           // bad name
+        "# HELP a A.\n# TYPE a gauge\na{1x=\"v\"} 1\n",                    // bad label name
+        "# HELP a A.\n# TYPE a gauge\na{x=v} 1\n",                         // unquoted
+        "# HELP a A.\n# TYPE a gauge\na 1\na 2\n",                         // repeated series
+        "# HELP a A.\n# TYPE a gauge\na 1\n# HELP b B.\n# TYPE b gauge\nb 1\na{x=\"1\"} 2\n", // split group
+        "# HELP c C.\n# TYPE c counter\nc 1\n",                            // counter without _total
+        "# HELP s S.\n# TYPE s summary\ns 1\n",                            // summary without quantile
+    ] {
+        assert!(try_parse_scrape(bad).is_err(), "accepted a bad exposition:\n{bad}");
+    }
+}
+
+/// The guarantee the scale-out relies on, stated where it lives: a table
+/// created by ingestd has its primary key on `event_id`, so a second
+/// instance cannot insert a row the first one already stored.
+#[test]
+fn created_table_has_event_id_primary_key() {
+    let s = instance().start();
+    let mut db = s.db();
+    let row = db
+        .query_one(
+            "SELECT array_agg(a.attname::text ORDER BY a.attname) \
+             FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
+             WHERE i.indrelid = $1::text::regclass AND i.indisprimary",
+            &[&s.table],
+        )
+        .expect("primary key of the table");
+    let cols: Option<Vec<String>> = row.get(0);
+    assert_eq!(cols, Some(vec!["event_id".to_string()]));
+}
+
+/// The same events raced to both instances in opposite orders (as when a
+/// load balancer retries requests on another instance and the two writers
+/// batch them the other way round): each COPY waits on a key the other
+/// inserted first, the textbook deadlock. PostgreSQL breaks it after
+/// `deadlock_timeout` (1 s by default) by aborting one transaction. Nothing
+/// may be lost or doubled whatever happens; and since neither the data nor
+/// the database is at fault, the aborted side is expected to redo its batch
+/// and answer 200, and the breaker (which guards against an unavailable
+/// database) must not open.
+#[test]
+fn opposite_order_races_across_instances_resolve() {
+    let a = instance().start();
+    let b = instance().table(&a.table).start();
+    const ROUNDS: usize = 10;
+    const N: usize = 2000;
+    let mut acked = Vec::new();
+    let mut sent = 0u64;
+    let mut slowest = Duration::ZERO;
+    let mut statuses = BTreeMap::<u16, usize>::new();
+    let mut refusals = Vec::new();
+    for r in 0..ROUNDS {
+        let evs = events(&unique(&format!("opp{r}")), N);
+        let mut rev = evs.clone();
+        rev.reverse();
+        let barrier = Barrier::new(2);
+        let answers = thread::scope(|s| {
+            let ta = s.spawn(|| {
+                barrier.wait();
+                let t = Instant::now();
+                (a.post_batch(&evs), t.elapsed())
+            });
+            let tb = s.spawn(|| {
+                barrier.wait();
+                let t = Instant::now();
+                (b.post_batch(&rev), t.elapsed())
+            });
+            [("A", ta.join().unwrap()), ("B", tb.join().unwrap())]
+        });
+        for (name, (resp, took)) in &answers {
+            *statuses.entry(resp.status).or_default() += 1;
+            slowest = slowest.max(*took);
+            match resp.status {
+                200 => {
+                    assert_ingest(resp, 200, N as u64, &[]);
+                    sent += N as u64;
+                    acked.extend(ids_of(&evs));
+                }
+                503 => {
+                    // Allowed by the contract (the client retries), so check
+                    // it is a proper one, and retry as a client would.
+                    assert!(resp.header("retry-after").is_some(), "503 without Retry-After:\n{resp:?}");
+                    refusals.push(format!("round {r}, {name}: {}", resp.text()));
+                    let s = if *name == "A" { &a } else { &b };
+                    assert_ingest(&s.post_batch(&evs), 200, N as u64, &[]);
+                    sent += N as u64;
+                    acked.extend(ids_of(&evs));
+                }
+                _ => panic!("round {r}, instance {name}: {resp:?}"),
+            }
+        }
+    }
+    let (sa, sb) = (stats(&a), stats(&b));
+    let opens = stat(&sa, "breaker_opens") + stat(&sb, "breaker_opens");
+    eprintln!(
+        "opposite-order races: {ROUNDS} rounds of {N} events, statuses {statuses:?}, slowest answer {slowest:?}; \
+         failed transactions A {} B {}, breaker opens A {} B {}\n{}",
+        stat(&sa, "batch_failures"),
+        stat(&sb, "batch_failures"),
+        stat(&sa, "breaker_opens"),
+        stat(&sb, "breaker_opens"),
+        refusals.join("\n"),
+    );
+    // The guarantees: every acked id stored exactly once, counters add up.
+    let distinct: BTreeSet<&String> = acked.iter().collect();
+    assert_eq!(a.count_ids(&acked), distinct.len() as i64);
+    assert_eq!(a.count(), distinct.len() as i64);
+    let committed = stat(&sa, "events_committed") + stat(&sb, "events_committed");
+    let duplicate = stat(&sa, "events_duplicate") + stat(&sb, "events_duplicate");
+    assert_eq!(committed, distinct.len() as u64);
+    assert_eq!(committed + duplicate, sent);
+    // The expectations: a deadlock between two healthy instances is neither
+    // a client-visible failure nor a database outage.
+    assert!(
+        refusals.is_empty(),
+        "{} of {} requests were answered 503 because two instances deadlocked on the same \
+         event_ids (PostgreSQL 40P01); ingestd should redo the aborted batch (after a short \
+         randomised pause, or with rows in event_id order so that instances cannot deadlock):\n{}",
+        refusals.len(),
+        2 * ROUNDS,
+        refusals.join("\n")
+    );
+    assert_eq!(opens, 0, "the breaker opened on deadlocks between instances, not an outage");
+}
+
+/// WebSocket fan-out is per instance: a subscriber sees the events its own
+/// instance committed. Since a row is inserted by exactly one instance and a
+/// duplicate is never pushed, a client subscribed to every instance gets
+/// each event exactly once, wherever it was sent and however often
+/// (docs/OPERATIONS.md, "WebSocket subscribers behind a load balancer").
+#[test]
+fn a_subscriber_on_every_instance_gets_each_event_exactly_once() {
+    use tungstenite::Message;
+    let a = instance().start();
+    let b = instance().table(&a.table).start();
+    let device = unique("dev");
+    let subscribe = |s: &Server| {
+        let stream = std::net::TcpStream::connect(s.addr).expect("tcp connect");
+        stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let url = format!("ws://{}/ws?device_id={device}", s.addr);
+        tungstenite::client(url.as_str(), stream)
+            .map(|(ws, _)| ws)
+            .unwrap_or_else(|e| panic!("WebSocket upgrade on {}: {e:?}", s.addr))
+    };
+    let mut sub_a = subscribe(&a);
+    let mut sub_b = subscribe(&b);
+    // Subscriptions are registered on the shard asynchronously to the 101:
+    // wait until both instances count them.
+    for s in [&a, &b] {
+        eventually(Duration::from_secs(10), "the subscriber to be registered", || {
+            (stat(&stats(s), "ws_subscribers") >= 1).then_some(())
+        });
+    }
+    let mut acked = BTreeSet::new();
+    for r in 0..12 {
+        let evs: Vec<Value> = events(&unique(&format!("fan{r}")), 20)
+            .into_iter()
+            .map(|mut e| {
+                e["device_id"] = json!(device);
+                e
+            })
+            .collect();
+        match r % 3 {
+            0 => post_ok(&a, "A", &evs),
+            1 => post_ok(&b, "B", &evs),
+            _ => {
+                post_ok(&a, "A", &evs);
+                post_ok(&b, "B", &evs);
+            }
+        }
+        acked.extend(ids_of(&evs));
+    }
+    let drain = |ws: &mut tungstenite::WebSocket<std::net::TcpStream>| {
+        ws.get_mut().set_read_timeout(Some(Duration::from_millis(700))).expect("timeout");
+        let mut ids = Vec::new();
+        loop {
+            match ws.read() {
+                Ok(Message::Text(t)) => {
+                    let v: Value = serde_json::from_str(t.as_str()).expect("JSON text frame");
+                    let id = v["event_id"]
+                        .as_str()
+                        .unwrap_or_else(|| panic!("pushed frame without event_id: {v}"));
+                    ids.push(id.to_string());
+                }
+                Ok(Message::Close(c)) => panic!("closed by server: {c:?}"),
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e))
+                    if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+                {
+                    break;
+                }
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+        ids
+    };
+    let got_a = drain(&mut sub_a);
+    let got_b = drain(&mut sub_b);
+    let mut all: Vec<String> = got_a.iter().chain(&got_b).cloned().collect();
+    all.sort();
+    let distinct: BTreeSet<String> = all.iter().cloned().collect();
+    eprintln!(
+        "fan-out across instances: {} events acked, subscriber on A got {}, on B {}, together {} ({} distinct)",
+        acked.len(),
+        got_a.len(),
+        got_b.len(),
+        all.len(),
+        distinct.len()
+    );
+    assert_eq!(distinct, acked, "the union of both subscriptions is not every stored event");
+    assert_eq!(all.len(), acked.len(), "an event was pushed more than once across instances");
+    assert!(
+        !got_a.is_empty() && !got_b.is_empty(),
+        "one instance pushed nothing (A {}, B {})",
+        got_a.len(),
+        got_b.len()
+    );
+}
+
+/// Drops tables the test made itself, also when it fails.
+struct DropTables(Vec<String>);
+
+impl Drop for DropTables {
+    fn drop(&mut self) {
+        if let Ok(mut db) = std::panic::catch_unwind(|| db_connect(&database_url())) {
+            let _ = db.batch_execute(&format!("DROP TABLE IF EXISTS {} CASCADE", self.0.join(", ")));
+        }
+    }
+}
+
+/// Sends a batch twice (the retry after a lost answer) to each of two
+/// instances writing `table`, and checks it is stored once and every
+/// answer is a plain 200 with nothing rejected.
+fn retries_are_idempotent_on(table: &str) {
+    let a = instance().table(table).start();
+    let b = instance().table(table).start();
+    let now = now_ms();
+    let mut evs = events(&unique("part"), 30);
+    // Two of them far in the past, one at the start of 2000 (the oldest ts
+    // ingestd accepts), so that several partitions are written.
+    evs[0]["ts"] = json!(946_684_800_000i64);
+    evs[1]["ts"] = json!(now - 400 * 24 * 3_600_000);
+    for (name, s) in [("A", &a), ("A again", &a), ("B", &b), ("B again", &b)] {
+        let resp = s.post_batch(&evs);
+        assert_eq!(resp.status, 200, "{name} on {table}:\n{resp:?}");
+        assert_ingest(&resp, 200, evs.len() as u64, &[]);
+    }
+    let mut db = a.db();
+    let ids = ids_of(&evs);
+    assert_eq!(count_ids(&mut db, table, &ids), ids.len() as i64);
+    let rows: i64 = db
+        .query_one(format!("SELECT count(*) FROM {table}").as_str(), &[])
+        .expect("count")
+        .get(0);
+    assert_eq!(rows, ids.len() as i64, "{table}: duplicates stored");
+    let dead: i64 = db
+        .query_one(format!("SELECT count(*) FROM {table}_dead_letter").as_str(), &[])
+        .expect("count dead letters")
+        .get(0);
+    assert_eq!(dead, 0, "{table}: retried events went to the dead-letter table");
+}
+
+/// Hash partitioning on `event_id` keeps the SPEC's primary key, so nothing
+/// about idempotency changes (docs/OPERATIONS.md, "PostgreSQL partitioning").
+#[test]
+fn hash_partitioned_table_keeps_idempotency() {
+    let t = unique("t_hash");
+    let _guard = DropTables(vec![t.clone(), format!("{t}_dead_letter")]);
+    let mut sql = format!(
+        "CREATE TABLE {t} (event_id text PRIMARY KEY, device_id text NOT NULL, event_type text NOT NULL, \
+         ts timestamptz NOT NULL, received_at timestamptz NOT NULL DEFAULT now(), payload jsonb) \
+         PARTITION BY HASH (event_id);"
+    );
+    for r in 0..4 {
+        sql += &format!("CREATE TABLE {t}_p{r} PARTITION OF {t} FOR VALUES WITH (MODULUS 4, REMAINDER {r});");
+    }
+    db_connect(&database_url()).batch_execute(&sql).expect("create the hash-partitioned table");
+    retries_are_idempotent_on(&t);
+}
+
+/// Range partitioning on `ts` (for retention by dropping old partitions)
+/// needs `ts` in the primary key: PRIMARY KEY (event_id, ts). A retry sends
+/// the same event, so the same (event_id, ts): it must still be a duplicate,
+/// answered 200 and stored once — not refused or dead-lettered.
+#[test]
+fn range_partitioned_table_on_ts_keeps_idempotency() {
+    let t = unique("t_range");
+    let _guard = DropTables(vec![t.clone(), format!("{t}_dead_letter")]);
+    let sql = format!(
+        "CREATE TABLE {t} (event_id text NOT NULL, device_id text NOT NULL, event_type text NOT NULL, \
+         ts timestamptz NOT NULL, received_at timestamptz NOT NULL DEFAULT now(), payload jsonb, \
+         PRIMARY KEY (event_id, ts)) PARTITION BY RANGE (ts);\
+         CREATE TABLE {t}_recent PARTITION OF {t} FOR VALUES FROM (now() - interval '30 days') TO (now() + interval '30 days');\
+         CREATE TABLE {t}_default PARTITION OF {t} DEFAULT;"
+    );
+    db_connect(&database_url()).batch_execute(&sql).expect("create the range-partitioned table");
+    retries_are_idempotent_on(&t);
+}
