@@ -126,7 +126,12 @@ struct Outcome {
 
 /// `appenders` threads append through the appender thread for `budget`.
 fn spool_append(dir: &Path, record: &[u8], appenders: usize, commit_ms: u64, budget: Duration) -> Outcome {
-    let config = SpoolConfig { dir: dir.to_path_buf(), segment_bytes: SEGMENT_BYTES, max_bytes: 16 * SEGMENT_BYTES, ..SpoolConfig::default() };
+    let config = SpoolConfig {
+        dir: dir.to_path_buf(),
+        segment_bytes: SEGMENT_BYTES,
+        max_bytes: 16 * SEGMENT_BYTES,
+        ..SpoolConfig::default()
+    };
     let (spool, appender, _) = Spool::open(config).expect("open spool");
     let (sender, appender_thread) = appender.spawn().expect("spawn appender");
     let stop = Arc::new(AtomicBool::new(false));
@@ -165,7 +170,8 @@ fn spool_append(dir: &Path, record: &[u8], appenders: usize, commit_ms: u64, bud
             })
         })
         .collect();
-    let (records, busy) = threads.into_iter().map(|t| t.join().expect("appender")).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+    let (records, busy) =
+        threads.into_iter().map(|t| t.join().expect("appender")).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
     let elapsed = start.elapsed().as_secs_f64();
     drop(sender);
     let report = appender_thread.join().expect("appender thread");
@@ -176,5 +182,9 @@ fn spool_append(dir: &Path, record: &[u8], appenders: usize, commit_ms: u64, bud
     assert_eq!(report.records, records, "every append acknowledged once");
     drop(spool);
     let _ = fs::remove_dir_all(dir);
-    Outcome { rate: records as f64 / elapsed, records_per_group: report.records as f64 / report.groups.max(1) as f64, busy }
+    Outcome {
+        rate: records as f64 / elapsed,
+        records_per_group: report.records as f64 / report.groups.max(1) as f64,
+        busy,
+    }
 }

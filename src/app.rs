@@ -20,11 +20,11 @@ use std::time::Instant;
 
 use crate::broadcast::{self, Hub};
 use crate::config::{AckMode, Config, LiveConfig, Sources};
-use crate::spool::Spool;
-use crate::spool::drain::Drainer;
 use crate::metrics::Metrics;
 use crate::pipeline::{self, RingGauge};
 use crate::shard::{self, ShardSetup};
+use crate::spool::Spool;
+use crate::spool::drain::Drainer;
 use crate::writer::breaker::Breaker;
 use crate::writer::db::{self, Statements, WriteError};
 use crate::writer::recent::RecentIds;
@@ -116,11 +116,9 @@ pub fn run(config: Config, sources: Sources) -> Result<Ended, RunError> {
             .map_err(|e| RunError::Internal(format!("cannot start broadcaster thread: {e}")))?
     };
     let deadline: Arc<OnceLock<Instant>> = Arc::new(OnceLock::new());
-    let recent = RecentIds::new(
-        std::time::Duration::from_millis(config.writer.dedup_window_ms),
-        config.writer.dedup_max_ids,
-    )
-    .map(Arc::new);
+    let recent =
+        RecentIds::new(std::time::Duration::from_millis(config.writer.dedup_window_ms), config.writer.dedup_max_ids)
+            .map(Arc::new);
 
     let mut writer_threads = Vec::with_capacity(writers);
     for (id, ring) in receivers.into_iter().enumerate() {
@@ -151,8 +149,8 @@ pub fn run(config: Config, sources: Sources) -> Result<Ended, RunError> {
     // thread) and a drainer feeds its records to the writers.
     let drain_deadline: Arc<OnceLock<Instant>> = Arc::new(OnceLock::new());
     let (spool_sender, spool_threads) = if config.ingest.ack == AckMode::Spool {
-        let (spool, appender, recovery) =
-            Spool::open(config.spool.clone()).map_err(|e| RunError::Spool(format!("{}: {e}", config.spool.dir.display())))?;
+        let (spool, appender, recovery) = Spool::open(config.spool.clone())
+            .map_err(|e| RunError::Spool(format!("{}: {e}", config.spool.dir.display())))?;
         if let Some(cut) = &recovery.tail_cut {
             crate::warn!(
                 "spool: torn tail cut at start-up",
@@ -170,7 +168,8 @@ pub fn run(config: Config, sources: Sources) -> Result<Ended, RunError> {
             to_replay = recovery.next_seq.saturating_sub(recovery.committed_seq + 1)
         );
         let _ = metrics.spool.set(spool.clone());
-        let (sender, appender) = appender.spawn().map_err(|e| RunError::Internal(format!("cannot start spool appender: {e}")))?;
+        let (sender, appender) =
+            appender.spawn().map_err(|e| RunError::Internal(format!("cannot start spool appender: {e}")))?;
         let drainer = Drainer {
             spool,
             rings: ring_set.clone(),
@@ -364,7 +363,8 @@ fn reload(live: &LiveConfig, sources: &Sources) {
             crate::info!(
                 "SIGHUP: configuration reloaded",
                 applied = if report.applied.is_empty() { "none".to_string() } else { report.applied.join(",") },
-                needs_restart = if report.need_restart.is_empty() { "none".to_string() } else { report.need_restart.join(",") }
+                needs_restart =
+                    if report.need_restart.is_empty() { "none".to_string() } else { report.need_restart.join(",") }
             );
         }
     }

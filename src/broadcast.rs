@@ -88,7 +88,9 @@ impl CommittedBatch {
                     continue;
                 }
                 let Some(view) = rows.view(r) else { continue };
-                let (Ok(device), Ok(kind)) = (std::str::from_utf8(view.device_id), std::str::from_utf8(view.event_type)) else {
+                let (Ok(device), Ok(kind)) =
+                    (std::str::from_utf8(view.device_id), std::str::from_utf8(view.event_type))
+                else {
                     continue;
                 };
                 let start = text.len() as u32;
@@ -275,7 +277,6 @@ impl Hub {
         self.slots[shard].subscribers.fetch_add(1, Ordering::Relaxed);
         Ok(Admission { hub: self.clone(), shard, ip })
     }
-
 }
 
 /// The shard side of an inbox.
@@ -318,8 +319,22 @@ mod tests {
 
     fn rows() -> RowBuf {
         let mut rows = RowBuf::default();
-        rows.push(&RowFields { event_id: b"e1", device_id: "d\"1", event_type: "t", ts: 0, received_at: 1_000, payload: Some(b"{\"a\":1.50}") });
-        rows.push(&RowFields { event_id: b"e2", device_id: "d2", event_type: "u", ts: 1, received_at: 2, payload: None });
+        rows.push(&RowFields {
+            event_id: b"e1",
+            device_id: "d\"1",
+            event_type: "t",
+            ts: 0,
+            received_at: 1_000,
+            payload: Some(b"{\"a\":1.50}"),
+        });
+        rows.push(&RowFields {
+            event_id: b"e2",
+            device_id: "d2",
+            event_type: "u",
+            ts: 1,
+            received_at: 2,
+            payload: None,
+        });
         rows
     }
 

@@ -452,8 +452,9 @@ impl Config {
     /// Reads, merges and validates the configuration.
     pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
         let text = match &sources.file {
-            Some(path) => std::fs::read_to_string(path)
-                .map_err(|source| ConfigError::Read { path: path.clone(), source })?,
+            Some(path) => {
+                std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?
+            }
             None => String::new(),
         };
         Self::from_parts(&text, sources.env.iter().chain(sources.flags.iter()))
@@ -464,8 +465,9 @@ impl Config {
         text: &str,
         overrides: impl IntoIterator<Item = &'a (String, String)>,
     ) -> Result<Config, ConfigError> {
-        let mut table: toml::Table =
-            text.parse().map_err(|e: toml::de::Error| ConfigError::Parse { key: String::new(), message: e.to_string() })?;
+        let mut table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::Parse { key: String::new(), message: e.to_string() })?;
         for (key, raw) in overrides {
             apply_override(&mut table, key, raw)?;
         }
@@ -498,11 +500,7 @@ impl Config {
         check(self.server.max_header_bytes >= 256, "server.max_header_bytes", "must be at least 256");
         check((1..=1024).contains(&self.server.max_headers), "server.max_headers", "must be between 1 and 1024");
         check(self.server.max_body_bytes >= 1, "server.max_body_bytes", "must be at least 1");
-        check(
-            self.server.max_decompressed_bytes >= 1,
-            "server.max_decompressed_bytes",
-            "must be at least 1",
-        );
+        check(self.server.max_decompressed_bytes >= 1, "server.max_decompressed_bytes", "must be at least 1");
         check(self.server.request_timeout_ms >= 1, "server.request_timeout_ms", "must be at least 1");
         check(self.server.idle_timeout_ms >= 1, "server.idle_timeout_ms", "must be at least 1");
         check(self.server.shutdown_timeout_ms >= 1, "server.shutdown_timeout_ms", "must be at least 1");
@@ -518,7 +516,11 @@ impl Config {
         check(self.writer.max_batch_events >= 1, "writer.max_batch_events", "must be at least 1");
         check(self.writer.max_batch_bytes >= 1024, "writer.max_batch_bytes", "must be at least 1024");
         check(self.writer.max_linger_ms <= 10_000, "writer.max_linger_ms", "must be at most 10000");
-        check(!self.database.url.trim().is_empty(), "database.url", "is required (or --database-url / INGESTD_DATABASE_URL)");
+        check(
+            !self.database.url.trim().is_empty(),
+            "database.url",
+            "is required (or --database-url / INGESTD_DATABASE_URL)",
+        );
         check(
             self.database.url.is_empty() || self.database.url.parse::<postgres::Config>().is_ok(),
             "database.url",
@@ -544,7 +546,11 @@ impl Config {
         check(ws.queue_messages >= 1, "websocket.queue_messages", "must be at least 1");
         check(ws.queue_bytes >= 1024, "websocket.queue_bytes", "must be at least 1024");
         check(ws.ping_interval_ms >= 10, "websocket.ping_interval_ms", "must be at least 10");
-        check(ws.idle_timeout_ms > ws.ping_interval_ms, "websocket.idle_timeout_ms", "must be longer than websocket.ping_interval_ms");
+        check(
+            ws.idle_timeout_ms > ws.ping_interval_ms,
+            "websocket.idle_timeout_ms",
+            "must be longer than websocket.ping_interval_ms",
+        );
         check(ws.max_message_bytes >= 1024, "websocket.max_message_bytes", "must be at least 1024");
         check(ws.inbox_batches >= 1, "websocket.inbox_batches", "must be at least 1");
         check(ws.broadcast_ring >= 1, "websocket.broadcast_ring", "must be at least 1");

@@ -51,7 +51,8 @@ pub enum Route {
 }
 
 impl Route {
-    pub const ALL: [Route; 7] = [Route::Event, Route::Batch, Route::Ws, Route::Health, Route::Stats, Route::Metrics, Route::Other];
+    pub const ALL: [Route; 7] =
+        [Route::Event, Route::Batch, Route::Ws, Route::Health, Route::Stats, Route::Metrics, Route::Other];
     pub fn label(self) -> &'static str {
         match self {
             Route::Event => "/events",
@@ -66,7 +67,8 @@ impl Route {
 }
 
 /// Status codes counted; anything else is counted as `other`.
-pub const STATUS_CODES: [u16; 18] = [101, 200, 202, 400, 401, 403, 404, 405, 408, 411, 413, 415, 426, 429, 431, 500, 503, 0];
+pub const STATUS_CODES: [u16; 18] =
+    [101, 200, 202, 400, 401, 403, 404, 405, 408, 411, 413, 415, 426, 429, 431, 500, 503, 0];
 
 fn status_slot(code: u16) -> usize {
     STATUS_CODES.iter().position(|&c| c == code).unwrap_or(STATUS_CODES.len() - 1)
@@ -352,7 +354,12 @@ impl Metrics {
         family(o, "ingestd_http_requests_total", "counter", "HTTP requests by shard and route.");
         for (i, s) in self.shards.iter().enumerate() {
             for r in Route::ALL {
-                let _ = writeln!(o, "ingestd_http_requests_total{{shard=\"{i}\",route=\"{}\"}} {}", r.label(), s.requests[r as usize].get());
+                let _ = writeln!(
+                    o,
+                    "ingestd_http_requests_total{{shard=\"{i}\",route=\"{}\"}} {}",
+                    r.label(),
+                    s.requests[r as usize].get()
+                );
             }
         }
         family(o, "ingestd_http_responses_total", "counter", "HTTP responses by shard and status code.");
@@ -365,36 +372,136 @@ impl Metrics {
                 }
             }
         }
-        per_shard(o, self, "ingestd_events_accepted_total", "counter", "Events that passed validation.", |s| s.events_accepted.get());
+        per_shard(o, self, "ingestd_events_accepted_total", "counter", "Events that passed validation.", |s| {
+            s.events_accepted.get()
+        });
         family(o, "ingestd_events_rejected_total", "counter", "Events rejected by validation, by reason.");
         for (i, s) in self.shards.iter().enumerate() {
             for k in RejectKind::ALL {
-                let _ = writeln!(o, "ingestd_events_rejected_total{{shard=\"{i}\",reason=\"{}\"}} {}", k.label(), s.events_rejected[k as usize].get());
+                let _ = writeln!(
+                    o,
+                    "ingestd_events_rejected_total{{shard=\"{i}\",reason=\"{}\"}} {}",
+                    k.label(),
+                    s.events_rejected[k as usize].get()
+                );
             }
         }
-        per_shard(o, self, "ingestd_overload_rejections_total", "counter", "Requests answered 503 because every ring was full.", |s| s.overload_rejections.get());
-        per_shard(o, self, "ingestd_connections_accepted_total", "counter", "TCP connections accepted.", |s| s.connections_accepted.get());
-        per_shard(o, self, "ingestd_connections_refused_total", "counter", "TCP connections closed at once: shard at server.max_connections.", |s| s.connections_refused.get());
-        per_shard(o, self, "ingestd_connections_open", "gauge", "Open TCP connections.", |s| s.connections_open.load(Ordering::Relaxed).max(0) as u64);
+        per_shard(
+            o,
+            self,
+            "ingestd_overload_rejections_total",
+            "counter",
+            "Requests answered 503 because every ring was full.",
+            |s| s.overload_rejections.get(),
+        );
+        per_shard(o, self, "ingestd_connections_accepted_total", "counter", "TCP connections accepted.", |s| {
+            s.connections_accepted.get()
+        });
+        per_shard(
+            o,
+            self,
+            "ingestd_connections_refused_total",
+            "counter",
+            "TCP connections closed at once: shard at server.max_connections.",
+            |s| s.connections_refused.get(),
+        );
+        per_shard(o, self, "ingestd_connections_open", "gauge", "Open TCP connections.", |s| {
+            s.connections_open.load(Ordering::Relaxed).max(0) as u64
+        });
 
         family(o, "ingestd_ws_subscribers", "gauge", "WebSocket subscribers, by shard.");
         for (i, slot) in self.hub.slots.iter().enumerate() {
             let _ = writeln!(o, "ingestd_ws_subscribers{{shard=\"{i}\"}} {}", slot.subscribers.load(Ordering::Relaxed));
         }
-        per_shard(o, self, "ingestd_ws_messages_sent_total", "counter", "WebSocket messages written to subscribers.", |s| s.ws_messages_sent.get());
-        per_shard(o, self, "ingestd_ws_sent_bytes_total", "counter", "WebSocket bytes written.", |s| s.ws_bytes_sent.get());
-        per_shard(o, self, "ingestd_ws_dropped_events_total", "counter", "Events a subscriber did not get (dropped, lost to a 1013 close, or missed upstream).", |s| s.ws_dropped.get());
-        per_shard(o, self, "ingestd_ws_slow_closes_total", "counter", "Subscribers closed with 1013 because their queue was full.", |s| s.ws_slow_closes.get());
-        per_shard(o, self, "ingestd_ws_ingest_frames_total", "counter", "Ingest frames received over WebSocket.", |s| s.ws_ingest_frames.get());
-        summary(o, "ingestd_ws_fanout_latency_seconds", "Commit to frame written, per event.", &self.merged_shards(|s| &s.ws_fanout_us), 1e-6);
-        per_writer(o, self, "ingestd_events_committed_total", "counter", "Events committed to PostgreSQL.", |w| w.events_committed.get());
-        per_writer(o, self, "ingestd_events_duplicate_total", "counter", "Events skipped because their event_id was already stored.", |w| w.events_duplicate.get());
-        per_writer(o, self, "ingestd_events_lost_total", "counter", "ack=queue events not committed before shutdown.", |w| w.events_lost.get());
+        per_shard(
+            o,
+            self,
+            "ingestd_ws_messages_sent_total",
+            "counter",
+            "WebSocket messages written to subscribers.",
+            |s| s.ws_messages_sent.get(),
+        );
+        per_shard(o, self, "ingestd_ws_sent_bytes_total", "counter", "WebSocket bytes written.", |s| {
+            s.ws_bytes_sent.get()
+        });
+        per_shard(
+            o,
+            self,
+            "ingestd_ws_dropped_events_total",
+            "counter",
+            "Events a subscriber did not get (dropped, lost to a 1013 close, or missed upstream).",
+            |s| s.ws_dropped.get(),
+        );
+        per_shard(
+            o,
+            self,
+            "ingestd_ws_slow_closes_total",
+            "counter",
+            "Subscribers closed with 1013 because their queue was full.",
+            |s| s.ws_slow_closes.get(),
+        );
+        per_shard(
+            o,
+            self,
+            "ingestd_ws_ingest_frames_total",
+            "counter",
+            "Ingest frames received over WebSocket.",
+            |s| s.ws_ingest_frames.get(),
+        );
+        summary(
+            o,
+            "ingestd_ws_fanout_latency_seconds",
+            "Commit to frame written, per event.",
+            &self.merged_shards(|s| &s.ws_fanout_us),
+            1e-6,
+        );
+        per_writer(o, self, "ingestd_events_committed_total", "counter", "Events committed to PostgreSQL.", |w| {
+            w.events_committed.get()
+        });
+        per_writer(
+            o,
+            self,
+            "ingestd_events_duplicate_total",
+            "counter",
+            "Events skipped because their event_id was already stored.",
+            |w| w.events_duplicate.get(),
+        );
+        per_writer(
+            o,
+            self,
+            "ingestd_events_lost_total",
+            "counter",
+            "ack=queue events not committed before shutdown.",
+            |w| w.events_lost.get(),
+        );
         per_writer(o, self, "ingestd_batches_total", "counter", "COPY transactions committed.", |w| w.batches.get());
-        per_writer(o, self, "ingestd_batch_failures_total", "counter", "COPY transactions that failed.", |w| w.batch_failures.get());
-        per_writer(o, self, "ingestd_staging_fallbacks_total", "counter", "Batches redone through the staging table after a unique violation.", |w| w.staging_fallbacks.get());
-        per_writer(o, self, "ingestd_events_dead_lettered_total", "counter", "Events PostgreSQL refused, kept in the dead-letter table.", |w| w.events_dead_lettered.get());
-        per_writer(o, self, "ingestd_dedup_suspects_total", "counter", "Rows inserted through staging because their event_id was committed lately.", |w| w.dedup_suspects.get());
+        per_writer(o, self, "ingestd_batch_failures_total", "counter", "COPY transactions that failed.", |w| {
+            w.batch_failures.get()
+        });
+        per_writer(
+            o,
+            self,
+            "ingestd_staging_fallbacks_total",
+            "counter",
+            "Batches redone through the staging table after a unique violation.",
+            |w| w.staging_fallbacks.get(),
+        );
+        per_writer(
+            o,
+            self,
+            "ingestd_events_dead_lettered_total",
+            "counter",
+            "Events PostgreSQL refused, kept in the dead-letter table.",
+            |w| w.events_dead_lettered.get(),
+        );
+        per_writer(
+            o,
+            self,
+            "ingestd_dedup_suspects_total",
+            "counter",
+            "Rows inserted through staging because their event_id was committed lately.",
+            |w| w.dedup_suspects.get(),
+        );
 
         family(o, "ingestd_ring_depth", "gauge", "Requests waiting in each writer ring.");
         for (i, d) in self.rings.depths().iter().enumerate() {
@@ -403,25 +510,54 @@ impl Metrics {
         family(o, "ingestd_ring_capacity", "gauge", "Capacity of each writer ring, in requests.");
         let _ = writeln!(o, "ingestd_ring_capacity {}", self.rings.capacity());
 
-        summary(o, "ingestd_commit_duration_seconds", "COPY and commit time per batch.", &self.merged(|w| &w.commit_us), 1e-6);
-        summary(o, "ingestd_ack_latency_seconds", "Time from ring hand-off to commit, per request.", &self.merged(|w| &w.ack_us), 1e-6);
+        summary(
+            o,
+            "ingestd_commit_duration_seconds",
+            "COPY and commit time per batch.",
+            &self.merged(|w| &w.commit_us),
+            1e-6,
+        );
+        summary(
+            o,
+            "ingestd_ack_latency_seconds",
+            "Time from ring hand-off to commit, per request.",
+            &self.merged(|w| &w.ack_us),
+            1e-6,
+        );
         summary(o, "ingestd_batch_events", "Events per COPY batch.", &self.merged(|w| &w.batch_events), 1.0);
 
-        family(o, "ingestd_shard_loop_lag_seconds", "summary", "How late a shard's 100 ms timer fires: event-loop lag.");
+        family(
+            o,
+            "ingestd_shard_loop_lag_seconds",
+            "summary",
+            "How late a shard's 100 ms timer fires: event-loop lag.",
+        );
         let lag = self.merged_shards(|s| &s.loop_lag_us);
         for q in [0.5, 0.99, 0.999] {
-            let _ = writeln!(o, "ingestd_shard_loop_lag_seconds{{quantile=\"{q}\"}} {}", lag.value_at_quantile(q) as f64 * 1e-6);
+            let _ = writeln!(
+                o,
+                "ingestd_shard_loop_lag_seconds{{quantile=\"{q}\"}} {}",
+                lag.value_at_quantile(q) as f64 * 1e-6
+            );
         }
         let _ = writeln!(o, "ingestd_shard_loop_lag_seconds_sum {}", lag.mean() * lag.len() as f64 * 1e-6);
         let _ = writeln!(o, "ingestd_shard_loop_lag_seconds_count {}", lag.len());
         family(o, "ingestd_shard_loop_lag_last_seconds", "gauge", "The latest event-loop lag reading per shard.");
         for (i, s) in self.shards.iter().enumerate() {
-            let _ = writeln!(o, "ingestd_shard_loop_lag_last_seconds{{shard=\"{i}\"}} {}", s.loop_lag_last_us.load(Ordering::Relaxed) as f64 * 1e-6);
+            let _ = writeln!(
+                o,
+                "ingestd_shard_loop_lag_last_seconds{{shard=\"{i}\"}} {}",
+                s.loop_lag_last_us.load(Ordering::Relaxed) as f64 * 1e-6
+            );
         }
         if let Some(pool) = self.pool.get() {
             let state = pool.state();
             family(o, "ingestd_db_pool_connections", "gauge", "PostgreSQL connections in the writers' pool, by state.");
-            let _ = writeln!(o, "ingestd_db_pool_connections{{state=\"in_use\"}} {}", state.connections - state.idle_connections);
+            let _ = writeln!(
+                o,
+                "ingestd_db_pool_connections{{state=\"in_use\"}} {}",
+                state.connections - state.idle_connections
+            );
             let _ = writeln!(o, "ingestd_db_pool_connections{{state=\"idle\"}} {}", state.idle_connections);
             family(o, "ingestd_db_pool_max_connections", "gauge", "Size of the writers' pool (database.pool_size).");
             let _ = writeln!(o, "ingestd_db_pool_max_connections {}", pool.max_size());
@@ -432,7 +568,12 @@ impl Metrics {
             let _ = writeln!(o, "ingestd_spool_used_bytes {}", st.used_bytes);
             family(o, "ingestd_spool_max_bytes", "gauge", "Bound on the disk spool (spool.max_bytes).");
             let _ = writeln!(o, "ingestd_spool_max_bytes {}", st.max_bytes);
-            family(o, "ingestd_spool_pending_records", "gauge", "Spool records durable but not yet committed in PostgreSQL.");
+            family(
+                o,
+                "ingestd_spool_pending_records",
+                "gauge",
+                "Spool records durable but not yet committed in PostgreSQL.",
+            );
             let _ = writeln!(o, "ingestd_spool_pending_records {}", st.durable_seq.saturating_sub(st.committed_seq));
             family(o, "ingestd_spool_fsyncs_total", "counter", "Group commits (one fsync each) of the spool.");
             let _ = writeln!(o, "ingestd_spool_fsyncs_total {}", st.append_groups);

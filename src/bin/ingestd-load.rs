@@ -120,7 +120,10 @@ fn gen_config(args: &mut Args) -> Result<GenConfig, String> {
         return Err("--duplicates must be between 0 and 100".into());
     }
     let run_id = args.opt_str("run-id")?.unwrap_or_else(GenConfig::new_run_id);
-    if run_id.is_empty() || run_id.len() > 64 || !run_id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._:".contains(&b)) {
+    if run_id.is_empty()
+        || run_id.len() > 64
+        || !run_id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._:".contains(&b))
+    {
         return Err("--run-id must be 1-64 characters of [A-Za-z0-9._:]".into());
     }
     let ids = args.get("ids", IdKind::Seq)?;
@@ -256,21 +259,14 @@ fn cmd_http(mut args: Args) -> Result<(), String> {
             events,
             ..base.clone()
         };
-        eprintln!(
-            "ingestd-load: sweep step {:.0}% = {} events/s",
-            f * 100.0,
-            load::fmt_int(f * max)
-        );
+        eprintln!("ingestd-load: sweep step {:.0}% = {} events/s", f * 100.0, load::fmt_int(f * max));
         let r = load::run(&cfg)?;
         steps.push((*f, r));
     }
     report::print_sweep_table(max, &steps);
     doc.insert("max_events_per_s".into(), json!(max));
     doc.insert("config".into(), base.to_json());
-    doc.insert(
-        "steps".into(),
-        Value::Array(steps.iter().map(|(f, r)| report::sweep_step_json(*f, max, r)).collect()),
-    );
+    doc.insert("steps".into(), Value::Array(steps.iter().map(|(f, r)| report::sweep_step_json(*f, max, r)).collect()));
     doc.insert("note".into(), json!(report::two_core_note()));
     if let Some(dir) = &out {
         report::write_json(dir, "result.json", &Value::Object(doc))?;
@@ -292,7 +288,9 @@ fn cmd_http(mut args: Args) -> Result<(), String> {
 fn cmd_baseline(mut args: Args) -> Result<(), String> {
     let url = match args.opt_str("database-url")? {
         Some(u) => u,
-        None => std::env::var("INGESTD_DATABASE_URL").map_err(|_| "--database-url (or INGESTD_DATABASE_URL) is required")?,
+        None => {
+            std::env::var("INGESTD_DATABASE_URL").map_err(|_| "--database-url (or INGESTD_DATABASE_URL) is required")?
+        }
     };
     let table = args.get("table", "ingestd_copy_baseline".to_string())?;
     if table.is_empty() || !table.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.') {
@@ -316,7 +314,21 @@ fn cmd_baseline(mut args: Args) -> Result<(), String> {
     if events.dup_percent > 0.0 {
         return Err("copy-baseline copies unique rows only (no --duplicates)".into());
     }
-    let cfg = baseline::BaselineConfig { url, table, connections, batch_rows, streams, body_events, rows, duration_s, warmup_s, drop_after, events, watch, out };
+    let cfg = baseline::BaselineConfig {
+        url,
+        table,
+        connections,
+        batch_rows,
+        streams,
+        body_events,
+        rows,
+        duration_s,
+        warmup_s,
+        drop_after,
+        events,
+        watch,
+        out,
+    };
     baseline::run(&cfg)?;
     Ok(())
 }

@@ -174,8 +174,7 @@ impl TsWindow {
 
     /// `ts` given as an RFC 3339 string; precision below a microsecond is cut.
     pub fn from_rfc3339(&self, text: &str) -> Result<PgMicros, Reason> {
-        let parsed = chrono::DateTime::parse_from_rfc3339(text)
-            .map_err(|e| {
+        let parsed = chrono::DateTime::parse_from_rfc3339(text).map_err(|e| {
             Reason::new(
                 RejectKind::InvalidValue,
                 format!("ts is not an RFC 3339 timestamp ({e}), e.g. 2026-01-02T03:04:05.678Z"),

@@ -83,9 +83,9 @@ impl std::fmt::Display for BodyError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             BodyError::Malformed(detail) => write!(f, "malformed JSON: {detail}"),
-            BodyError::NotAnArray => f.write_str(
-                "a batch must be a JSON array of events, or NDJSON with Content-Type: application/x-ndjson",
-            ),
+            BodyError::NotAnArray => {
+                f.write_str("a batch must be a JSON array of events, or NDJSON with Content-Type: application/x-ndjson")
+            }
             BodyError::Empty => f.write_str("the request holds no events"),
             BodyError::TooManyEvents { limit } => {
                 write!(f, "more than {limit} events in one request (ingest.max_events_per_request)")
@@ -148,11 +148,7 @@ impl Parser {
         let result = match simd_json::fill_tape(&mut self.scratch, &mut self.buffers, &mut tape) {
             Err(e) => Err(BodyError::Malformed(e.to_string())),
             Ok(()) => {
-                let doc = Doc {
-                    nodes: &tape.0,
-                    structurals: self.buffers.structural_indexes(),
-                    raw: body,
-                };
+                let doc = Doc { nodes: &tape.0, structurals: self.buffers.structural_indexes(), raw: body };
                 let mut ctx = EventCtx { rules: &self.rules, clock, uuid: &self.uuid_context };
                 if array {
                     match doc.nodes.first() {
@@ -260,10 +256,8 @@ impl EventCtx<'_> {
         let Node::Object { len, .. } = doc.nodes[node] else {
             return Err(Reason::new(RejectKind::NotAnObject, "an event must be a JSON object"));
         };
-        let window = TsWindow {
-            now_unix_us: self.clock.now_unix_us,
-            max_future_skew_us: self.rules.max_future_skew_us,
-        };
+        let window =
+            TsWindow { now_unix_us: self.clock.now_unix_us, max_future_skew_us: self.rules.max_future_skew_us };
         let (mut event_id, mut device_id, mut event_type) = (None, None, None);
         let mut ts: Option<PgMicros> = None;
         let mut payload: Option<&[u8]> = None;
@@ -413,7 +407,13 @@ mod tests {
     const NOW: i64 = 1_780_000_000_000_000;
 
     fn parser() -> Parser {
-        Parser::new(Rules { max_events: 100, max_payload_bytes: 1024, max_payload_depth: 8, max_future_skew_us: 300_000_000, allow_unknown_fields: false })
+        Parser::new(Rules {
+            max_events: 100,
+            max_payload_bytes: 1024,
+            max_payload_depth: 8,
+            max_future_skew_us: 300_000_000,
+            allow_unknown_fields: false,
+        })
     }
 
     fn run(body: &str, kind: BodyKind) -> Result<Parsed, BodyError> {
@@ -455,7 +455,8 @@ mod tests {
 
     #[test]
     fn payload_last_and_with_whitespace() {
-        let body = "{ \"device_id\" : \"d\", \"type\":\"t\", \"ts\":1767225600000, \"payload\" :\n {\"x\": [1 , 2]}\n }";
+        let body =
+            "{ \"device_id\" : \"d\", \"type\":\"t\", \"ts\":1767225600000, \"payload\" :\n {\"x\": [1 , 2]}\n }";
         let parsed = run(body, BodyKind::Single).unwrap();
         assert_eq!(payload(&parsed, 0).as_deref(), Some("{\"x\": [1 , 2]}"));
     }
@@ -489,7 +490,10 @@ mod tests {
             (r#"{"device_id":"d","type":"t","ts":1767225600000,"extra":1}"#, "unknown field `extra`"),
             (r#"{"device_id":"d","device_id":"e","type":"t","ts":1767225600000}"#, "duplicate"),
             (r#"{"event_id":"a b","device_id":"d","type":"t","ts":1767225600000}"#, "event_id"),
-            (&format!(r#"{{"device_id":"d","type":"t","ts":1767225600000,"payload":"{}"}}"#, "x".repeat(1100)), "max_payload_bytes"),
+            (
+                &format!(r#"{{"device_id":"d","type":"t","ts":1767225600000,"payload":"{}"}}"#, "x".repeat(1100)),
+                "max_payload_bytes",
+            ),
         ];
         for (body, want) in cases {
             let parsed = run(body, BodyKind::Single).unwrap();
@@ -500,12 +504,21 @@ mod tests {
 
     #[test]
     fn payload_depth_is_bounded() {
-        let ok = format!(r#"{{"device_id":"d","type":"t","ts":1767225600000,"payload":{}1{}}}"#, "[".repeat(8), "]".repeat(8));
+        let ok = format!(
+            r#"{{"device_id":"d","type":"t","ts":1767225600000,"payload":{}1{}}}"#,
+            "[".repeat(8),
+            "]".repeat(8)
+        );
         assert_eq!(run(&ok, BodyKind::Single).unwrap().rows.len(), 1);
-        let deep = format!(r#"{{"device_id":"d","type":"t","ts":1767225600000,"payload":{}1{}}}"#, r#"{"a":"#.repeat(9), "}".repeat(9));
+        let deep = format!(
+            r#"{{"device_id":"d","type":"t","ts":1767225600000,"payload":{}1{}}}"#,
+            r#"{"a":"#.repeat(9),
+            "}".repeat(9)
+        );
         let parsed = run(&deep, BodyKind::Single).unwrap();
         assert_eq!(parsed.rejected[0].error.kind, RejectKind::PayloadTooDeep);
-        let siblings = r#"{"device_id":"d","type":"t","ts":1767225600000,"payload":[[[[]]],[[[]]],[[[[[[[1]]]]]]],{"a":[[{}]]}]}"#;
+        let siblings =
+            r#"{"device_id":"d","type":"t","ts":1767225600000,"payload":[[[[]]],[[[]]],[[[[[[[1]]]]]]],{"a":[[{}]]}]}"#;
         assert_eq!(run(siblings, BodyKind::Single).unwrap().rows.len(), 1, "depth counts nesting, not siblings");
     }
 
@@ -548,7 +561,13 @@ mod tests {
 
     #[test]
     fn unknown_fields_can_be_allowed() {
-        let mut p = Parser::new(Rules { max_events: 10, max_payload_bytes: 10, max_payload_depth: 8, max_future_skew_us: 0, allow_unknown_fields: true });
+        let mut p = Parser::new(Rules {
+            max_events: 10,
+            max_payload_bytes: 10,
+            max_payload_depth: 8,
+            max_future_skew_us: 0,
+            allow_unknown_fields: true,
+        });
         let body = r#"{"device_id":"d","x":{"y":[1,2]},"type":"t","ts":1767225600000}"#;
         let parsed = p.parse(body.as_bytes(), BodyKind::Single, Clock { now_unix_us: NOW }).unwrap();
         assert_eq!(parsed.rows.len(), 1, "{:?}", parsed.rejected);

@@ -57,15 +57,17 @@ impl Conn {
         loop {
             let (response, head_only) = match self.next_request().await {
                 Ok(Next::Answer(response)) => (response, false),
-                Ok(Next::Request(head, _)) if head.target == Target::Ws => match routes::upgrade(&self.ctx, &head, self.peer) {
-                    Ok((accept, request, admission)) => {
-                        self.ctx.stats().response(101);
-                        let leftover = std::mem::take(&mut self.buf);
-                        ws::serve(self.stream, leftover, self.ctx, request, admission, &accept).await;
-                        return;
+                Ok(Next::Request(head, _)) if head.target == Target::Ws => {
+                    match routes::upgrade(&self.ctx, &head, self.peer) {
+                        Ok((accept, request, admission)) => {
+                            self.ctx.stats().response(101);
+                            let leftover = std::mem::take(&mut self.buf);
+                            ws::serve(self.stream, leftover, self.ctx, request, admission, &accept).await;
+                            return;
+                        }
+                        Err(refusal) => (refusal, false),
                     }
-                    Err(refusal) => (refusal, false),
-                },
+                }
                 Ok(Next::Request(head, body)) => {
                     let head_only = head.method == http::Method::Head;
                     let mut response = routes::handle(&self.ctx, &head, body).await;
@@ -222,4 +224,3 @@ impl Conn {
 fn timeout_response() -> Response {
     Response::error(408, "request not received within server.request_timeout_ms")
 }
-

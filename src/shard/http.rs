@@ -143,7 +143,10 @@ pub fn parse_head(buf: &[u8], max_headers: usize, max_head_bytes: usize) -> Resu
     let path = req.path.unwrap_or("/");
     let target = Target::from_path(path);
     let mut websocket = (target == Target::Ws).then(|| {
-        Box::new(WsHandshake { query: path.split_once('?').map(|(_, q)| q.to_string()).unwrap_or_default(), ..Default::default() })
+        Box::new(WsHandshake {
+            query: path.split_once('?').map(|(_, q)| q.to_string()).unwrap_or_default(),
+            ..Default::default()
+        })
     });
     let (mut upgrade_header, mut connection_upgrade) = (false, false);
     let http11 = req.version == Some(1);
@@ -158,9 +161,7 @@ pub fn parse_head(buf: &[u8], max_headers: usize, max_head_bytes: usize) -> Resu
         let value = std::str::from_utf8(h.value).map_err(|_| HeadError::Bad("header value is not valid UTF-8"))?.trim();
         let name = h.name;
         if name.eq_ignore_ascii_case("content-length") {
-            let n: u64 = value
-                .parse()
-                .map_err(|_| HeadError::Bad("Content-Length is not a non-negative integer"))?;
+            let n: u64 = value.parse().map_err(|_| HeadError::Bad("Content-Length is not a non-negative integer"))?;
             if content_length.is_some_and(|prev| prev != n) {
                 return Err(HeadError::Bad("conflicting Content-Length headers"));
             }
@@ -243,7 +244,10 @@ fn names_other_http_version(buf: &[u8]) -> bool {
     let (Some(_), Some(_), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
         return false;
     };
-    version.len() >= 6 && version.starts_with(b"HTTP/") && version[5].is_ascii_digit() && !version.starts_with(b"HTTP/1.")
+    version.len() >= 6
+        && version.starts_with(b"HTTP/")
+        && version[5].is_ascii_digit()
+        && !version.starts_with(b"HTTP/1.")
 }
 
 /// Progress of a chunked body decoder.
@@ -349,7 +353,14 @@ pub struct Response {
 
 impl Response {
     pub fn json(status: u16, body: String) -> Self {
-        Self { status, content_type: "application/json", body: body.into_bytes(), retry_after: None, allow: None, close: false }
+        Self {
+            status,
+            content_type: "application/json",
+            body: body.into_bytes(),
+            retry_after: None,
+            allow: None,
+            close: false,
+        }
     }
 
     /// `{"error": message}` plus extra fields already rendered as JSON members.
@@ -430,7 +441,10 @@ mod tests {
     #[test]
     fn post_with_length() {
         let h = head("POST /events/batch?x=1 HTTP/1.1\r\nHost: a\r\nContent-Type: application/x-ndjson; charset=utf-8\r\nContent-Length: 12\r\nContent-Encoding: gzip\r\n\r\nbody").unwrap();
-        assert_eq!((h.method, h.target, h.body, h.media, h.gzip, h.keep_alive), (Method::Post, Target::Batch, BodyFraming::Length(12), Media::Ndjson, true, true));
+        assert_eq!(
+            (h.method, h.target, h.body, h.media, h.gzip, h.keep_alive),
+            (Method::Post, Target::Batch, BodyFraming::Length(12), Media::Ndjson, true, true)
+        );
         assert_eq!(h.len, h.len.min(200));
     }
 
@@ -448,7 +462,10 @@ mod tests {
         let h = head("GET /ws?device_id=d%201&type=t HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").unwrap();
         let ws = h.websocket.unwrap();
         assert!(ws.upgrade);
-        assert_eq!((ws.key.as_deref(), ws.version.as_deref(), ws.query.as_str()), (Some("dGhlIHNhbXBsZSBub25jZQ=="), Some("13"), "device_id=d%201&type=t"));
+        assert_eq!(
+            (ws.key.as_deref(), ws.version.as_deref(), ws.query.as_str()),
+            (Some("dGhlIHNhbXBsZSBub25jZQ=="), Some("13"), "device_id=d%201&type=t")
+        );
         assert!(head("GET /health HTTP/1.1\r\nUpgrade: websocket\r\n\r\n").unwrap().websocket.is_none());
         assert!(!head("GET /ws HTTP/1.1\r\n\r\n").unwrap().websocket.unwrap().upgrade);
     }
@@ -461,9 +478,18 @@ mod tests {
 
     #[test]
     fn smuggling_is_refused() {
-        assert!(matches!(head("POST /events HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"), Err(HeadError::Bad(_))));
-        assert!(matches!(head("POST /events HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"), Err(HeadError::Bad(_))));
-        assert!(matches!(head("POST /events HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"), Err(HeadError::Bad(_))));
+        assert!(matches!(
+            head("POST /events HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"),
+            Err(HeadError::Bad(_))
+        ));
+        assert!(matches!(
+            head("POST /events HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            Err(HeadError::Bad(_))
+        ));
+        assert!(matches!(
+            head("POST /events HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"),
+            Err(HeadError::Bad(_))
+        ));
         assert!(matches!(head("POST /events HTTP/1.1\r\nContent-Length: -1\r\n\r\n"), Err(HeadError::Bad(_))));
         let same = head("POST /events HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n").unwrap();
         assert_eq!(same.body, BodyFraming::Length(2));
@@ -471,10 +497,16 @@ mod tests {
 
     #[test]
     fn framing_media_encoding_connection() {
-        assert_eq!(head("POST /events HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap().body, BodyFraming::Chunked);
+        assert_eq!(
+            head("POST /events HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap().body,
+            BodyFraming::Chunked
+        );
         assert_eq!(head("POST /events HTTP/1.1\r\n\r\n").unwrap().body, BodyFraming::None);
         assert_eq!(head("POST /events HTTP/1.1\r\nContent-Length: 0\r\n\r\n").unwrap().body, BodyFraming::Length(0));
-        assert_eq!(head("POST /events HTTP/1.1\r\nContent-Type: text/plain\r\n\r\n").unwrap().media, Media::Unsupported);
+        assert_eq!(
+            head("POST /events HTTP/1.1\r\nContent-Type: text/plain\r\n\r\n").unwrap().media,
+            Media::Unsupported
+        );
         assert_eq!(head("POST /events HTTP/1.1\r\nContent-Encoding: br\r\n\r\n"), Err(HeadError::Encoding));
         assert!(!head("GET /health HTTP/1.1\r\nConnection: close\r\n\r\n").unwrap().keep_alive);
         assert!(!head("GET /health HTTP/1.0\r\n\r\n").unwrap().keep_alive);

@@ -40,7 +40,13 @@ pub const IDLE_READ_BYTES: usize = 1024;
 
 /// Appends whatever the socket has to `buf`, making room for at least `want`
 /// more bytes first, unless `deadline` passes or `interrupt` completes first.
-pub async fn read_more<R, I>(reader: &mut R, buf: &mut Vec<u8>, want: usize, deadline: Instant, interrupt: I) -> ReadOutcome
+pub async fn read_more<R, I>(
+    reader: &mut R,
+    buf: &mut Vec<u8>,
+    want: usize,
+    deadline: Instant,
+    interrupt: I,
+) -> ReadOutcome
 where
     R: CancelableAsyncReadRent,
     I: Future<Output = ()>,

@@ -9,9 +9,9 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use super::http::{self, BodyFraming, GunzipError, HeadError, Media, Method, RequestHead, Response, Target};
 use super::{ShardCtx, ws};
 use crate::broadcast::{Admission, Refusal};
-use super::http::{self, BodyFraming, GunzipError, HeadError, Media, Method, RequestHead, Response, Target};
 use crate::config::AckMode;
 use crate::ingest::event::{Reason, RejectKind};
 use crate::ingest::{BodyError, BodyKind, Clock, Rejection};
@@ -279,7 +279,11 @@ pub async fn ingest_events(ctx: &ShardCtx, body: &[u8], kind: BodyKind) -> Inges
 /// Decides a `GET /ws` upgrade: the handshake, the query, the limits.
 /// On success: the `Sec-WebSocket-Accept` value, the subscription, and the
 /// admission that holds the subscriber's slot.
-pub fn upgrade(ctx: &ShardCtx, head: &RequestHead, peer: IpAddr) -> Result<(String, ws::WsRequest, Admission), Response> {
+pub fn upgrade(
+    ctx: &ShardCtx,
+    head: &RequestHead,
+    peer: IpAddr,
+) -> Result<(String, ws::WsRequest, Admission), Response> {
     let retry = ctx.config().server.retry_after_s;
     let Some(hs) = head.websocket.as_deref() else {
         return Err(Response::error(400, "expected a WebSocket upgrade"));
@@ -298,9 +302,13 @@ pub fn upgrade(ctx: &ShardCtx, head: &RequestHead, peer: IpAddr) -> Result<(Stri
     }
     let request = ws::WsRequest::parse(&hs.query).map_err(|why| Response::error(400, &why))?;
     let admission = ctx.hub.admit(ctx.id, peer, ctx.ws_limits().max_per_shard).map_err(|refusal| match refusal {
-        Refusal::Full => Response::error(503, "subscriber limit reached (websocket.max_subscribers)").retry_after(retry),
-        Refusal::PerIp => Response::error(429, "too many WebSocket connections from this address (websocket.max_per_ip)")
-            .retry_after(retry),
+        Refusal::Full => {
+            Response::error(503, "subscriber limit reached (websocket.max_subscribers)").retry_after(retry)
+        }
+        Refusal::PerIp => {
+            Response::error(429, "too many WebSocket connections from this address (websocket.max_per_ip)")
+                .retry_after(retry)
+        }
     })?;
     Ok((tungstenite::handshake::derive_accept_key(key.as_bytes()), request, admission))
 }

@@ -78,7 +78,9 @@ impl WsRequest {
                 },
                 "device_id" | "type" => return Err(format!("{key} must not be empty")),
                 other => {
-                    return Err(format!("unknown query parameter `{other}`; use device_id, type, coalesce_ms, subscribe"));
+                    return Err(format!(
+                        "unknown query parameter `{other}`; use device_id, type, coalesce_ms, subscribe"
+                    ));
                 }
             }
         }
@@ -448,7 +450,6 @@ async fn read_loop(mut reader: monoio::net::tcp::TcpOwnedReadHalf, session: Rc<S
             if !filled && buf.capacity() > IDLE_READ_BYTES {
                 buf = Vec::new();
             }
-
         }
         fresh = false;
         loop {
@@ -525,7 +526,8 @@ async fn ingest_frame(ctx: &ShardCtx, body: &[u8], seq: u64) -> String {
             format!("{{\"seq\":{seq},{}", &body[1..])
         }
         Ingested::BodyRefused { status, message } | Ingested::Failed { status, message, .. } => {
-            serde_json::json!({"seq": seq, "status": status, "error": message, "accepted": 0, "rejected": []}).to_string()
+            serde_json::json!({"seq": seq, "status": status, "error": message, "accepted": 0, "rejected": []})
+                .to_string()
         }
     }
 }
@@ -635,7 +637,14 @@ mod tests {
         let mut rows = RowBuf::default();
         for (i, d) in devices.iter().enumerate() {
             let id = format!("e{i}");
-            rows.push(&RowFields { event_id: id.as_bytes(), device_id: d, event_type: "t", ts: 0, received_at: 0, payload: Some(b"{}") });
+            rows.push(&RowFields {
+                event_id: id.as_bytes(),
+                device_id: d,
+                event_type: "t",
+                ts: 0,
+                received_at: 0,
+                payload: Some(b"{}"),
+            });
         }
         CommittedBatch::build(&Published { rows: vec![rows], mask: None, committed_at: Instant::now() })
     }
@@ -655,7 +664,10 @@ mod tests {
     #[test]
     fn query_parsing() {
         let r = WsRequest::parse("device_id=d%201&type=boot&coalesce_ms=250").unwrap();
-        assert_eq!((r.device_id.as_deref(), r.event_type.as_deref(), r.coalesce), (Some("d 1"), Some("boot"), Some(Duration::from_millis(250))));
+        assert_eq!(
+            (r.device_id.as_deref(), r.event_type.as_deref(), r.coalesce),
+            (Some("d 1"), Some("boot"), Some(Duration::from_millis(250)))
+        );
         assert_eq!(WsRequest::parse("").unwrap(), WsRequest::default());
         assert!(WsRequest::parse("device=x").unwrap_err().contains("unknown query parameter"));
         assert!(WsRequest::parse("coalesce_ms=0").is_err());

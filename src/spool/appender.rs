@@ -27,7 +27,7 @@ use futures_channel::oneshot;
 
 use super::record::{self, RECORD_HEADER_BYTES};
 use super::segment::{self, SEGMENT_HEADER_BYTES};
-use super::{Seq, SegmentMeta, Shared, SpoolError};
+use super::{SegmentMeta, Seq, Shared, SpoolError};
 
 /// The single writer of a spool's log.
 pub struct Appender {
@@ -59,7 +59,13 @@ pub(super) struct AppendRequest {
 }
 
 impl Appender {
-    pub(super) fn new(shared: Arc<Shared>, file: File, active_first_seq: Seq, active_bytes: u64, next_seq: Seq) -> Self {
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        file: File,
+        active_first_seq: Seq,
+        active_bytes: u64,
+        next_seq: Seq,
+    ) -> Self {
         Self { shared, file, active_first_seq, active_bytes, next_seq, buf: Vec::new() }
     }
 
@@ -202,7 +208,8 @@ impl Appender {
     /// Seals the current segment (already fsync'd) and starts one at `first_seq`.
     fn roll(&mut self, first_seq: Seq) -> Result<(), SpoolError> {
         let dir = self.shared.dir();
-        let file = segment::create(dir, first_seq).map_err(SpoolError::io("create", &self.shared.segment_path(first_seq)))?;
+        let file =
+            segment::create(dir, first_seq).map_err(SpoolError::io("create", &self.shared.segment_path(first_seq)))?;
         {
             let mut segments = self.shared.segments.lock();
             if let Some(sealed) = segments.back_mut() {

@@ -88,7 +88,11 @@ impl Drainer {
                     state.collect(&done_rx, Duration::from_millis(20));
                     continue;
                 }
-                crate::warn!("spool drain: database unavailable, retrying", from_seq = failed, backoff_ms = backoff.as_millis());
+                crate::warn!(
+                    "spool drain: database unavailable, retrying",
+                    from_seq = failed,
+                    backoff_ms = backoff.as_millis()
+                );
                 std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(MAX_BACKOFF);
                 state.failed = None;
@@ -139,7 +143,11 @@ impl Drainer {
             }
         }
         state.checkpoint(&self.spool, true);
-        DrainReport { committed_seq: state.checkpoint, durable_seq: self.spool.durable_seq(), dispatched: state.dispatched }
+        DrainReport {
+            committed_seq: state.checkpoint,
+            durable_seq: self.spool.durable_seq(),
+            dispatched: state.dispatched,
+        }
     }
 
     /// Hands a job to a writer ring, waiting (this is not a shard) while the

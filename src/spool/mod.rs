@@ -141,9 +141,15 @@ impl SpoolConfig {
 pub enum SpoolError {
     /// The spool holds `max_bytes` (with appends in flight): wait for the
     /// writers to drain it.
-    Full { used_bytes: u64, max_bytes: u64 },
+    Full {
+        used_bytes: u64,
+        max_bytes: u64,
+    },
     /// One payload larger than a segment can hold.
-    TooLarge { bytes: usize, max_bytes: u64 },
+    TooLarge {
+        bytes: usize,
+        max_bytes: u64,
+    },
     /// The appender's queue is full.
     Busy,
     /// The appender has stopped (shutting down).
@@ -153,20 +159,37 @@ pub enum SpoolError {
     /// (the reopen scan finds what really is on disk).
     Failed(Arc<str>),
     /// Bytes that must be intact are not.
-    Corrupt { path: PathBuf, offset: u64, reason: String },
+    Corrupt {
+        path: PathBuf,
+        offset: u64,
+        reason: String,
+    },
     /// Another process holds the spool directory.
     Locked(PathBuf),
     /// `commit_through` was given a seq not yet appended.
-    Ahead { seq: Seq, durable_seq: Seq },
+    Ahead {
+        seq: Seq,
+        durable_seq: Seq,
+    },
     /// Invalid configuration (see [`SpoolConfig::problems`]).
     Config(String),
-    Io { context: String, source: Arc<io::Error> },
+    Io {
+        context: String,
+        source: Arc<io::Error>,
+    },
 }
 
 impl SpoolError {
     /// Whether trying again later may succeed without anyone fixing anything.
     pub fn is_transient(&self) -> bool {
-        matches!(self, SpoolError::Full { .. } | SpoolError::Busy | SpoolError::Closed | SpoolError::Failed(_) | SpoolError::Io { .. })
+        matches!(
+            self,
+            SpoolError::Full { .. }
+                | SpoolError::Busy
+                | SpoolError::Closed
+                | SpoolError::Failed(_)
+                | SpoolError::Io { .. }
+        )
     }
 
     fn io(context: impl fmt::Display, path: &Path) -> impl FnOnce(io::Error) -> SpoolError {
@@ -299,7 +322,8 @@ impl Shared {
     }
 
     fn release(&self, bytes: u64) {
-        let _ = self.used_bytes.fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| Some(used.saturating_sub(bytes)));
+        let _ =
+            self.used_bytes.fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| Some(used.saturating_sub(bytes)));
     }
 
     fn notify(&self) {
@@ -405,7 +429,8 @@ impl Spool {
             if tail.header_ok {
                 let mut last = last;
                 if tail.damage.is_some() {
-                    let file = OpenOptions::new().write(true).open(&last.path).map_err(SpoolError::io("open", &last.path))?;
+                    let file =
+                        OpenOptions::new().write(true).open(&last.path).map_err(SpoolError::io("open", &last.path))?;
                     file.set_len(tail.valid_bytes).map_err(SpoolError::io("truncate", &last.path))?;
                     file.sync_all().map_err(SpoolError::io("fsync", &last.path))?;
                     last.bytes = tail.valid_bytes;
@@ -431,7 +456,8 @@ impl Spool {
 
         let (file, active) = match reuse {
             Some(last) => {
-                let file = OpenOptions::new().append(true).open(&last.path).map_err(SpoolError::io("open", &last.path))?;
+                let file =
+                    OpenOptions::new().append(true).open(&last.path).map_err(SpoolError::io("open", &last.path))?;
                 (file, last)
             }
             None => {
@@ -449,7 +475,9 @@ impl Spool {
         recovery.used_bytes = used_bytes;
         let shared = Arc::new(Shared {
             config,
-            segments: Mutex::new(listed.iter().map(|s| SegmentMeta { first_seq: s.first_seq, bytes: s.bytes }).collect()),
+            segments: Mutex::new(
+                listed.iter().map(|s| SegmentMeta { first_seq: s.first_seq, bytes: s.bytes }).collect(),
+            ),
             durable: AtomicU64::new(next_seq - 1),
             committed: AtomicU64::new(committed),
             used_bytes: AtomicU64::new(used_bytes),

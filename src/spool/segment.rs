@@ -101,7 +101,13 @@ pub fn scan_tail(path: &Path, first_seq: Seq, max_payload_bytes: u64) -> io::Res
     let mut r = match open_for_read(path)? {
         Ok(r) => r,
         Err(damage) => {
-            return Ok(Tail { header_ok: false, valid_bytes: 0, last_seq: None, damage: Some(damage), intact_after: false });
+            return Ok(Tail {
+                header_ok: false,
+                valid_bytes: 0,
+                last_seq: None,
+                damage: Some(damage),
+                intact_after: false,
+            });
         }
     };
     let mut offset = SEGMENT_HEADER_BYTES;

@@ -73,7 +73,8 @@ const BIG: u64 = 1 << 20;
 #[test]
 fn config_defaults_are_valid_and_problems_are_named() {
     assert!(SpoolConfig::default().problems().is_empty());
-    let bad = SpoolConfig { dir: PathBuf::new(), segment_bytes: 10, max_bytes: 0, queue_capacity: 0, max_group_bytes: 0 };
+    let bad =
+        SpoolConfig { dir: PathBuf::new(), segment_bytes: 10, max_bytes: 0, queue_capacity: 0, max_group_bytes: 0 };
     let keys: Vec<_> = bad.problems().into_iter().map(|p| p.0).collect();
     assert_eq!(keys, ["dir", "segment_bytes", "max_bytes", "queue_capacity", "max_group_bytes"]);
     assert!(matches!(Spool::open(bad), Err(SpoolError::Config(_))));
@@ -135,7 +136,8 @@ fn concurrent_appends_share_fsyncs_and_keep_every_record() {
             })
         })
         .collect();
-    let mut acked: Vec<(Seq, Vec<u8>)> = threads.into_iter().flat_map(|t| t.join().expect("appending thread")).collect();
+    let mut acked: Vec<(Seq, Vec<u8>)> =
+        threads.into_iter().flat_map(|t| t.join().expect("appending thread")).collect();
     drop(sender);
     let report = thread.join().expect("appender thread");
     acked.sort();
@@ -411,7 +413,10 @@ fn full_at_max_bytes_until_commits_free_room() {
     assert!(SpoolError::Full { used_bytes: 0, max_bytes: 0 }.is_transient());
     assert_eq!(spool.stats().used_bytes, used, "a refused append reserves nothing");
     let (sender, thread) = appender.spawn().expect("spawn");
-    assert!(matches!(sender.try_append(payload(10, 200)), Err(SpoolError::Full { .. })), "fails fast on the shard side");
+    assert!(
+        matches!(sender.try_append(payload(10, 200)), Err(SpoolError::Full { .. })),
+        "fails fast on the shard side"
+    );
     spool.commit_through(4).expect("commit");
     let seq = sender.try_append(payload(10, 200)).expect("room again").wait_blocking().expect("durable");
     assert_eq!(seq, 10);
@@ -504,7 +509,8 @@ const CHILD_DIR: &str = "INGESTD_SPOOL_KILL_TEST_DIR";
 #[ignore = "run by sigkill_loses_nothing_acknowledged in a child process"]
 fn kill_child() {
     let Some(dir) = std::env::var_os(CHILD_DIR) else { return };
-    let config = SpoolConfig { dir: dir.into(), segment_bytes: 64 * 1024, max_bytes: BIG * 64, ..SpoolConfig::default() };
+    let config =
+        SpoolConfig { dir: dir.into(), segment_bytes: 64 * 1024, max_bytes: BIG * 64, ..SpoolConfig::default() };
     let (_spool, appender, _) = Spool::open(config).expect("open");
     let (sender, _thread) = appender.spawn().expect("spawn");
     let threads: Vec<_> = (0..4u64)
@@ -555,7 +561,8 @@ fn sigkill_loses_nothing_acknowledged() {
     child.wait().expect("reap");
     assert_eq!(acked.len(), 300, "the child acknowledged appends before it was killed");
 
-    let config = SpoolConfig { dir: dir.0.clone(), segment_bytes: 64 * 1024, max_bytes: BIG * 64, ..SpoolConfig::default() };
+    let config =
+        SpoolConfig { dir: dir.0.clone(), segment_bytes: 64 * 1024, max_bytes: BIG * 64, ..SpoolConfig::default() };
     let (spool, _appender, _recovery) = Spool::open(config).expect("reopen after kill");
     let records = read_all(&mut spool.replay());
     let mut lost = 0;

@@ -163,9 +163,7 @@ impl Breaker {
             }
             // A probe is out: whoever asks waits for its verdict, about one
             // base open time at most.
-            BreakerState::HalfOpen => {
-                Admission::Rejected { retry_after: Duration::from_millis(self.config.open_ms) }
-            }
+            BreakerState::HalfOpen => Admission::Rejected { retry_after: Duration::from_millis(self.config.open_ms) },
         }
     }
 

@@ -62,7 +62,15 @@ impl RowBuf {
     /// Appends one tuple.
     pub fn push(&mut self, row: &RowFields<'_>) {
         let out = &mut self.bytes;
-        out.reserve(2 + 6 * 4 + row.event_id.len() + row.device_id.len() + row.event_type.len() + 16 + 1 + row.payload.map_or(0, <[u8]>::len));
+        out.reserve(
+            2 + 6 * 4
+                + row.event_id.len()
+                + row.device_id.len()
+                + row.event_type.len()
+                + 16
+                + 1
+                + row.payload.map_or(0, <[u8]>::len),
+        );
         out.extend_from_slice(&6i16.to_be_bytes());
         put_field(out, row.event_id);
         put_field(out, row.device_id.as_bytes());
@@ -174,7 +182,8 @@ impl RowBuf {
         let ends: Vec<u32> = table.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
         let bytes = record.get(4 + count * 4..)?.to_vec();
         let ordered = ends.windows(2).all(|w| w[0] <= w[1]);
-        (ordered && ends.last().map_or(bytes.is_empty(), |&e| e as usize == bytes.len())).then_some(RowBuf { bytes, ends })
+        (ordered && ends.last().map_or(bytes.is_empty(), |&e| e as usize == bytes.len()))
+            .then_some(RowBuf { bytes, ends })
     }
 }
 
@@ -205,12 +214,19 @@ mod tests {
         });
         let expected: Vec<u8> = [
             &[0, 6][..],
-            &[0, 0, 0, 2], b"e1",
-            &[0, 0, 0, 1], b"d",
-            &[0, 0, 0, 1], b"t",
-            &[0, 0, 0, 8], &[0, 0, 0, 0, 0, 0, 0, 1],
-            &[0, 0, 0, 8], &[0, 0, 0, 0, 0, 0, 0, 2],
-            &[0, 0, 0, 3], &[1], b"{}",
+            &[0, 0, 0, 2],
+            b"e1",
+            &[0, 0, 0, 1],
+            b"d",
+            &[0, 0, 0, 1],
+            b"t",
+            &[0, 0, 0, 8],
+            &[0, 0, 0, 0, 0, 0, 0, 1],
+            &[0, 0, 0, 8],
+            &[0, 0, 0, 0, 0, 0, 0, 2],
+            &[0, 0, 0, 3],
+            &[1],
+            b"{}",
         ]
         .concat();
         assert_eq!(rows.bytes(), &expected[..]);
@@ -221,7 +237,14 @@ mod tests {
     fn spool_records_round_trip() {
         let mut rows = RowBuf::default();
         for id in [&b"a"[..], b"bb"] {
-            rows.push(&RowFields { event_id: id, device_id: "d", event_type: "t", ts: 1, received_at: 2, payload: Some(b"{}") });
+            rows.push(&RowFields {
+                event_id: id,
+                device_id: "d",
+                event_type: "t",
+                ts: 1,
+                received_at: 2,
+                payload: Some(b"{}"),
+            });
         }
         let back = RowBuf::from_spool_record(&rows.to_spool_record()).unwrap();
         assert_eq!((back.len(), back.bytes()), (2, rows.bytes()));
@@ -233,11 +256,21 @@ mod tests {
     #[test]
     fn rows_read_back() {
         let mut rows = RowBuf::default();
-        let fields = RowFields { event_id: b"e", device_id: "dev", event_type: "t", ts: -5, received_at: 7, payload: Some(b"[1]") };
+        let fields = RowFields {
+            event_id: b"e",
+            device_id: "dev",
+            event_type: "t",
+            ts: -5,
+            received_at: 7,
+            payload: Some(b"[1]"),
+        };
         rows.push(&fields);
         rows.push(&RowFields { payload: None, ..fields });
         let v = rows.view(0).unwrap();
-        assert_eq!((v.event_id, v.device_id, v.event_type, v.ts, v.received_at, v.payload), (&b"e"[..], &b"dev"[..], &b"t"[..], -5, 7, Some(&b"[1]"[..])));
+        assert_eq!(
+            (v.event_id, v.device_id, v.event_type, v.ts, v.received_at, v.payload),
+            (&b"e"[..], &b"dev"[..], &b"t"[..], -5, 7, Some(&b"[1]"[..]))
+        );
         assert_eq!(rows.view(1).unwrap().payload, None);
     }
 
@@ -245,7 +278,14 @@ mod tests {
     fn null_payload_and_row_ranges() {
         let mut rows = RowBuf::default();
         for id in [&b"a"[..], b"bbb"] {
-            rows.push(&RowFields { event_id: id, device_id: "d", event_type: "t", ts: 0, received_at: 0, payload: None });
+            rows.push(&RowFields {
+                event_id: id,
+                device_id: "d",
+                event_type: "t",
+                ts: 0,
+                received_at: 0,
+                payload: None,
+            });
         }
         assert_eq!(rows.len(), 2);
         assert_eq!(rows.event_id(1), b"bbb");

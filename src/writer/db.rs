@@ -198,8 +198,10 @@ pub fn create_table_sql(quoted: &str) -> String {
 pub fn prepare_table(client: &mut Client, sql: &Statements, create: bool) -> Result<(), WriteError> {
     if create {
         // Quiet the NOTICE "relation already exists" for these statements.
-        let statements =
-            format!("SET client_min_messages = warning; {}; {}; RESET client_min_messages", sql.create_table, sql.create_dead_letter);
+        let statements = format!(
+            "SET client_min_messages = warning; {}; {}; RESET client_min_messages",
+            sql.create_table, sql.create_dead_letter
+        );
         match client.batch_execute(&statements) {
             // Two instances creating the same table at once: PostgreSQL's
             // IF NOT EXISTS is not atomic, and the loser gets a unique
@@ -210,7 +212,10 @@ pub fn prepare_table(client: &mut Client, sql: &Statements, create: bool) -> Res
             other => other?,
         }
     } else {
-        client.batch_execute(&format!("SELECT 1 FROM {} LIMIT 0; SELECT 1 FROM {} LIMIT 0", sql.table, sql.dead_letter_table))?;
+        client.batch_execute(&format!(
+            "SELECT 1 FROM {} LIMIT 0; SELECT 1 FROM {} LIMIT 0",
+            sql.table, sql.dead_letter_table
+        ))?;
     }
     Ok(())
 }
@@ -301,7 +306,11 @@ pub fn copy_batch(
 
 /// COPY into the staging table, then `INSERT … ON CONFLICT DO NOTHING`;
 /// returns the ids that were new.
-fn copy_via_staging(tx: &mut Transaction<'_>, sql: &Statements, rows: &[RowWriter<'_>]) -> Result<Vec<String>, postgres::Error> {
+fn copy_via_staging(
+    tx: &mut Transaction<'_>,
+    sql: &Statements,
+    rows: &[RowWriter<'_>],
+) -> Result<Vec<String>, postgres::Error> {
     tx.batch_execute(&sql.create_staging)?;
     let all = |out: &mut dyn std::io::Write| rows.iter().try_for_each(|write| write(out));
     copy(tx, &sql.copy_into_staging, &all)?;

@@ -28,12 +28,12 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
+use crate::broadcast::{Published, Publisher};
 use crate::config::WriterConfig;
 use crate::metrics::Metrics;
 use crate::pipeline::{CommitOutcome, Job, Reply};
-use crate::broadcast::{Published, Publisher};
-use db::{Committed, Pool, Statements, WriteError};
 use breaker::{Admission, Breaker};
+use db::{Committed, Pool, Statements, WriteError};
 use recent::RecentIds;
 
 /// What a writer needs, handed to its thread.
@@ -123,7 +123,8 @@ impl Batch {
 
     fn set_class(&mut self, job: usize, row: usize, class: RowClass) {
         let jobs = &self.jobs;
-        let classes = self.classes.get_or_insert_with(|| jobs.iter().map(|j| vec![RowClass::Clean; j.rows.len()]).collect());
+        let classes =
+            self.classes.get_or_insert_with(|| jobs.iter().map(|j| vec![RowClass::Clean; j.rows.len()]).collect());
         classes[job][row] = class;
     }
 
@@ -172,7 +173,13 @@ impl Batch {
     /// COPY, in `event_id` order: two transactions holding some of the same
     /// ids (a request re-sent while the first is still in flight) then take
     /// their index locks in the same order and cannot deadlock.
-    fn write_rows(&self, first: usize, count: usize, class: RowClass, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    fn write_rows(
+        &self,
+        first: usize,
+        count: usize,
+        class: RowClass,
+        out: &mut dyn std::io::Write,
+    ) -> std::io::Result<()> {
         let mut rows: Vec<(&[u8], usize, usize)> = Vec::with_capacity(self.count(first, count, class) as usize);
         for j in first..first + count {
             let buf = &self.jobs[j].rows;
@@ -190,7 +197,13 @@ impl Batch {
     fn count(&self, first: usize, count: usize, class: RowClass) -> u64 {
         (first..first + count)
             .map(|j| match &self.classes {
-                None => if class == RowClass::Clean { self.jobs[j].rows.len() as u64 } else { 0 },
+                None => {
+                    if class == RowClass::Clean {
+                        self.jobs[j].rows.len() as u64
+                    } else {
+                        0
+                    }
+                }
                 Some(classes) => classes[j].iter().filter(|c| **c == class).count() as u64,
             })
             .sum()
@@ -411,7 +424,8 @@ impl Writer {
                     if c.via_staging {
                         done.staged_ids.extend(c.staged_ids);
                     } else {
-                        done.staged_ids.extend(part.iter().map(|&r| String::from_utf8_lossy(rows.event_id(r)).into_owned()));
+                        done.staged_ids
+                            .extend(part.iter().map(|&r| String::from_utf8_lossy(rows.event_id(r)).into_owned()));
                     }
                 }
                 Err(e) if e.is_transient() => return Err(e),
@@ -424,18 +438,27 @@ impl Writer {
             }
         }
         if !dead.is_empty() {
-            let letters: Vec<db::DeadLetter<'_>> = dead
-                .iter()
-                .filter_map(|(r, error)| rows.view(*r).map(|row| db::DeadLetter { row, error }))
-                .collect();
+            let letters: Vec<db::DeadLetter<'_>> =
+                dead.iter().filter_map(|(r, error)| rows.view(*r).map(|row| db::DeadLetter { row, error })).collect();
             self.guarded(|conn| db::store_dead_letters(conn, &self.sql, &letters))?;
-            crate::warn!("events refused by PostgreSQL kept as dead letters", writer = self.id, events = dead.len(), table = self.sql.dead_letter_table);
+            crate::warn!(
+                "events refused by PostgreSQL kept as dead letters",
+                writer = self.id,
+                events = dead.len(),
+                table = self.sql.dead_letter_table
+            );
         }
         dead.sort_unstable_by_key(|(r, _)| *r);
         Ok((done, dead))
     }
 
-    fn answer_committed(&self, batch: &mut Batch, jobs: std::ops::Range<usize>, done: &Committed, report: &mut WriterReport) {
+    fn answer_committed(
+        &self,
+        batch: &mut Batch,
+        jobs: std::ops::Range<usize>,
+        done: &Committed,
+        report: &mut WriterReport,
+    ) {
         self.answer(batch, jobs, done, Vec::new(), report);
     }
 

@@ -31,44 +31,25 @@ fn effective(out: &CliOutput) -> toml::Table {
 
 fn key<'a>(t: &'a toml::Table, path: &str) -> &'a toml::Value {
     let (section, k) = path.split_once('.').unwrap();
-    t.get(section).and_then(|s| s.get(k)).unwrap_or_else(|| {
-        panic!(
-            "effective config lacks {path}:\n{}",
-            toml::to_string(t).unwrap()
-        )
-    })
+    t.get(section)
+        .and_then(|s| s.get(k))
+        .unwrap_or_else(|| panic!("effective config lacks {path}:\n{}", toml::to_string(t).unwrap()))
 }
 
 #[test]
 fn check_config_prints_the_effective_config_and_exits_0() {
-    let out = check_config(
-        &[
-            "--set",
-            "server.shards=3",
-            "--set",
-            "writer.writers=5",
-            "--listen",
-            "127.0.0.1:9999",
-        ],
-        &[],
-    );
+    let out =
+        check_config(&["--set", "server.shards=3", "--set", "writer.writers=5", "--listen", "127.0.0.1:9999"], &[]);
     let t = effective(&out);
     assert_eq!(key(&t, "server.shards").as_integer(), Some(3));
     assert_eq!(key(&t, "writer.writers").as_integer(), Some(5));
     assert_eq!(key(&t, "server.listen").as_str(), Some("127.0.0.1:9999"));
     // Defaults from docs/INTERFACE.md are part of the effective config.
     assert_eq!(key(&t, "ingest.ack").as_str(), Some("commit"));
-    assert_eq!(
-        key(&t, "ingest.max_payload_bytes").as_integer(),
-        Some(65536)
-    );
+    assert_eq!(key(&t, "ingest.max_payload_bytes").as_integer(), Some(65536));
     assert_eq!(key(&t, "pipeline.ring_capacity").as_integer(), Some(1024));
     assert_eq!(key(&t, "database.table").as_str(), Some("events"));
-    assert!(
-        !out.stdout.contains("s3cr3t-pw"),
-        "--check-config printed the database password:\n{}",
-        out.stdout
-    );
+    assert!(!out.stdout.contains("s3cr3t-pw"), "--check-config printed the database password:\n{}", out.stdout);
 }
 
 #[test]
@@ -76,77 +57,29 @@ fn flags_win_over_env_and_env_over_file() {
     let dir = std::env::temp_dir().join(unique("ingestd_cfg"));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("c.toml");
-    std::fs::write(
-        &file,
-        "[writer]\nwriters = 3\n\n[server]\nshards = 7\nretry_after_s = 9\n",
-    )
-    .unwrap();
+    std::fs::write(&file, "[writer]\nwriters = 3\n\n[server]\nshards = 7\nretry_after_s = 9\n").unwrap();
     let file = file.to_str().unwrap();
 
     let t = effective(&check_config(&["--config", file], &[]));
-    assert_eq!(
-        key(&t, "writer.writers").as_integer(),
-        Some(3),
-        "file value"
-    );
+    assert_eq!(key(&t, "writer.writers").as_integer(), Some(3), "file value");
     assert_eq!(key(&t, "server.shards").as_integer(), Some(7), "file value");
 
-    let env = [
-        ("INGESTD_WRITER__WRITERS", "4"),
-        ("INGESTD_LISTEN", "127.0.0.1:7777"),
-    ];
+    let env = [("INGESTD_WRITER__WRITERS", "4"), ("INGESTD_LISTEN", "127.0.0.1:7777")];
     let t = effective(&check_config(&["--config", file], &env));
-    assert_eq!(
-        key(&t, "writer.writers").as_integer(),
-        Some(4),
-        "env beats file"
-    );
-    assert_eq!(
-        key(&t, "server.listen").as_str(),
-        Some("127.0.0.1:7777"),
-        "INGESTD_LISTEN"
-    );
-    assert_eq!(
-        key(&t, "server.retry_after_s").as_integer(),
-        Some(9),
-        "file value kept"
-    );
+    assert_eq!(key(&t, "writer.writers").as_integer(), Some(4), "env beats file");
+    assert_eq!(key(&t, "server.listen").as_str(), Some("127.0.0.1:7777"), "INGESTD_LISTEN");
+    assert_eq!(key(&t, "server.retry_after_s").as_integer(), Some(9), "file value kept");
 
-    let t = effective(&check_config(
-        &[
-            "--config",
-            file,
-            "--set",
-            "writer.writers=6",
-            "--listen",
-            "127.0.0.1:6666",
-        ],
-        &env,
-    ));
-    assert_eq!(
-        key(&t, "writer.writers").as_integer(),
-        Some(6),
-        "flag beats env"
-    );
-    assert_eq!(
-        key(&t, "server.listen").as_str(),
-        Some("127.0.0.1:6666"),
-        "--listen beats env"
-    );
+    let t =
+        effective(&check_config(&["--config", file, "--set", "writer.writers=6", "--listen", "127.0.0.1:6666"], &env));
+    assert_eq!(key(&t, "writer.writers").as_integer(), Some(6), "flag beats env");
+    assert_eq!(key(&t, "server.listen").as_str(), Some("127.0.0.1:6666"), "--listen beats env");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn assert_usage_error(out: &CliOutput, must_name: &str) {
-    assert_eq!(
-        out.code(),
-        Some(64),
-        "want exit 64 for a bad config: {out:?}"
-    );
-    assert!(
-        out.stderr.contains(must_name),
-        "stderr does not name {must_name:?}:\n{}",
-        out.stderr
-    );
+    assert_eq!(out.code(), Some(64), "want exit 64 for a bad config: {out:?}");
+    assert!(out.stderr.contains(must_name), "stderr does not name {must_name:?}:\n{}", out.stderr);
 }
 
 #[test]
@@ -157,11 +90,7 @@ fn unknown_key_exits_64_naming_it() {
     assert_usage_error(&out, "nosuchsection");
     let out = check_config(&[], &[("INGESTD_SERVER__NOPE", "1")]);
     assert_eq!(out.code(), Some(64), "unknown key from env: {out:?}");
-    assert!(
-        out.stderr.to_lowercase().contains("nope"),
-        "stderr does not name the key:\n{}",
-        out.stderr
-    );
+    assert!(out.stderr.to_lowercase().contains("nope"), "stderr does not name the key:\n{}", out.stderr);
 }
 
 #[test]
@@ -186,11 +115,7 @@ fn unknown_key_in_a_config_file_exits_64() {
     std::fs::write(&file, "[server]\nshards = 1\nnope = 1\n").unwrap();
     let out = check_config(&["--config", file.to_str().unwrap()], &[]);
     assert_eq!(out.code(), Some(64), "{out:?}");
-    assert!(
-        out.stderr.contains("nope"),
-        "stderr does not name the key:\n{}",
-        out.stderr
-    );
+    assert!(out.stderr.contains("nope"), "stderr does not name the key:\n{}", out.stderr);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -198,14 +123,7 @@ fn unknown_key_in_a_config_file_exits_64() {
 fn bad_config_is_reported_before_touching_the_database() {
     // An unreachable database would start ingestd not ready: 64 shows config came first.
     let out = run_cli(
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--database-url",
-            "postgres://nobody@127.0.0.1:1/none",
-            "--set",
-            "server.nope=1",
-        ],
+        &["--listen", "127.0.0.1:0", "--database-url", "postgres://nobody@127.0.0.1:1/none", "--set", "server.nope=1"],
         &[],
         CLI_TIMEOUT,
     );

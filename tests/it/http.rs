@@ -24,11 +24,7 @@ fn malformed_json_is_400_with_an_error() {
         ("/events/batch", b"[{\"device_id\": \"d\"},"),
         ("/events/batch", b"[1, 2,]"),
     ] {
-        let resp = s.send(
-            &Req::post(path)
-                .header("Content-Type", "application/json")
-                .body(body.to_vec()),
-        );
+        let resp = s.send(&Req::post(path).header("Content-Type", "application/json").body(body.to_vec()));
         let msg = assert_error(&resp, 400);
         eprintln!("{path} {:?} -> 400 {msg}", String::from_utf8_lossy(body));
     }
@@ -49,12 +45,7 @@ fn malformed_http_is_400() {
         let mut c = s.conn();
         c.write(bytes);
         let resp = c.read_response();
-        assert_eq!(
-            resp.status,
-            400,
-            "request {:?} got:\n{resp:?}",
-            String::from_utf8_lossy(bytes)
-        );
+        assert_eq!(resp.status, 400, "request {:?} got:\n{resp:?}", String::from_utf8_lossy(bytes));
         assert_error(&resp, 400);
     }
 }
@@ -91,11 +82,7 @@ fn body_over_max_body_bytes_is_413() {
     let s = Ingestd::new().set("server.max_body_bytes", 2000).start();
     let (_, body) = batch_body("big", 30);
     assert!(body.len() > 2000);
-    let resp = s.send(
-        &Req::post("/events/batch")
-            .header("Content-Type", "application/json")
-            .body(body.clone()),
-    );
+    let resp = s.send(&Req::post("/events/batch").header("Content-Type", "application/json").body(body.clone()));
     assert_error(&resp, 413);
 
     // The same without Content-Length: a chunked body that grows too large.
@@ -109,11 +96,7 @@ fn body_over_max_body_bytes_is_413() {
     // Under the limit still works.
     let (evs, small) = batch_body("ok", 3);
     assert!(small.len() < 2000);
-    let resp = s.send(
-        &Req::post("/events/batch")
-            .header("Content-Type", "application/json")
-            .body(small),
-    );
+    let resp = s.send(&Req::post("/events/batch").header("Content-Type", "application/json").body(small));
     assert_ingest(&resp, 200, 3, &[]);
     assert_eq!(s.count_ids(&ids_of(&evs)), 3);
     assert_eq!(s.count(), 3);
@@ -123,16 +106,8 @@ fn body_over_max_body_bytes_is_413() {
 fn unsupported_content_type_is_415() {
     let s = Server::start();
     let body = serde_json::to_vec(&event("ct-1")).unwrap();
-    for ct in [
-        "text/plain",
-        "application/xml",
-        "application/x-www-form-urlencoded",
-    ] {
-        let resp = s.send(
-            &Req::post("/events")
-                .header("Content-Type", ct)
-                .body(body.clone()),
-        );
+    for ct in ["text/plain", "application/xml", "application/x-www-form-urlencoded"] {
+        let resp = s.send(&Req::post("/events").header("Content-Type", ct).body(body.clone()));
         assert_error(&resp, 415);
     }
     assert_eq!(s.count(), 0);
@@ -186,17 +161,12 @@ fn gzip_body_is_accepted() {
         .header("Content-Encoding", "gzip")
         .body(gzip(&serde_json::to_vec(&ev).unwrap()));
     assert_ingest(&s.send(&req), 200, 1, &[]);
-    assert_eq!(
-        s.row("gz-single").unwrap().payload,
-        Some(ev["payload"].clone())
-    );
+    assert_eq!(s.row("gz-single").unwrap().payload, Some(ev["payload"].clone()));
 }
 
 #[test]
 fn gzip_bomb_is_413() {
-    let s = Ingestd::new()
-        .set("server.max_decompressed_bytes", 65_536)
-        .start();
+    let s = Ingestd::new().set("server.max_decompressed_bytes", 65_536).start();
     // 2 MiB of whitespace inside a valid JSON array (32 x the limit): a few
     // KiB on the wire.
     let mut inflated = Vec::with_capacity(2 << 20);
@@ -205,11 +175,7 @@ fn gzip_bomb_is_413() {
     inflated.extend_from_slice(&serde_json::to_vec(&event("bomb")).unwrap());
     inflated.push(b']');
     let wire = gzip(&inflated);
-    assert!(
-        wire.len() < 64 * 1024,
-        "bomb is {} bytes on the wire",
-        wire.len()
-    );
+    assert!(wire.len() < 64 * 1024, "bomb is {} bytes on the wire", wire.len());
     let req = Req::post("/events/batch")
         .header("Content-Type", "application/json")
         .header("Content-Encoding", "gzip")
@@ -226,18 +192,14 @@ fn stalled_request_is_408() {
     let mut c = s.conn();
     c.set_read_timeout(Duration::from_secs(10));
     let t0 = Instant::now();
-    c.write(b"POST /events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"device_");
+    c.write(
+        b"POST /events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"device_",
+    );
     let resp = c.read_response();
     let waited = t0.elapsed();
     assert_error(&resp, 408);
-    assert!(
-        waited >= Duration::from_millis(400),
-        "408 after only {waited:?}"
-    );
-    assert!(
-        waited < Duration::from_secs(5),
-        "408 after {waited:?} with request_timeout_ms = 500"
-    );
+    assert!(waited >= Duration::from_millis(400), "408 after only {waited:?}");
+    assert!(waited < Duration::from_secs(5), "408 after {waited:?} with request_timeout_ms = 500");
 
     // Headers themselves stall (slowloris).
     let mut c = s.conn();
@@ -298,10 +260,7 @@ fn expect_100_continue() {
         .as_bytes(),
     );
     let interim = c.read_response();
-    assert_eq!(
-        interim.status, 100,
-        "expected HTTP/1.1 100 Continue before the body:\n{interim:?}"
-    );
+    assert_eq!(interim.status, 100, "expected HTTP/1.1 100 Continue before the body:\n{interim:?}");
     c.write(&body);
     assert_ingest(&c.read_response(), 200, 1, &[]);
     assert_eq!(s.count_id("exp-1"), 1);
@@ -314,25 +273,14 @@ fn keep_alive_serves_several_requests_on_one_connection() {
     for i in 0..5 {
         let resp = c.roundtrip(&Req::post("/events").json(&event(&format!("ka-{i}"))));
         assert_ingest(&resp, 200, 1, &[]);
-        let conn_hdr = resp
-            .header("connection")
-            .unwrap_or_default()
-            .to_ascii_lowercase();
-        assert!(
-            !conn_hdr.contains("close"),
-            "server closed a keep-alive connection:\n{resp:?}"
-        );
+        let conn_hdr = resp.header("connection").unwrap_or_default().to_ascii_lowercase();
+        assert!(!conn_hdr.contains("close"), "server closed a keep-alive connection:\n{resp:?}");
     }
     assert_eq!(c.roundtrip(&Req::get("/health")).status, 200);
     assert_eq!(c.roundtrip(&Req::get("/stats")).status, 200);
     // An error answer does not end the connection either.
     assert_error(&c.roundtrip(&Req::get("/nope")), 404);
-    assert_ingest(
-        &c.roundtrip(&Req::post("/events").json(&event("ka-last"))),
-        200,
-        1,
-        &[],
-    );
+    assert_ingest(&c.roundtrip(&Req::post("/events").json(&event("ka-last"))), 200, 1, &[]);
     assert_eq!(s.count(), 6);
 }
 
@@ -341,11 +289,7 @@ fn pipelined_requests_are_answered_in_order() {
     let s = Server::start();
     let mut bytes = Req::post("/events").json(&event("pipe-1")).to_bytes();
     bytes.extend(Req::get("/nope").to_bytes());
-    bytes.extend(
-        Req::post("/events/batch")
-            .json(&json!([event("pipe-2"), event("pipe-3")]))
-            .to_bytes(),
-    );
+    bytes.extend(Req::post("/events/batch").json(&json!([event("pipe-2"), event("pipe-3")])).to_bytes());
     bytes.extend(Req::get("/health").to_bytes());
     let mut c = s.conn();
     c.write(&bytes); // one write: all four requests at once
@@ -362,8 +306,5 @@ fn connection_close_is_honoured() {
     let mut c = s.conn();
     let resp = c.roundtrip(&Req::get("/health").header("Connection", "close"));
     assert_eq!(resp.status, 200, "{resp:?}");
-    assert!(
-        c.closed_by_peer(Duration::from_secs(5)),
-        "server kept the connection open after Connection: close"
-    );
+    assert!(c.closed_by_peer(Duration::from_secs(5)), "server kept the connection open after Connection: close");
 }

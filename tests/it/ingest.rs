@@ -30,32 +30,18 @@ fn one_event_is_committed_with_its_columns_when_answered() {
     });
     let resp = s.post_event(&ev);
     assert_eq!(resp.status, 200, "{resp:?}");
-    assert_eq!(
-        resp.json(),
-        json!({"accepted": 1, "rejected": []}),
-        "{resp:?}"
-    );
+    assert_eq!(resp.json(), json!({"accepted": 1, "rejected": []}), "{resp:?}");
     let ct = resp.header("content-type").unwrap_or_default();
-    assert!(
-        ct.starts_with("application/json"),
-        "content-type {ct:?}:\n{resp:?}"
-    );
+    assert!(ct.starts_with("application/json"), "content-type {ct:?}:\n{resp:?}");
 
     // ack = commit: no polling, the row must already be there.
     let row = s.row("evt-0001").expect("row committed before the 200");
     assert_eq!(row.device_id, "dev-é-42");
     assert_eq!(row.event_type, "temperature");
     assert_eq!(row.ts_ms, parse_rfc3339_ms(ts));
-    assert_eq!(
-        row.payload.as_ref(),
-        Some(&payload),
-        "payload stored as jsonb equal to what was sent"
-    );
+    assert_eq!(row.payload.as_ref(), Some(&payload), "payload stored as jsonb equal to what was sent");
     let age = row.received_age_s.expect("received_at set");
-    assert!(
-        (-5.0..120.0).contains(&age),
-        "received_at is {age} s before now"
-    );
+    assert!((-5.0..120.0).contains(&age), "received_at is {age} s before now");
     assert_eq!(s.count(), 1);
 }
 
@@ -63,15 +49,10 @@ fn assert_uuid_v7(id: &str) {
     let b = id.as_bytes();
     let shape_ok = b.len() == 36
         && [8, 13, 18, 23].iter().all(|&i| b[i] == b'-')
-        && b.iter()
-            .enumerate()
-            .all(|(i, c)| [8, 13, 18, 23].contains(&i) || c.is_ascii_hexdigit());
+        && b.iter().enumerate().all(|(i, c)| [8, 13, 18, 23].contains(&i) || c.is_ascii_hexdigit());
     assert!(shape_ok, "assigned event_id {id:?} is not a 36-char UUID");
     assert_eq!(b[14], b'7', "assigned event_id {id:?} is not version 7");
-    assert!(
-        b"89abAB".contains(&b[19]),
-        "assigned event_id {id:?} has a non-RFC variant"
-    );
+    assert!(b"89abAB".contains(&b[19]), "assigned event_id {id:?} has a non-RFC variant");
 }
 
 #[test]
@@ -83,9 +64,8 @@ fn absent_event_id_gets_a_uuidv7() {
     assert_eq!(rows.len(), 1);
     assert_uuid_v7(&rows[0].event_id);
 
-    let batch: Vec<Value> = (0..10)
-        .map(|i| json!({"device_id": "d", "type": "t", "ts": now_ms(), "payload": i}))
-        .collect();
+    let batch: Vec<Value> =
+        (0..10).map(|i| json!({"device_id": "d", "type": "t", "ts": now_ms(), "payload": i})).collect();
     assert_ingest(&s.post_batch(&batch), 200, 10, &[]);
     let rows = s.rows();
     assert_eq!(rows.len(), 11, "each id-less event gets its own id");
@@ -101,32 +81,16 @@ fn ts_accepts_rfc3339_with_offsets_and_epoch_ms() {
     let s = Server::start();
     let soon = now_ms() + 60_000; // within the default 5 min skew
     let cases: Vec<(&str, Value, i64)> = vec![
-        (
-            "utc",
-            json!("2024-05-01T12:00:00Z"),
-            parse_rfc3339_ms("2024-05-01T12:00:00Z"),
-        ),
+        ("utc", json!("2024-05-01T12:00:00Z"), parse_rfc3339_ms("2024-05-01T12:00:00Z")),
         (
             "plus offset, fraction",
             json!("2024-05-01T12:00:00.5+05:30"),
             parse_rfc3339_ms("2024-05-01T12:00:00.5+05:30"),
         ),
-        (
-            "minus offset",
-            json!("2024-05-01T12:00:00-07:00"),
-            parse_rfc3339_ms("2024-05-01T12:00:00-07:00"),
-        ),
+        ("minus offset", json!("2024-05-01T12:00:00-07:00"), parse_rfc3339_ms("2024-05-01T12:00:00-07:00")),
         ("epoch ms", json!(1_714_557_600_123_i64), 1_714_557_600_123),
-        (
-            "exactly 2000-01-01 (rfc3339)",
-            json!("2000-01-01T00:00:00Z"),
-            946_684_800_000,
-        ),
-        (
-            "exactly 2000-01-01 (ms)",
-            json!(946_684_800_000_i64),
-            946_684_800_000,
-        ),
+        ("exactly 2000-01-01 (rfc3339)", json!("2000-01-01T00:00:00Z"), 946_684_800_000),
+        ("exactly 2000-01-01 (ms)", json!(946_684_800_000_i64), 946_684_800_000),
         ("a minute ahead (ms)", json!(soon), soon),
         ("a minute ahead (rfc3339)", json!(rfc3339_ms(soon)), soon),
     ];
@@ -138,30 +102,17 @@ fn ts_accepts_rfc3339_with_offsets_and_epoch_ms() {
     let resp = s.post_batch(&batch);
     assert_ingest(&resp, 200, cases.len() as u64, &[]);
     for (i, (label, ts, want_ms)) in cases.iter().enumerate() {
-        let row = s
-            .row(&format!("ts-{i}"))
-            .unwrap_or_else(|| panic!("{label}: no row"));
-        assert_eq!(
-            row.ts_ms, *want_ms,
-            "{label}: ts {ts} stored as {} ms",
-            row.ts_ms
-        );
+        let row = s.row(&format!("ts-{i}")).unwrap_or_else(|| panic!("{label}: no row"));
+        assert_eq!(row.ts_ms, *want_ms, "{label}: ts {ts} stored as {} ms", row.ts_ms);
     }
 }
 
 #[test]
 fn batch_json_array_of_100_is_committed() {
-    let s = Ingestd::new()
-        .set("server.shards", 2)
-        .set("writer.writers", 2)
-        .start();
+    let s = Ingestd::new().set("server.shards", 2).set("writer.writers", 2).start();
     let evs = events("b", 100);
     let resp = s.post_batch(&evs);
-    assert_eq!(
-        resp.json(),
-        json!({"accepted": 100, "rejected": []}),
-        "{resp:?}"
-    );
+    assert_eq!(resp.json(), json!({"accepted": 100, "rejected": []}), "{resp:?}");
     assert_eq!(resp.status, 200);
     assert_eq!(s.count(), 100);
     assert_eq!(s.count_ids(&ids_of(&evs)), 100);
@@ -243,11 +194,7 @@ fn same_event_id_in_two_requests_makes_one_row() {
     let resp = s.post_batch(&batch);
     assert_eq!(resp.status, 200, "{resp:?}");
     let answer = ingest_answer(&resp);
-    assert_eq!(
-        answer.accepted as usize + answer.rejected.len(),
-        6,
-        "{resp:?}"
-    );
+    assert_eq!(answer.accepted as usize + answer.rejected.len(), 6, "{resp:?}");
     assert_eq!(s.count(), 6);
 }
 
@@ -258,11 +205,7 @@ fn same_event_id_twice_in_one_batch_makes_one_row() {
     let resp = s.post_batch(&batch);
     assert_eq!(resp.status, 200, "{resp:?}");
     let answer = ingest_answer(&resp);
-    assert_eq!(
-        answer.accepted as usize + answer.rejected.len(),
-        3,
-        "{resp:?}"
-    );
+    assert_eq!(answer.accepted as usize + answer.rejected.len(), 3, "{resp:?}");
     assert_eq!(s.count_id("twice"), 1);
     assert_eq!(s.count_id("once"), 1);
     assert_eq!(s.count(), 2);
@@ -271,10 +214,7 @@ fn same_event_id_twice_in_one_batch_makes_one_row() {
 #[test]
 fn concurrent_duplicate_batches_make_one_row_each() {
     // Two writers may COPY the same ids at the same time.
-    let s = Ingestd::new()
-        .set("server.shards", 2)
-        .set("writer.writers", 2)
-        .start();
+    let s = Ingestd::new().set("server.shards", 2).set("writer.writers", 2).start();
     let evs = events("cd", 50);
     let addr = s.addr;
     let handles: Vec<_> = (0..4)
@@ -298,24 +238,22 @@ fn ack_queue_answers_202_and_the_row_arrives() {
     assert_ingest(&resp, 202, 1, &[]);
     let resp = s.post_batch(&events("qb", 20));
     assert_ingest(&resp, 202, 20, &[]);
-    eventually(
-        Duration::from_secs(15),
-        "queued events to be committed",
-        || (s.count() == 21).then_some(()),
-    );
+    eventually(Duration::from_secs(15), "queued events to be committed", || (s.count() == 21).then_some(()));
     assert!(s.row("q-1").is_some());
 }
 
 #[test]
 fn payload_may_be_any_json_value() {
     let s = Server::start();
-    let payloads = [json!(42),
+    let payloads = [
+        json!(42),
         json!(-1.25),
         json!("just a string"),
         json!(true),
         json!([1, "a", null, {"b": [2]}]),
         json!({"deep": {"x": [1, 2, {"y": "z"}]}, "empty": {}, "list": []}),
-        json!({"unicode": "日本語 ✓ ünï", "escapes": "q\" b\\ n\n t\t / \u{1}"})];
+        json!({"unicode": "日本語 ✓ ünï", "escapes": "q\" b\\ n\n t\t / \u{1}"}),
+    ];
     let batch: Vec<Value> = payloads
         .iter()
         .enumerate()

@@ -22,16 +22,8 @@ fn idle_signal_exits_zero(sig: &str) {
     let addr = s.addr;
     s.signal(sig);
     let status = s.wait_exit(Duration::from_secs(15));
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "exit after SIG{sig}: {status}\n{}",
-        s.stderr()
-    );
-    assert!(
-        Conn::try_open(addr).is_err(),
-        "listener still accepts after exit"
-    );
+    assert_eq!(status.code(), Some(0), "exit after SIG{sig}: {status}\n{}", s.stderr());
+    assert!(Conn::try_open(addr).is_err(), "listener still accepts after exit");
     assert_eq!(s.count_id("idle-1"), 1);
 }
 
@@ -110,10 +102,7 @@ fn shutdown_under_load(ack: &str, ok: u16) {
                                 acked.extend(ids_of(&evs));
                                 acked_batches.fetch_add(1, Ordering::Relaxed);
                             }
-                            if resp
-                                .header("connection")
-                                .is_some_and(|v| v.eq_ignore_ascii_case("close"))
-                            {
+                            if resp.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close")) {
                                 conn = None;
                             }
                         }
@@ -131,8 +120,7 @@ fn shutdown_under_load(ack: &str, ok: u16) {
     // Load for at least a second and at least a few acknowledged batches.
     let load_start = Instant::now();
     eventually(Duration::from_secs(30), "load to get going", || {
-        (load_start.elapsed() >= Duration::from_millis(1500)
-            && acked_batches.load(Ordering::Relaxed) >= 5)
+        (load_start.elapsed() >= Duration::from_millis(1500) && acked_batches.load(Ordering::Relaxed) >= 5)
             .then_some(())
     });
     let term_at = Instant::now();
@@ -159,21 +147,9 @@ fn shutdown_under_load(ack: &str, ok: u16) {
          transport errors {transport_errors}; exit {status} after {shutdown_took:?}",
         acked.len()
     );
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "exit status after SIGTERM: {status}\n{}",
-        s.stderr()
-    );
-    assert!(
-        !acked.is_empty(),
-        "no request was acknowledged before SIGTERM"
-    );
-    assert!(
-        present as usize >= acked.len(),
-        "acknowledged events lost: acked {} present {present}",
-        acked.len()
-    );
+    assert_eq!(status.code(), Some(0), "exit status after SIGTERM: {status}\n{}", s.stderr());
+    assert!(!acked.is_empty(), "no request was acknowledged before SIGTERM");
+    assert!(present as usize >= acked.len(), "acknowledged events lost: acked {} present {present}", acked.len());
     assert!(total as usize >= acked.len());
     assert!(
         statuses.keys().all(|c| *c == ok || *c == 503),

@@ -17,10 +17,7 @@ fn health_is_200_json_when_ready() {
     assert_eq!(resp.status, 200, "{resp:?}");
     let ct = resp.header("content-type").unwrap_or_default();
     assert!(ct.starts_with("application/json"), "content-type {ct:?}");
-    assert!(
-        resp.json().is_object(),
-        "health body is not a JSON object:\n{resp:?}"
-    );
+    assert!(resp.json().is_object(), "health body is not a JSON object:\n{resp:?}");
 }
 
 #[test]
@@ -30,16 +27,11 @@ fn stats_counters_move_with_ingest() {
     let acc0 = sum_numeric_keys(&before, "accepted");
     let com0 = sum_numeric_keys(&before, "committed");
     assert_ingest(&s.post_batch(&events("st", 25)), 200, 25, &[]);
-    let after = eventually(
-        Duration::from_secs(10),
-        "/stats to count 25 accepted and committed events",
-        || {
-            let v = stats(&s);
-            let moved = sum_numeric_keys(&v, "accepted") >= acc0 + 25.0
-                && sum_numeric_keys(&v, "committed") >= com0 + 25.0;
-            moved.then_some(v)
-        },
-    );
+    let after = eventually(Duration::from_secs(10), "/stats to count 25 accepted and committed events", || {
+        let v = stats(&s);
+        let moved = sum_numeric_keys(&v, "accepted") >= acc0 + 25.0 && sum_numeric_keys(&v, "committed") >= com0 + 25.0;
+        moved.then_some(v)
+    });
     eprintln!("stats before: {before}\nstats after: {after}");
 }
 
@@ -74,9 +66,10 @@ fn parse_metrics(text: &str) -> Vec<Sample> {
         let bad = |why: &str| -> ! { panic!("/metrics line {}: {why}: {line:?}", n + 1) };
         let name_end = line.find(['{', ' ']).unwrap_or_else(|| bad("no value"));
         let name = &line[..name_end];
-        let valid_name = name.chars().enumerate().all(|(i, c)| {
-            c.is_ascii_alphabetic() || c == '_' || c == ':' || (i > 0 && c.is_ascii_digit())
-        });
+        let valid_name = name
+            .chars()
+            .enumerate()
+            .all(|(i, c)| c.is_ascii_alphabetic() || c == '_' || c == ':' || (i > 0 && c.is_ascii_digit()));
         if name.is_empty() || !valid_name {
             bad("bad metric name");
         }
@@ -102,11 +95,8 @@ fn parse_metrics(text: &str) -> Vec<Sample> {
             let close = close.unwrap_or_else(|| bad("unclosed label set"));
             labels = rest[1..close].to_string();
             for pair in split_labels(&labels) {
-                let (k, v) = pair
-                    .split_once('=')
-                    .unwrap_or_else(|| bad("label without ="));
-                if k.trim().is_empty() || !(v.starts_with('"') && v.ends_with('"') && v.len() >= 2)
-                {
+                let (k, v) = pair.split_once('=').unwrap_or_else(|| bad("label without ="));
+                if k.trim().is_empty() || !(v.starts_with('"') && v.ends_with('"') && v.len() >= 2) {
                     bad("bad label pair");
                 }
             }
@@ -121,17 +111,12 @@ fn parse_metrics(text: &str) -> Vec<Sample> {
             v => v.parse().unwrap_or_else(|_| bad("value is not a number")),
         };
         if let Some(ts) = fields.next() {
-            ts.parse::<i64>()
-                .unwrap_or_else(|_| bad("timestamp is not an integer"));
+            ts.parse::<i64>().unwrap_or_else(|_| bad("timestamp is not an integer"));
         }
         if fields.next().is_some() {
             bad("trailing fields");
         }
-        out.push(Sample {
-            name: name.to_string(),
-            labels,
-            value,
-        });
+        out.push(Sample { name: name.to_string(), labels, value });
     }
     out
 }
@@ -163,10 +148,7 @@ fn split_labels(s: &str) -> Vec<String> {
 fn committed_series(s: &Server) -> BTreeMap<String, f64> {
     let resp = s.get("/metrics");
     assert_eq!(resp.status, 200, "{resp:?}");
-    let ct = resp
-        .header("content-type")
-        .unwrap_or_default()
-        .replace(' ', "");
+    let ct = resp.header("content-type").unwrap_or_default().replace(' ', "");
     assert!(
         ct.starts_with("text/plain") && ct.contains("version=0.0.4"),
         "/metrics content-type {ct:?}, want text/plain; version=0.0.4"
@@ -184,22 +166,12 @@ fn committed_series(s: &Server) -> BTreeMap<String, f64> {
 fn metrics_are_prometheus_text_and_committed_grows() {
     let s = Server::start();
     let before = committed_series(&s);
-    assert!(
-        !before.is_empty(),
-        "no metric with \"committed\" in its name"
-    );
+    assert!(!before.is_empty(), "no metric with \"committed\" in its name");
     assert_ingest(&s.post_batch(&events("m", 10)), 200, 10, &[]);
-    eventually(
-        Duration::from_secs(10),
-        "a \"committed\" metric to grow",
-        || {
-            let after = committed_series(&s);
-            after
-                .iter()
-                .any(|(k, v)| *v > before.get(k).copied().unwrap_or(0.0))
-                .then_some(())
-        },
-    );
+    eventually(Duration::from_secs(10), "a \"committed\" metric to grow", || {
+        let after = committed_series(&s);
+        after.iter().any(|(k, v)| *v > before.get(k).copied().unwrap_or(0.0)).then_some(())
+    });
 }
 
 #[test]

@@ -48,9 +48,7 @@ fn full_ring_answers_503_with_retry_after_and_every_200_is_stored() {
                             match Conn::open(addr).try_roundtrip(&req) {
                                 Ok(resp) => resp,
                                 Err(e2) => {
-                                    problems.push(format!(
-                                        "request {t}/{r}: transport error {e}, retry: {e2}"
-                                    ));
+                                    problems.push(format!("request {t}/{r}: transport error {e}, retry: {e2}"));
                                     continue;
                                 }
                             }
@@ -67,29 +65,20 @@ fn full_ring_answers_503_with_retry_after_and_every_200_is_stored() {
                         }
                         503 => {
                             if resp.header("retry-after") != Some("3") {
-                                problems.push(format!(
-                                    "request {t}/{r}: 503 without Retry-After: 3:\n{resp:?}"
-                                ));
+                                problems.push(format!("request {t}/{r}: 503 without Retry-After: 3:\n{resp:?}"));
                             }
                             let is_error_json = serde_json::from_slice::<Value>(&resp.body)
                                 .ok()
                                 .and_then(|v| v.get("error").and_then(Value::as_str).map(|_| ()))
                                 .is_some();
                             if !is_error_json {
-                                problems.push(format!(
-                                    "request {t}/{r}: 503 without JSON error:\n{resp:?}"
-                                ));
+                                problems.push(format!("request {t}/{r}: 503 without JSON error:\n{resp:?}"));
                             }
-                            if resp
-                                .header("connection")
-                                .is_some_and(|v| v.eq_ignore_ascii_case("close"))
-                            {
+                            if resp.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close")) {
                                 conn = None;
                             }
                         }
-                        _ => {
-                            problems.push(format!("request {t}/{r}: unexpected status:\n{resp:?}"))
-                        }
+                        _ => problems.push(format!("request {t}/{r}: unexpected status:\n{resp:?}")),
                     }
                 }
                 (acked, statuses, problems)
@@ -108,25 +97,12 @@ fn full_ring_answers_503_with_retry_after_and_every_200_is_stored() {
         }
         problems.extend(p);
     }
-    eprintln!(
-        "overload: statuses {by_status:?}, {} events acked",
-        acked.len()
-    );
+    eprintln!("overload: statuses {by_status:?}, {} events acked", acked.len());
     assert!(problems.is_empty(), "{}", problems.join("\n"));
-    assert!(
-        by_status.keys().all(|c| *c == 200 || *c == 503),
-        "statuses {by_status:?}"
-    );
-    assert!(
-        by_status.get(&200).copied().unwrap_or(0) > 0,
-        "nothing was accepted at all: {by_status:?}"
-    );
+    assert!(by_status.keys().all(|c| *c == 200 || *c == 503), "statuses {by_status:?}");
+    assert!(by_status.get(&200).copied().unwrap_or(0) > 0, "nothing was accepted at all: {by_status:?}");
     let present = s.count_ids(&acked);
-    assert_eq!(
-        present as usize,
-        acked.len(),
-        "events answered 200 but missing from PostgreSQL"
-    );
+    assert_eq!(present as usize, acked.len(), "events answered 200 but missing from PostgreSQL");
     // Rows from 503'd requests are allowed (a retry is idempotent), so only
     // report them.
     eprintln!("overload: {} rows stored in total", s.count());

@@ -172,7 +172,10 @@ fn postgres_unreachable_at_start_up_starts_not_ready_and_recovers() {
     assert!(statuses.iter().all(|s| *s == 503), "{statuses:?}");
     assert!(started.elapsed() < std::time::Duration::from_secs(10), "503s are fast: {:?}", started.elapsed());
     let metrics = String::from_utf8_lossy(&server.get("/metrics").body).into_owned();
-    assert!(metrics.contains("ingestd_breaker_state 1") || metrics.contains("ingestd_breaker_state 2"), "breaker open:\n{metrics}");
+    assert!(
+        metrics.contains("ingestd_breaker_state 1") || metrics.contains("ingestd_breaker_state 2"),
+        "breaker open:\n{metrics}"
+    );
     pg.start_again();
     let back = std::time::Instant::now();
     let id = unique("back");
@@ -222,7 +225,9 @@ fn spool_sigkill_mid_load_loses_no_acknowledged_event() {
     // Restart on the same spool and table: the spool is replayed.
     let mut again = spooled(&database_url(), &dir).table(&table).start();
     again.set_owns_table(true);
-    eventually(std::time::Duration::from_secs(30), "spool drained after restart", || (pending(&again)? == 0).then_some(()));
+    eventually(std::time::Duration::from_secs(30), "spool drained after restart", || {
+        (pending(&again)? == 0).then_some(())
+    });
     let found = present(&database_url(), &table, &result.acked);
     println!(
         "SIGKILL mid-load (ack=spool): acked {}, present {found}, lost {}; statuses {:?}",
@@ -269,10 +274,8 @@ fn spool_full_answers_503_and_keeps_what_it_acknowledged() {
     let pg = PrivatePg::start();
     pg.stop();
     let dir = spool_dir();
-    let server = spooled(&pg.url, &dir)
-        .set("spool.segment_bytes", 64 * 1024)
-        .set("spool.max_bytes", 256 * 1024)
-        .start();
+    let server =
+        spooled(&pg.url, &dir).set("spool.segment_bytes", 64 * 1024).set("spool.max_bytes", 256 * 1024).start();
     let mut acked = Vec::new();
     let mut full = None;
     for r in 0..200 {

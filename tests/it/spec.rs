@@ -30,19 +30,12 @@ fn lone_surrogate_escape_never_fails_the_batch_nor_vanishes() {
         good("ls-2"),
         good("ls-4"),
     );
-    let resp = s.send(
-        &Req::post("/events/batch")
-            .header("Content-Type", "application/json")
-            .body(body.clone()),
-    );
+    let resp = s.send(&Req::post("/events/batch").header("Content-Type", "application/json").body(body.clone()));
     eprintln!("request body: {body}\nanswer:\n{resp:?}");
     match resp.status {
         // Treated as malformed JSON: the client is told, nothing is stored.
         400 => {
-            assert!(
-                resp.json().get("error").is_some() || resp.json().get("rejected").is_some(),
-                "{resp:?}"
-            );
+            assert!(resp.json().get("error").is_some() || resp.json().get("rejected").is_some(), "{resp:?}");
             let answer = resp.json();
             if answer.get("accepted").is_some() {
                 assert_eq!(ingest_answer(&resp).accepted, 0, "{resp:?}");
@@ -52,16 +45,8 @@ fn lone_surrogate_escape_never_fails_the_batch_nor_vanishes() {
         // Per-event: what is accepted is stored, the rest is listed.
         200 => {
             let answer = ingest_answer(&resp);
-            assert_eq!(
-                answer.accepted as usize + answer.rejected.len(),
-                5,
-                "{resp:?}"
-            );
-            assert_eq!(
-                s.count() as usize,
-                answer.accepted as usize,
-                "accepted events missing from PostgreSQL"
-            );
+            assert_eq!(answer.accepted as usize + answer.rejected.len(), 5, "{resp:?}");
+            assert_eq!(s.count() as usize, answer.accepted as usize, "accepted events missing from PostgreSQL");
             for id in ["ls-0", "ls-2", "ls-4"] {
                 assert_eq!(s.count_id(id), 1, "good event {id} not stored");
             }
@@ -85,11 +70,7 @@ fn payload_nested_too_deep_for_postgres_is_rejected_per_event() {
         now_ms(),
         good("dp-2"),
     );
-    let resp = s.send(
-        &Req::post("/events/batch")
-            .header("Content-Type", "application/json")
-            .body(body),
-    );
+    let resp = s.send(&Req::post("/events/batch").header("Content-Type", "application/json").body(body));
     assert_ingest(&resp, 200, 2, &[1]);
     assert_eq!(s.count(), 2);
     assert_eq!(s.count_id("deep"), 0);
@@ -100,11 +81,7 @@ fn payload_nested_too_deep_for_postgres_is_rejected_per_event() {
         "{{\"event_id\":\"nest-100\",\"device_id\":\"d\",\"type\":\"t\",\"ts\":{},\"payload\":{ok}}}",
         now_ms()
     );
-    let resp = s.send(
-        &Req::post("/events")
-            .header("Content-Type", "application/json")
-            .body(body),
-    );
+    let resp = s.send(&Req::post("/events").header("Content-Type", "application/json").body(body));
     assert_ingest(&resp, 200, 1, &[]);
 }
 
@@ -112,19 +89,11 @@ fn payload_nested_too_deep_for_postgres_is_rejected_per_event() {
 fn ndjson_malformed_line_is_one_rejected_event() {
     let s = Server::start();
     let line = |id: &str| serde_json::to_string(&event(id)).unwrap();
-    let body = format!(
-        "{}\n{{\"device_id\": \"d\", oops\n{}\n{}\n",
-        line("nd-0"),
-        line("nd-2"),
-        line("nd-3")
-    );
+    let body = format!("{}\n{{\"device_id\": \"d\", oops\n{}\n{}\n", line("nd-0"), line("nd-2"), line("nd-3"));
     let resp = s.post_ndjson(&body);
     assert_ingest(&resp, 200, 3, &[1]);
     assert_eq!(s.count(), 3);
-    assert_eq!(
-        s.count_ids(&["nd-0".into(), "nd-2".into(), "nd-3".into()]),
-        3
-    );
+    assert_eq!(s.count_ids(&["nd-0".into(), "nd-2".into(), "nd-3".into()]), 3);
 }
 
 #[test]
@@ -137,16 +106,9 @@ fn restart_after_sigkill_keeps_rows_and_retries_make_no_duplicates() {
     first.signal("KILL");
     drop(first); // reaps it
 
-    let mut second = Ingestd::new()
-        .table(&table)
-        .set("writer.writers", 2)
-        .start();
+    let mut second = Ingestd::new().table(&table).set("writer.writers", 2).start();
     second.set_owns_table(true);
-    assert_eq!(
-        second.count(),
-        50,
-        "acknowledged rows lost across SIGKILL + restart"
-    );
+    assert_eq!(second.count(), 50, "acknowledged rows lost across SIGKILL + restart");
 
     // Re-send everything (a client retrying after the crash), plus new ones,
     // in one batch and one by one.
@@ -155,11 +117,7 @@ fn restart_after_sigkill_keeps_rows_and_retries_make_no_duplicates() {
     let resp = second.post_batch(&batch);
     assert_eq!(resp.status, 200, "{resp:?}");
     let answer = ingest_answer(&resp);
-    assert_eq!(
-        answer.accepted as usize + answer.rejected.len(),
-        60,
-        "{resp:?}"
-    );
+    assert_eq!(answer.accepted as usize + answer.rejected.len(), 60, "{resp:?}");
     let resp = second.post_event(&evs[7]);
     assert_eq!(resp.status, 200, "single retry after restart:\n{resp:?}");
     assert_eq!(second.count(), 60, "duplicates or losses after retries");

@@ -57,12 +57,7 @@ pub fn database_url() -> String {
 pub fn random_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_nanos(),
-    );
+    h.write_u128(SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos());
     h.finish()
 }
 
@@ -71,19 +66,12 @@ pub fn random_u64() -> u64 {
 pub fn unique(prefix: &str) -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!(
-        "{prefix}_{}_{n}_{:08x}",
-        std::process::id(),
-        random_u64() as u32
-    )
+    format!("{prefix}_{}_{n}_{:08x}", std::process::id(), random_u64() as u32)
 }
 
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
 }
 
 /// RFC 3339 (UTC, millisecond precision) for an epoch-ms instant.
@@ -95,9 +83,7 @@ pub fn rfc3339_ms(ms: i64) -> String {
 
 /// Epoch ms of an RFC 3339 string (the test's own reference parser).
 pub fn parse_rfc3339_ms(s: &str) -> i64 {
-    chrono::DateTime::parse_from_rfc3339(s)
-        .expect("valid RFC 3339 in test")
-        .timestamp_millis()
+    chrono::DateTime::parse_from_rfc3339(s).expect("valid RFC 3339 in test").timestamp_millis()
 }
 
 // ---------------------------------------------------------------------------
@@ -106,11 +92,7 @@ pub fn parse_rfc3339_ms(s: &str) -> i64 {
 
 /// Polls `f` until it returns `Some`, with a growing pause (5 ms .. 100 ms),
 /// and panics naming `what` once `timeout` has passed.
-pub fn eventually<T>(
-    timeout: Duration,
-    what: impl fmt::Display,
-    mut f: impl FnMut() -> Option<T>,
-) -> T {
+pub fn eventually<T>(timeout: Duration, what: impl fmt::Display, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
     let mut pause = Duration::from_millis(5);
     loop {
@@ -208,13 +190,8 @@ impl Ingestd {
         for (k, v) in &self.sets {
             cmd.arg("--set").arg(format!("{k}={v}"));
         }
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let args: Vec<String> = cmd
-            .get_args()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect();
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {BIN}: {e}"));
 
         let stderr = Arc::new(Mutex::new(Vec::<u8>::new()));
@@ -232,14 +209,12 @@ impl Ingestd {
                 match reader.read_line(&mut line) {
                     Ok(0) | Err(_) => break,
                     Ok(_) => {
-                        stdout_buf
-                            .lock()
-                            .unwrap()
-                            .extend_from_slice(line.as_bytes());
+                        stdout_buf.lock().unwrap().extend_from_slice(line.as_bytes());
                         if let Some(rest) = line.trim_end().strip_prefix(READY_PREFIX)
-                            && let Some(tx) = ready_tx.take() {
-                                let _ = tx.send(rest.to_string());
-                            }
+                            && let Some(tx) = ready_tx.take()
+                        {
+                            let _ = tx.send(rest.to_string());
+                        }
                     }
                 }
             }
@@ -247,13 +222,10 @@ impl Ingestd {
 
         let started = Instant::now();
         let addr = match ready_rx.recv_timeout(READY_TIMEOUT) {
-            Ok(rest) => rest
-                .trim_end_matches('/')
-                .parse::<SocketAddr>()
-                .unwrap_or_else(|e| {
-                    let _ = child.kill();
-                    panic!("cannot parse address in readiness line {READY_PREFIX}{rest}: {e}")
-                }),
+            Ok(rest) => rest.trim_end_matches('/').parse::<SocketAddr>().unwrap_or_else(|e| {
+                let _ = child.kill();
+                panic!("cannot parse address in readiness line {READY_PREFIX}{rest}: {e}")
+            }),
             Err(err) => {
                 // Either it never got ready or it exited: give a dead child a
                 // moment to be reaped, then report everything we know.
@@ -346,9 +318,7 @@ pub fn run_cli(args: &[&str], env: &[(&str, &str)], timeout: Duration) -> CliOut
     for (k, v) in env {
         cmd.env(k, v);
     }
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {BIN}: {e}"));
     let out = Arc::new(Mutex::new(Vec::new()));
     let err = Arc::new(Mutex::new(Vec::new()));
@@ -371,11 +341,7 @@ pub fn run_cli(args: &[&str], env: &[(&str, &str)], timeout: Duration) -> CliOut
     let _ = (t1.join(), t2.join());
     let stdout = String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
     let stderr = String::from_utf8_lossy(&err.lock().unwrap()).into_owned();
-    CliOutput {
-        status,
-        stdout,
-        stderr,
-    }
+    CliOutput { status, stdout, stderr }
 }
 
 /// A running `ingestd`. Killed (SIGKILL) on drop unless it already exited;
@@ -419,15 +385,9 @@ impl Server {
 
     /// Sends a signal by name ("TERM", "INT", "KILL") with `kill(1)`.
     pub fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([format!("-{name}"), self.pid().to_string()])
-            .status()
-            .expect("run kill(1)");
-        assert!(
-            status.success(),
-            "kill -{name} {} failed: {status}",
-            self.pid()
-        );
+        let status =
+            Command::new("kill").args([format!("-{name}"), self.pid().to_string()]).status().expect("run kill(1)");
+        assert!(status.success(), "kill -{name} {} failed: {status}", self.pid());
     }
 
     /// Waits for the process to exit; panics (with its stderr) on timeout.
@@ -451,9 +411,10 @@ impl Server {
     /// Has the process exited (without waiting)?
     pub fn try_exit(&mut self) -> Option<ExitStatus> {
         if self.exit.is_none()
-            && let Ok(Some(s)) = self.child.try_wait() {
-                self.exit = Some(s);
-            }
+            && let Ok(Some(s)) = self.child.try_wait()
+        {
+            self.exit = Some(s);
+        }
         self.exit
     }
 
@@ -486,9 +447,7 @@ impl Server {
     /// `POST /events/batch` with an NDJSON body as given.
     pub fn post_ndjson(&self, body: &str) -> Response {
         self.send(
-            &Req::post("/events/batch")
-                .header("Content-Type", "application/x-ndjson")
-                .body(body.as_bytes().to_vec()),
+            &Req::post("/events/batch").header("Content-Type", "application/x-ndjson").body(body.as_bytes().to_vec()),
         )
     }
 
@@ -501,10 +460,7 @@ impl Server {
     /// Rows in this server's table.
     pub fn count(&self) -> i64 {
         let sql = format!("SELECT count(*) FROM {}", self.table);
-        self.db()
-            .query_one(sql.as_str(), &[])
-            .expect("count rows")
-            .get(0)
+        self.db().query_one(sql.as_str(), &[]).expect("count rows").get(0)
     }
 
     /// How many of `ids` have a row.
@@ -527,15 +483,8 @@ impl Server {
              FROM {} WHERE event_id = $1",
             self.table
         );
-        let rows = self
-            .db()
-            .query(sql.as_str(), &[&event_id])
-            .expect("select row");
-        assert!(
-            rows.len() <= 1,
-            "{} rows for event_id {event_id}",
-            rows.len()
-        );
+        let rows = self.db().query(sql.as_str(), &[&event_id]).expect("select row");
+        assert!(rows.len() <= 1, "{} rows for event_id {event_id}", rows.len());
         rows.first().map(StoredRow::from_row)
     }
 
@@ -549,12 +498,7 @@ impl Server {
              FROM {} ORDER BY event_id",
             self.table
         );
-        self.db()
-            .query(sql.as_str(), &[])
-            .expect("select rows")
-            .iter()
-            .map(StoredRow::from_row)
-            .collect()
+        self.db().query(sql.as_str(), &[]).expect("select rows").iter().map(StoredRow::from_row).collect()
     }
 }
 
@@ -610,9 +554,7 @@ pub fn db_connect(url: &str) -> postgres::Client {
 pub fn count_ids(db: &mut postgres::Client, table: &str, ids: &[String]) -> i64 {
     let sql = format!("SELECT count(*) FROM {table} WHERE event_id = ANY($1)");
     let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-    db.query_one(sql.as_str(), &[&ids])
-        .expect("count ids")
-        .get(0)
+    db.query_one(sql.as_str(), &[&ids]).expect("count ids").get(0)
 }
 
 /// One row of the events table, as the tests see it.
@@ -637,9 +579,7 @@ impl StoredRow {
             device_id: row.get(1),
             event_type: row.get(2),
             ts_ms: row.get(3),
-            payload: payload.map(|p| {
-                serde_json::from_str(&p).unwrap_or_else(|e| panic!("payload::text {p:?}: {e}"))
-            }),
+            payload: payload.map(|p| serde_json::from_str(&p).unwrap_or_else(|e| panic!("payload::text {p:?}: {e}"))),
             received_age_s: row.get(5),
         }
     }
@@ -667,10 +607,7 @@ pub fn events(prefix: &str, n: usize) -> Vec<Value> {
 
 /// The `event_id`s of a list of events.
 pub fn ids_of(events: &[Value]) -> Vec<String> {
-    events
-        .iter()
-        .map(|e| e["event_id"].as_str().expect("event_id").to_string())
-        .collect()
+    events.iter().map(|e| e["event_id"].as_str().expect("event_id").to_string()).collect()
 }
 
 /// A parsed ingest answer `{"accepted": N, "rejected": [{"index", "error"}]}`.
@@ -691,9 +628,7 @@ impl IngestAnswer {
 /// non-empty string}`).
 pub fn ingest_answer(resp: &Response) -> IngestAnswer {
     let v = resp.json();
-    let obj = v
-        .as_object()
-        .unwrap_or_else(|| panic!("ingest answer is not an object:\n{resp:?}"));
+    let obj = v.as_object().unwrap_or_else(|| panic!("ingest answer is not an object:\n{resp:?}"));
     let accepted = obj
         .get("accepted")
         .and_then(Value::as_u64)
@@ -712,10 +647,7 @@ pub fn ingest_answer(resp: &Response) -> IngestAnswer {
                 .get("error")
                 .and_then(Value::as_str)
                 .unwrap_or_else(|| panic!("rejection {r} lacks string \"error\":\n{resp:?}"));
-            assert!(
-                !error.trim().is_empty(),
-                "rejection {r} has an empty error:\n{resp:?}"
-            );
+            assert!(!error.trim().is_empty(), "rejection {r} has an empty error:\n{resp:?}");
             (index as usize, error.to_string())
         })
         .collect();
@@ -723,29 +655,13 @@ pub fn ingest_answer(resp: &Response) -> IngestAnswer {
 }
 
 /// Asserts status, accepted count and exactly which indexes were rejected.
-pub fn assert_ingest(
-    resp: &Response,
-    status: u16,
-    accepted: u64,
-    rejected: &[usize],
-) -> IngestAnswer {
+pub fn assert_ingest(resp: &Response, status: u16, accepted: u64, rejected: &[usize]) -> IngestAnswer {
     assert_eq!(resp.status, status, "unexpected status:\n{resp:?}");
     let answer = ingest_answer(resp);
     let want: BTreeSet<usize> = rejected.iter().copied().collect();
-    assert_eq!(
-        answer.rejected_indexes(),
-        want,
-        "rejected indexes differ:\n{resp:?}"
-    );
-    assert_eq!(
-        answer.rejected.len(),
-        rejected.len(),
-        "duplicate rejection entries:\n{resp:?}"
-    );
-    assert_eq!(
-        answer.accepted, accepted,
-        "accepted count differs:\n{resp:?}"
-    );
+    assert_eq!(answer.rejected_indexes(), want, "rejected indexes differ:\n{resp:?}");
+    assert_eq!(answer.rejected.len(), rejected.len(), "duplicate rejection entries:\n{resp:?}");
+    assert_eq!(answer.accepted, accepted, "accepted count differs:\n{resp:?}");
     answer
 }
 
@@ -753,8 +669,8 @@ pub fn assert_ingest(
 /// string `error` (SPEC: "each with a JSON body {"error": "...", ...}").
 pub fn assert_error(resp: &Response, status: u16) -> String {
     assert_eq!(resp.status, status, "unexpected status:\n{resp:?}");
-    let v: Value = serde_json::from_slice(&resp.body)
-        .unwrap_or_else(|e| panic!("error body is not JSON ({e}):\n{resp:?}"));
+    let v: Value =
+        serde_json::from_slice(&resp.body).unwrap_or_else(|e| panic!("error body is not JSON ({e}):\n{resp:?}"));
     let msg = v
         .get("error")
         .and_then(Value::as_str)
@@ -783,13 +699,7 @@ pub struct Req {
 
 impl Req {
     pub fn new(method: &str, path: &str) -> Req {
-        Req {
-            method: method.into(),
-            path: path.into(),
-            headers: Vec::new(),
-            body: Vec::new(),
-            auto_length: true,
-        }
+        Req { method: method.into(), path: path.into(), headers: Vec::new(), body: Vec::new(), auto_length: true }
     }
     pub fn get(path: &str) -> Req {
         Req::new("GET", path)
@@ -807,8 +717,7 @@ impl Req {
     }
     /// `Content-Type: application/json` and the serialized value.
     pub fn json(self, v: &Value) -> Req {
-        self.header("Content-Type", "application/json")
-            .body(serde_json::to_vec(v).unwrap())
+        self.header("Content-Type", "application/json").body(serde_json::to_vec(v).unwrap())
     }
     /// Do not add a `Content-Length` header.
     pub fn no_length(mut self) -> Req {
@@ -816,9 +725,7 @@ impl Req {
         self
     }
     fn has_header(&self, name: &str) -> bool {
-        self.headers
-            .iter()
-            .any(|(k, _)| k.eq_ignore_ascii_case(name))
+        self.headers.iter().any(|(k, _)| k.eq_ignore_ascii_case(name))
     }
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = format!("{} {} HTTP/1.1\r\n", self.method, self.path).into_bytes();
@@ -873,18 +780,14 @@ pub struct Response {
 impl Response {
     /// The first header with this name (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
     /// The body as JSON; panics with the whole response if it is not.
     pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("body is not JSON ({e}):\n{self:?}"))
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("body is not JSON ({e}):\n{self:?}"))
     }
 }
 
@@ -896,12 +799,7 @@ impl fmt::Debug for Response {
         }
         let text = self.text();
         if text.len() > 3000 {
-            write!(
-                f,
-                "\n{}... ({} bytes)",
-                &text[..text.floor_char_boundary(3000)],
-                self.body.len()
-            )
+            write!(f, "\n{}... ({} bytes)", &text[..text.floor_char_boundary(3000)], self.body.len())
         } else {
             write!(f, "\n{text}")
         }
@@ -924,10 +822,7 @@ impl Conn {
         stream.set_read_timeout(Some(IO_TIMEOUT))?;
         stream.set_write_timeout(Some(IO_TIMEOUT))?;
         stream.set_nodelay(true)?;
-        Ok(Conn {
-            stream,
-            buf: Vec::new(),
-        })
+        Ok(Conn { stream, buf: Vec::new() })
     }
 
     pub fn set_read_timeout(&mut self, t: Duration) {
@@ -936,8 +831,7 @@ impl Conn {
 
     /// Writes exact bytes; panics on error.
     pub fn write(&mut self, bytes: &[u8]) {
-        self.try_write(bytes)
-            .unwrap_or_else(|e| panic!("write {} bytes: {e}", bytes.len()));
+        self.try_write(bytes).unwrap_or_else(|e| panic!("write {} bytes: {e}", bytes.len()));
     }
 
     pub fn try_write(&mut self, bytes: &[u8]) -> io::Result<()> {
@@ -957,8 +851,7 @@ impl Conn {
     }
 
     pub fn read_response(&mut self) -> Response {
-        self.try_read_response()
-            .unwrap_or_else(|e| panic!("read response: {e}"))
+        self.try_read_response().unwrap_or_else(|e| panic!("read response: {e}"))
     }
 
     /// Reads until the peer closes; true if it closed cleanly (EOF) with no
@@ -986,10 +879,7 @@ impl Conn {
     fn eof(&self, what: &str) -> io::Error {
         io::Error::new(
             io::ErrorKind::UnexpectedEof,
-            format!(
-                "connection closed {what}; unread bytes: {:?}",
-                String::from_utf8_lossy(&self.buf)
-            ),
+            format!("connection closed {what}; unread bytes: {:?}", String::from_utf8_lossy(&self.buf)),
         )
     }
 
@@ -1023,10 +913,7 @@ impl Conn {
                 break p;
             }
             if self.buf.len() > 1 << 20 {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "response head over 1 MiB",
-                ));
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "response head over 1 MiB"));
             }
             if self.fill()? == 0 {
                 return Err(self.eof("before a full response head"));
@@ -1038,52 +925,32 @@ impl Conn {
         let status_line = lines.next().unwrap_or_default();
         let mut parts = status_line.splitn(3, ' ');
         let version = parts.next().unwrap_or_default().to_string();
-        let status: u16 = parts.next().and_then(|s| s.parse().ok()).ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("bad status line {status_line:?}"),
-            )
-        })?;
+        let status: u16 = parts
+            .next()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("bad status line {status_line:?}")))?;
         if !version.starts_with("HTTP/1.") {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("bad status line {status_line:?}"),
-            ));
+            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("bad status line {status_line:?}")));
         }
         let reason = parts.next().unwrap_or_default().to_string();
         let mut headers = Vec::new();
         for line in lines {
-            let (k, v) = line.split_once(':').ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("bad header line {line:?}"),
-                )
-            })?;
+            let (k, v) = line
+                .split_once(':')
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("bad header line {line:?}")))?;
             headers.push((k.trim().to_string(), v.trim().to_string()));
         }
-        let mut resp = Response {
-            version,
-            status,
-            reason,
-            headers,
-            body: Vec::new(),
-        };
+        let mut resp = Response { version, status, reason, headers, body: Vec::new() };
         if (100..200).contains(&status) || status == 204 || status == 304 {
             return Ok(resp);
         }
-        let chunked = resp
-            .header("transfer-encoding")
-            .is_some_and(|te| te.to_ascii_lowercase().contains("chunked"));
+        let chunked = resp.header("transfer-encoding").is_some_and(|te| te.to_ascii_lowercase().contains("chunked"));
         if chunked {
             loop {
                 let line = self.read_line()?;
                 let size_hex = line.split(';').next().unwrap_or_default().trim();
-                let size = usize::from_str_radix(size_hex, 16).map_err(|_| {
-                    io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("bad chunk size line {line:?}"),
-                    )
-                })?;
+                let size = usize::from_str_radix(size_hex, 16)
+                    .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("bad chunk size line {line:?}")))?;
                 if size == 0 {
                     while !self.read_line()?.is_empty() {}
                     break;
@@ -1091,19 +958,13 @@ impl Conn {
                 let data = self.read_exact_buf(size)?;
                 resp.body.extend_from_slice(&data);
                 if !self.read_line()?.is_empty() {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "chunk not followed by CRLF",
-                    ));
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, "chunk not followed by CRLF"));
                 }
             }
         } else if let Some(cl) = resp.header("content-length") {
-            let n: usize = cl.parse().map_err(|_| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("bad Content-Length {cl:?}"),
-                )
-            })?;
+            let n: usize = cl
+                .parse()
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("bad Content-Length {cl:?}")))?;
             resp.body = self.read_exact_buf(n)?;
         } else {
             // No framing: the body runs to connection close.
@@ -1129,10 +990,9 @@ pub fn sum_numeric_keys(v: &Value, needle: &str) -> f64 {
     fn walk(v: &Value, needle: &str, under: bool) -> f64 {
         match v {
             Value::Number(n) if under => n.as_f64().unwrap_or(0.0),
-            Value::Object(m) => m
-                .iter()
-                .map(|(k, v)| walk(v, needle, under || k.to_ascii_lowercase().contains(needle)))
-                .sum(),
+            Value::Object(m) => {
+                m.iter().map(|(k, v)| walk(v, needle, under || k.to_ascii_lowercase().contains(needle))).sum()
+            }
             Value::Array(a) => a.iter().map(|v| walk(v, needle, under)).sum(),
             _ => 0.0,
         }
@@ -1160,11 +1020,7 @@ fn pg_script(command: &str) -> String {
         .stdin(Stdio::null())
         .output()
         .expect("run bash");
-    assert!(
-        out.status.success(),
-        "`{command}` failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "`{command}` failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 

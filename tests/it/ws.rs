@@ -215,7 +215,9 @@ fn close_handshake_is_completed() {
             Err(e) => panic!("close handshake not completed: {e}"),
         }
     }
-    eventually(Duration::from_secs(5), "subscriber count back to 0", || (stats(&server)["ws_subscribers"] == 0).then_some(()));
+    eventually(Duration::from_secs(5), "subscriber count back to 0", || {
+        (stats(&server)["ws_subscribers"] == 0).then_some(())
+    });
 }
 
 #[test]
@@ -294,7 +296,8 @@ fn drop_oldest_reports_what_was_dropped() {
 fn coalescing_sends_the_latest_event_per_device() {
     let server = Ingestd::new().start();
     let mut sub = connect(&server, "?coalesce_ms=300");
-    let batch: Vec<Value> = (0..50).map(|i| ev(&unique(&format!("co{i:02}")), if i % 2 == 0 { "a" } else { "b" }, "t")).collect();
+    let batch: Vec<Value> =
+        (0..50).map(|i| ev(&unique(&format!("co{i:02}")), if i % 2 == 0 { "a" } else { "b" }, "t")).collect();
     assert_eq!(server.post_batch(&batch).status, 200);
     let msgs = drain_json(&mut sub, Duration::from_millis(900));
     let last_a = batch.iter().rev().find(|e| e["device_id"] == "a").unwrap();
@@ -308,7 +311,9 @@ fn coalescing_sends_the_latest_event_per_device() {
 fn two_thousand_subscribers_each_get_every_event() {
     let server = Ingestd::new().set("server.shards", 2).start();
     let mut subs: Vec<Client> = (0..2000).map(|_| connect(&server, "?device_id=many")).collect();
-    eventually(Duration::from_secs(10), "2000 subscribers", || (stats(&server)["ws_subscribers"] == 2000).then_some(()));
+    eventually(Duration::from_secs(10), "2000 subscribers", || {
+        (stats(&server)["ws_subscribers"] == 2000).then_some(())
+    });
     let batch: Vec<Value> = (0..10).map(|i| ev(&unique(&format!("m{i}")), "many", "t")).collect();
     assert_eq!(server.post_batch(&batch).status, 200);
     let started = Instant::now();
@@ -330,7 +335,9 @@ fn abrupt_disconnects_free_everything() {
     }
     // Traffic makes every writer task notice its peer is gone.
     assert_eq!(server.post_batch(&events(&unique("ad"), 10)).status, 200);
-    eventually(Duration::from_secs(10), "subscribers released", || (stats(&server)["ws_subscribers"] == 0).then_some(()));
+    eventually(Duration::from_secs(10), "subscribers released", || {
+        (stats(&server)["ws_subscribers"] == 0).then_some(())
+    });
     // Only the connection asking for /stats is left.
     eventually(Duration::from_secs(10), "connections closed", || {
         (stats(&server)["connections_open"].as_i64() == Some(1)).then_some(())

@@ -98,7 +98,13 @@ type Batches = Vec<(Vec<u8>, u64)>;
 /// Rows for one COPY connection: bodies of `body_events` events taken in turn
 /// from the generators of `streams` (as if from that many HTTP connections),
 /// encoded by ingestd's parser, cut into batches of `batch_rows`.
-fn generate(events: &GenConfig, streams: &[u32], rows: u64, batch_rows: usize, body_events: usize) -> Result<Batches, String> {
+fn generate(
+    events: &GenConfig,
+    streams: &[u32],
+    rows: u64,
+    batch_rows: usize,
+    body_events: usize,
+) -> Result<Batches, String> {
     let mut generators: Vec<Generator> = streams.iter().map(|&s| Generator::new(events, s)).collect();
     let mut turn = 0;
     let mut parser = Parser::new(default_rules());
@@ -249,7 +255,11 @@ pub fn run(cfg: &BaselineConfig) -> Result<Value, String> {
             }
         }
         let rate = (done - prev_rows) as f64 / dt.max(1e-9);
-        eprintln!("copy-baseline [{tick:>4}s] {:>9} rows/s  total {:>10}  cpu{text}", fmt_int(rate), fmt_int(done as f64));
+        eprintln!(
+            "copy-baseline [{tick:>4}s] {:>9} rows/s  total {:>10}  cpu{text}",
+            fmt_int(rate),
+            fmt_int(done as f64)
+        );
         let measuring = tick > cfg.warmup_s;
         timeline.push(json!({
             "t": round3(now.duration_since(start).as_secs_f64()),
@@ -282,14 +292,16 @@ pub fn run(cfg: &BaselineConfig) -> Result<Value, String> {
     let elapsed = last_end.duration_since(window_start).as_secs_f64();
     let measured_rows = rows - rows_before;
     let rows_per_s = measured_rows as f64 / elapsed.max(1e-9);
-    let ran_out = cfg.duration_s.is_some_and(|d| last_end.duration_since(start).as_secs_f64() < d + cfg.warmup_s as f64 - 0.5);
+    let ran_out =
+        cfg.duration_s.is_some_and(|d| last_end.duration_since(start).as_secs_f64() < d + cfg.warmup_s as f64 - 0.5);
     if ran_out {
-        eprintln!("copy-baseline: WARNING: all {} pre-generated rows were copied before --duration ended; pass more --rows", cfg.rows);
+        eprintln!(
+            "copy-baseline: WARNING: all {} pre-generated rows were copied before --duration ended; pass more --rows",
+            cfg.rows
+        );
     }
-    let counted: i64 = control
-        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
-        .map_err(|e| format!("count(*): {e}"))?
-        .get(0);
+    let counted: i64 =
+        control.query_one(&format!("SELECT count(*) FROM {table}"), &[]).map_err(|e| format!("count(*): {e}"))?.get(0);
     let mut processes = serde_json::Map::new();
     let mut cpu_text = Vec::new();
     for (i, wd) in watch.iter().enumerate() {
@@ -314,7 +326,11 @@ pub fn run(cfg: &BaselineConfig) -> Result<Value, String> {
         "copy-baseline: {} rows in {:.2} s{} = {} rows/s  ({} connections × {} rows per COPY transaction, binary COPY into {}{})",
         fmt_int(measured_rows as f64),
         elapsed,
-        if rows_before > 0 { format!(" (after {} s / {} rows of warm-up)", cfg.warmup_s, fmt_int(rows_before as f64)) } else { String::new() },
+        if rows_before > 0 {
+            format!(" (after {} s / {} rows of warm-up)", cfg.warmup_s, fmt_int(rows_before as f64))
+        } else {
+            String::new()
+        },
         fmt_int(rows_per_s),
         w,
         cfg.batch_rows,

@@ -193,7 +193,8 @@ impl WsClient {
             s.set_read_timeout(Some(t.timeout))?;
             s.set_write_timeout(Some(t.timeout))?;
             let url = format!("ws://{}{}", t.host, t.path);
-            let (ws, _) = tungstenite::client(url.as_str(), s).map_err(|e| io::Error::other(format!("WebSocket upgrade failed: {e}")))?;
+            let (ws, _) = tungstenite::client(url.as_str(), s)
+                .map_err(|e| io::Error::other(format!("WebSocket upgrade failed: {e}")))?;
             self.connects += 1;
             self.ws = Some(ws);
         }
@@ -214,7 +215,10 @@ impl WsClient {
                     return Ok(Reply { status, accepted: accepted_count(answer) });
                 }
                 tungstenite::Message::Close(frame) => {
-                    return Err(io::Error::new(io::ErrorKind::ConnectionAborted, format!("server closed the WebSocket: {frame:?}")));
+                    return Err(io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        format!("server closed the WebSocket: {frame:?}"),
+                    ));
                 }
                 _ => continue,
             }

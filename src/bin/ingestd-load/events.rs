@@ -128,9 +128,8 @@ pub struct GenConfig {
 impl GenConfig {
     /// A run id: 8 hex digits from the clock and the process id.
     pub fn new_run_id() -> String {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
         format!("{:08x}", mix(nanos ^ (u64::from(std::process::id()) << 32)) as u32)
     }
 }
@@ -143,7 +142,8 @@ pub struct BodyInfo {
     pub dups: u64,
 }
 
-const TYPES: [&str; 8] = ["telemetry", "telemetry", "telemetry", "telemetry", "telemetry", "heartbeat", "status", "alarm"];
+const TYPES: [&str; 8] =
+    ["telemetry", "telemetry", "telemetry", "telemetry", "telemetry", "heartbeat", "status", "alarm"];
 const STATUS: [&str; 4] = ["ok", "ok", "ok", "degraded"];
 const FW: [&str; 3] = ["2.4.17", "2.4.18", "3.0.1"];
 
@@ -159,7 +159,8 @@ pub struct Generator {
 impl Generator {
     pub fn new(cfg: &GenConfig, worker: u32) -> Self {
         let prefix = format!("{}-{:03}-", cfg.run_id, worker).into_bytes();
-        let run_hash = cfg.run_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        let run_hash =
+            cfg.run_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
         let seed = mix(u64::from(worker) ^ run_hash.rotate_left(20));
         Self { cfg: cfg.clone(), rng: Rng::new(seed), prefix, next_seq: 0 }
     }
@@ -305,7 +306,14 @@ mod tests {
     use super::*;
 
     fn cfg(dup: f64, mode: DupMode, ids: IdKind) -> GenConfig {
-        GenConfig { run_id: "0123abcd".into(), devices: 10_000, ids, dup_percent: dup, dup_mode: mode, dup_window: 1000 }
+        GenConfig {
+            run_id: "0123abcd".into(),
+            devices: 10_000,
+            ids,
+            dup_percent: dup,
+            dup_mode: mode,
+            dup_window: 1000,
+        }
     }
 
     #[test]
@@ -327,7 +335,8 @@ mod tests {
             assert!(ev["event_id"].as_str().unwrap().starts_with("0123abcd-003-"));
             let payload = serde_json::to_string(&ev["payload"]).unwrap();
             assert!((170..=210).contains(&payload.len()), "{} {payload}", payload.len());
-            let ids: std::collections::HashSet<_> = arr.iter().map(|e| e["event_id"].as_str().unwrap().to_string()).collect();
+            let ids: std::collections::HashSet<_> =
+                arr.iter().map(|e| e["event_id"].as_str().unwrap().to_string()).collect();
             assert_eq!(ids.len(), 100);
             assert!((28_000..36_000).contains(&out.len()), "{}", out.len());
         }

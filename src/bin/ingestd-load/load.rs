@@ -54,9 +54,14 @@ impl Route {
 
 #[derive(Debug, Clone, Copy)]
 pub enum Loop {
-    Closed { concurrency: usize },
+    Closed {
+        concurrency: usize,
+    },
     /// `rate` requests per second in total.
-    Open { rate: f64, connections: usize },
+    Open {
+        rate: f64,
+        connections: usize,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -174,7 +179,8 @@ impl Counts {
     }
 
     fn to_json(&self) -> Value {
-        let status: serde_json::Map<String, Value> = self.status.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
+        let status: serde_json::Map<String, Value> =
+            self.status.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
         json!({
             "requests": self.requests,
             "status": status,
@@ -399,13 +405,7 @@ pub fn run(cfg: &LoadConfig) -> Result<RunResult, String> {
             "cpu_cores": cpu,
             "rss_mib": rss,
         }));
-        series.push((
-            tick as f64,
-            q_ms(h, 0.5),
-            q_ms(h, 0.99),
-            q_ms(h, 0.999),
-            c.events_acked as f64 / dt.max(1e-9),
-        ));
+        series.push((tick as f64, q_ms(h, 0.5), q_ms(h, 0.99), q_ms(h, 0.999), c.events_acked as f64 / dt.max(1e-9)));
         all.add(&tick_iv.counts);
         if measuring {
             total.counts.add(&tick_iv.counts);
@@ -419,7 +419,11 @@ pub fn run(cfg: &LoadConfig) -> Result<RunResult, String> {
             fmt_int(c.requests as f64 / dt),
             fmt_int(c.events_acked as f64 / dt),
             q_ms(h, 0.99),
-            if measuring && !total.hist.is_empty() { format!(" (so far {:.2})", q_ms(&total.hist, 0.99)) } else { String::new() },
+            if measuring && !total.hist.is_empty() {
+                format!(" (so far {:.2})", q_ms(&total.hist, 0.99))
+            } else {
+                String::new()
+            },
             c.status(503),
             c.non_2xx_other(),
             c.errors,
@@ -486,7 +490,14 @@ fn sleep_until(t: Instant) {
     }
 }
 
-fn worker(idx: usize, cfg: &LoadConfig, shared: &Shared, mut transport: Box<dyn Transport>, start: Instant, end: Instant) {
+fn worker(
+    idx: usize,
+    cfg: &LoadConfig,
+    shared: &Shared,
+    mut transport: Box<dyn Transport>,
+    start: Instant,
+    end: Instant,
+) {
     let mut generator = Generator::new(&cfg.events, idx as u32);
     let mut body = Vec::with_capacity(cfg.events_per_request() * 360 + 64);
     let resend = cfg.events.dup_mode == DupMode::Resend && cfg.events.dup_percent > 0.0;

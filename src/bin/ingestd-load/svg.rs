@@ -48,11 +48,8 @@ impl Chart {
         x0 = x0.min(0.0);
         let (x_ticks, xa, xb) = linear_ticks(x0, x1.max(x0 + 1e-9));
         (x0, x1) = (xa, xb);
-        let (y_ticks, ya, yb) = if self.y_log {
-            log_ticks(y0, y1.max(y0 * 1.01))
-        } else {
-            linear_ticks(y0.min(0.0), y1.max(1e-9))
-        };
+        let (y_ticks, ya, yb) =
+            if self.y_log { log_ticks(y0, y1.max(y0 * 1.01)) } else { linear_ticks(y0.min(0.0), y1.max(1e-9)) };
         (y0, y1) = (ya, yb);
         let pw = W - LEFT - RIGHT;
         let ph = H - TOP - BOTTOM;
@@ -72,24 +69,35 @@ impl Chart {
         let _ = writeln!(s, r##"<text x="{LEFT}" y="44" fill="#555">{}</text>"##, esc(&self.subtitle));
         if let Some((until, label)) = &self.shade_until {
             let x = sx(until.min(x1));
-            let _ = writeln!(s, r##"<rect x="{LEFT}" y="{TOP}" width="{:.1}" height="{ph}" fill="#f0f0f0"/>"##, (x - LEFT).max(0.0));
-            let _ = writeln!(s, r##"<text x="{:.1}" y="{:.1}" fill="#888" text-anchor="middle">{}</text>"##, (LEFT + x) / 2.0, TOP + 14.0, esc(label));
+            let _ = writeln!(
+                s,
+                r##"<rect x="{LEFT}" y="{TOP}" width="{:.1}" height="{ph}" fill="#f0f0f0"/>"##,
+                (x - LEFT).max(0.0)
+            );
+            let _ = writeln!(
+                s,
+                r##"<text x="{:.1}" y="{:.1}" fill="#888" text-anchor="middle">{}</text>"##,
+                (LEFT + x) / 2.0,
+                TOP + 14.0,
+                esc(label)
+            );
         }
         // Grid and tick labels.
         for &t in &x_ticks {
             let x = sx(t);
-            let _ = writeln!(s, r##"<line x1="{x:.1}" y1="{TOP}" x2="{x:.1}" y2="{:.1}" stroke="#e5e5e5"/>"##, TOP + ph);
-            let _ = writeln!(s, r#"<text x="{x:.1}" y="{:.1}" text-anchor="middle">{}</text>"#, TOP + ph + 18.0, label(t));
+            let _ =
+                writeln!(s, r##"<line x1="{x:.1}" y1="{TOP}" x2="{x:.1}" y2="{:.1}" stroke="#e5e5e5"/>"##, TOP + ph);
+            let _ =
+                writeln!(s, r#"<text x="{x:.1}" y="{:.1}" text-anchor="middle">{}</text>"#, TOP + ph + 18.0, label(t));
         }
         for &t in &y_ticks {
             let y = sy(t);
-            let _ = writeln!(s, r##"<line x1="{LEFT}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#e5e5e5"/>"##, LEFT + pw);
-            let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#, LEFT - 6.0, y + 4.0, label(t));
+            let _ =
+                writeln!(s, r##"<line x1="{LEFT}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#e5e5e5"/>"##, LEFT + pw);
+            let _ =
+                writeln!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#, LEFT - 6.0, y + 4.0, label(t));
         }
-        let _ = writeln!(
-            s,
-            r##"<rect x="{LEFT}" y="{TOP}" width="{pw}" height="{ph}" fill="none" stroke="#333"/>"##
-        );
+        let _ = writeln!(s, r##"<rect x="{LEFT}" y="{TOP}" width="{pw}" height="{ph}" fill="none" stroke="#333"/>"##);
         let _ = writeln!(
             s,
             r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
@@ -123,7 +131,8 @@ impl Chart {
             }
             if series.markers || visible.len() == 1 {
                 for &(x, y) in &visible {
-                    let _ = writeln!(s, r#"<circle cx="{:.1}" cy="{:.1}" r="3.5" fill="{}"/>"#, sx(x), sy(y), series.color);
+                    let _ =
+                        writeln!(s, r#"<circle cx="{:.1}" cy="{:.1}" r="3.5" fill="{}"/>"#, sx(x), sy(y), series.color);
                 }
             }
             let ly = TOP + 10.0 + i as f64 * 20.0;
@@ -237,7 +246,12 @@ mod tests {
             y_label: "y".into(),
             y_log: true,
             shade_until: Some((1.5, "warm-up".into())),
-            series: vec![Series { name: "p99".into(), color: COLORS[0], points: vec![(1.0, 2.0), (2.0, 30.0)], markers: true }],
+            series: vec![Series {
+                name: "p99".into(),
+                color: COLORS[0],
+                points: vec![(1.0, 2.0), (2.0, 30.0)],
+                markers: true,
+            }],
         };
         let s = c.render();
         assert!(s.starts_with("<svg") && s.contains("polyline") && s.contains("t &lt;1&gt;"));
