@@ -231,19 +231,11 @@ impl Metrics {
     }
 
     fn merged_shards(&self, f: impl Fn(&ShardStats) -> &Distribution) -> Histogram<u64> {
-        let mut all = Distribution::default().snapshot();
-        for s in self.shards.iter() {
-            let _ = all.add(f(s).snapshot());
-        }
-        all
+        merge(self.shards.iter().map(f))
     }
 
     fn merged(&self, f: impl Fn(&WriterStats) -> &Distribution) -> Histogram<u64> {
-        let mut all = Distribution::default().snapshot();
-        for w in self.writers.iter() {
-            let _ = all.add(f(w).snapshot());
-        }
-        all
+        merge(self.writers.iter().map(f))
     }
 
     /// The `/health` body.
@@ -590,6 +582,15 @@ impl Metrics {
         let _ = writeln!(o, "process_uptime_seconds {:.3}", self.started.elapsed().as_secs_f64());
         out
     }
+}
+
+/// One histogram of several threads' distributions (for a scrape).
+fn merge<'a>(parts: impl Iterator<Item = &'a Distribution>) -> Histogram<u64> {
+    let mut all = Distribution::default().snapshot();
+    for part in parts {
+        let _ = all.add(part.snapshot());
+    }
+    all
 }
 
 fn family(o: &mut String, name: &str, kind: &str, help: &str) {
