@@ -116,8 +116,18 @@ pub enum HeadError {
 
 /// Parses a request head from the start of `buf`.
 pub fn parse_head(buf: &[u8], max_headers: usize, max_head_bytes: usize) -> Result<RequestHead, HeadError> {
-    let mut headers = vec![httparse::EMPTY_HEADER; max_headers];
-    let mut req = httparse::Request::new(&mut headers);
+    // The common case parses into a stack array; only a configuration that
+    // allows more headers than it holds pays for a heap allocation.
+    const ON_STACK: usize = 64;
+    let mut on_stack = [httparse::EMPTY_HEADER; ON_STACK];
+    let mut on_heap;
+    let headers: &mut [httparse::Header<'_>] = if max_headers <= ON_STACK {
+        &mut on_stack[..max_headers]
+    } else {
+        on_heap = vec![httparse::EMPTY_HEADER; max_headers];
+        &mut on_heap
+    };
+    let mut req = httparse::Request::new(headers);
     let len = match req.parse(buf) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() > max_head_bytes => {
