@@ -41,6 +41,11 @@ use crate::broadcast::{Admission, CommittedBatch, EventRef};
 use crate::config::{Overflow, WebSocketConfig as WsConfig};
 use crate::ingest::BodyKind;
 
+/// Ingest answers a session holds unsent; past this the reader stops
+/// taking frames until the client reads (a client that sends and never
+/// reads cannot grow memory).
+const MAX_PENDING_ANSWERS: usize = 64;
+
 /// Most bytes of queued events encoded into one socket write.
 const WRITE_CHUNK_BYTES: usize = 64 * 1024;
 
@@ -336,8 +341,11 @@ impl Protocol {
 struct Session {
     protocol: RefCell<Protocol>,
     sub: Rc<Subscriber>,
-    /// Ingest answers and error notices, sent before queued events.
+    /// Ingest answers and error notices, sent before queued events; at most
+    /// `MAX_PENDING_ANSWERS`.
     control: RefCell<VecDeque<String>>,
+    /// The writer has taken the pending answers.
+    answered: LocalNotify,
     /// A close the server decided on (code, reason), not yet sent.
     close: Cell<Option<(u16, &'static str)>>,
     /// The peer is gone or has closed: flush what tungstenite queued, end.
@@ -387,6 +395,7 @@ pub async fn serve(
         }),
         sub,
         control: RefCell::new(VecDeque::new()),
+        answered: LocalNotify::default(),
         close: Cell::new(None),
         peer_done: Cell::new(false),
         last_heard: Cell::new(Instant::now()),
@@ -453,6 +462,15 @@ async fn read_loop(mut reader: monoio::net::tcp::TcpOwnedReadHalf, session: Rc<S
         }
         fresh = false;
         loop {
+            while session.control.borrow().len() >= MAX_PENDING_ANSWERS {
+                let stopped = monoio::select! {
+                    _ = session.answered.wait() => false,
+                    _ = session.stopped.wait() => true,
+                };
+                if stopped {
+                    return;
+                }
+            }
             let message = session.protocol.borrow_mut().with(|ws, mem| ws.read(mem));
             match message {
                 Ok(Message::Text(text)) => {
@@ -601,6 +619,7 @@ async fn write_loop(mut writer: monoio::net::tcp::TcpOwnedWriteHalf, session: &S
             });
             std::mem::swap(&mut out, &mut p.output);
         }
+        session.answered.notify();
         if !out.is_empty() {
             let bytes = out.len() as u64;
             // A peer that reads nothing for idle_timeout is gone.

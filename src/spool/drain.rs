@@ -60,7 +60,9 @@ pub struct Drainer {
 
 impl Drainer {
     pub fn run(self) -> DrainReport {
-        let (done_tx, done_rx) = crossbeam_channel::unbounded::<(Seq, bool)>();
+        // One report per record in flight, and at most max_in_flight of
+        // those: a writer's send never waits.
+        let (done_tx, done_rx) = crossbeam_channel::bounded::<(Seq, bool)>(self.max_in_flight.max(1));
         let mut state = State {
             in_flight: BTreeSet::new(),
             failed: None,
