@@ -41,8 +41,19 @@ fn payload(i: u64, len: usize) -> Vec<u8> {
     p
 }
 
+/// Opens the spool, retrying `Locked` for a moment: another test in this
+/// process may be spawning a child (the SIGKILL test), and between its fork
+/// and exec the child holds a copy of every descriptor, our flock included.
 fn open(config: &SpoolConfig) -> (Spool, Appender, Recovery) {
-    Spool::open(config.clone()).expect("open spool")
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match Spool::open(config.clone()) {
+            Err(SpoolError::Locked(_)) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            other => return other.expect("open spool"),
+        }
+    }
 }
 
 fn read_all(reader: &mut SpoolReader) -> Vec<Record> {
