@@ -185,18 +185,45 @@ pub fn run(config: Config, sources: Sources) -> Result<Ended, RunError> {
         (None, None)
     };
 
-    let listeners = bind_listeners(&config, shards)?;
+    let listeners = bind_listeners(config.server.listen_addr(), shards)?;
     let local = listeners[0].local_addr().map_err(|e| RunError::Bind(e.to_string()))?;
+    let tls = if config.tls.enabled() {
+        let tls_config = shard::transport::server_config(&config.tls.cert_file, &config.tls.key_file)
+            .map_err(|(key, why)| RunError::Internal(format!("{key}: {why}")))?;
+        let tls_listeners = bind_listeners(config.tls.listen_addr(), shards)?;
+        let tls_local = tls_listeners[0].local_addr().map_err(|e| RunError::Bind(e.to_string()))?;
+        Some((tls_listeners.into_iter().map(|l| (l, tls_config.clone())).collect::<Vec<_>>(), tls_local))
+    } else {
+        None
+    };
+    let (mut tls_listeners, tls_local) = match tls {
+        Some((l, addr)) => (l.into_iter().map(Some).collect(), Some(addr)),
+        None => (Vec::new(), None),
+    };
+    tls_listeners.resize_with(shards, || None);
+    metrics.tls.store(tls_local.is_some(), Ordering::Relaxed);
+    let tokens = crate::auth::Tokens::load(&config.auth).map_err(|problems| {
+        RunError::Internal(problems.into_iter().map(|(k, why)| format!("{k}: {why}")).collect::<Vec<_>>().join("; "))
+    })?;
+    if tokens.mode() == crate::auth::AuthMode::Off {
+        crate::warn!(
+            "authentication is off (auth.mode = \"off\"): anyone who reaches the listener may ingest and read"
+        );
+    }
+    metrics.auth_tokens.store(tokens.mode() == crate::auth::AuthMode::Tokens, Ordering::Relaxed);
+    let tokens = Arc::new(arc_swap::ArcSwap::from_pointee(tokens));
+    let limits = crate::limits::Limits::new();
     let cores = if config.server.pin_cores { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };
     let mut triggers = Vec::with_capacity(shards);
     let mut shard_threads = Vec::with_capacity(shards);
-    for ((id, listener), inbox) in listeners.into_iter().enumerate().zip(inboxes) {
+    for (((id, listener), inbox), tls) in listeners.into_iter().enumerate().zip(inboxes).zip(tls_listeners) {
         let (trigger, shutdown) = futures_channel::oneshot::channel();
         triggers.push(trigger);
         let setup = ShardSetup {
             id,
             core: (!cores.is_empty()).then(|| cores[id % cores.len()]),
             listener,
+            tls,
             rings: ring_set.clone(),
             config: live.clone(),
             metrics: metrics.clone(),
@@ -204,6 +231,8 @@ pub fn run(config: Config, sources: Sources) -> Result<Ended, RunError> {
             hub: hub.clone(),
             inbox,
             spool: spool_sender.clone(),
+            tokens: tokens.clone(),
+            limits: limits.clone(),
         };
         let handle = shard::spawn(setup).map_err(|e| RunError::Internal(format!("cannot start shard thread: {e}")))?;
         shard_threads.push(handle);
@@ -223,13 +252,16 @@ pub fn run(config: Config, sources: Sources) -> Result<Ended, RunError> {
         table = config.database.table
     );
     let mut stdout = std::io::stdout().lock();
+    if let Some(tls_local) = tls_local {
+        let _ = writeln!(stdout, "ingestd listening on https://{tls_local}");
+    }
     let _ = writeln!(stdout, "ingestd listening on http://{local}");
     let _ = stdout.flush();
     drop(stdout);
 
     let signal = loop {
         match signals.recv() {
-            Ok(signal_hook::consts::SIGHUP) => reload(&live, &sources),
+            Ok(signal_hook::consts::SIGHUP) => reload(&live, &sources, &tokens, &metrics),
             Ok(signal) => break signal,
             Err(_) => break signal_hook::consts::SIGTERM,
         }
@@ -323,8 +355,11 @@ pub fn run(config: Config, sources: Sources) -> Result<Ended, RunError> {
 
 /// One listener per shard on the same address with SO_REUSEPORT; with port
 /// 0 the first one picks the port and the others join it.
-fn bind_listeners(config: &Config, shards: usize) -> Result<Vec<std::net::TcpListener>, RunError> {
-    let mut addr: SocketAddr = config.server.listen_addr().map_err(|e| RunError::Bind(e.to_string()))?;
+fn bind_listeners(
+    addr: Result<SocketAddr, std::net::AddrParseError>,
+    shards: usize,
+) -> Result<Vec<std::net::TcpListener>, RunError> {
+    let mut addr = addr.map_err(|e| RunError::Bind(e.to_string()))?;
     let mut out = Vec::with_capacity(shards);
     for _ in 0..shards {
         let listener = bind_one(addr).map_err(|e| RunError::Bind(format!("{addr}: {e}")))?;
@@ -347,15 +382,29 @@ fn bind_one(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
-/// Re-reads the configuration's sources; applies live keys, keeps the rest
-/// (naming them), and keeps everything when the new configuration is bad.
-fn reload(live: &LiveConfig, sources: &Sources) {
+/// Re-reads the configuration's sources (and the token file); applies live
+/// keys, keeps the rest (naming them), and keeps everything when the new
+/// configuration is bad.
+fn reload(live: &LiveConfig, sources: &Sources, tokens: &arc_swap::ArcSwap<crate::auth::Tokens>, metrics: &Metrics) {
     let mut sources = sources.clone();
     sources.env = Sources::env_overrides(std::env::vars());
     match Config::load(&sources).and_then(|new| live.load().reloaded(&new)) {
         Err(e) => crate::error!("SIGHUP: reload refused, the running configuration stays", error = e),
         Ok((merged, report)) => {
             crate::log::init(merged.log.level, merged.log.format);
+            match crate::auth::Tokens::load(&merged.auth) {
+                Ok(table) => {
+                    crate::info!("SIGHUP: tokens loaded", mode = table.mode().as_str(), tokens = table.len());
+                    metrics.auth_tokens.store(table.mode() == crate::auth::AuthMode::Tokens, Ordering::Relaxed);
+                    tokens.store(Arc::new(table));
+                }
+                Err(problems) => {
+                    for (key, why) in problems {
+                        crate::error!("SIGHUP: token table refused, the running tokens stay", key = key, error = why);
+                    }
+                    return;
+                }
+            }
             live.store(Arc::new(merged));
             for key in &report.need_restart {
                 crate::warn!("SIGHUP: changed, but needs a restart to take effect", key = key);

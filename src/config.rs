@@ -29,6 +29,12 @@ pub struct Config {
     /// The disk spool behind `ack = "spool"`.
     pub spool: crate::spool::SpoolConfig,
     pub websocket: WebSocketConfig,
+    /// Bearer tokens and their scopes.
+    pub auth: crate::auth::AuthConfig,
+    /// The optional TLS listener.
+    pub tls: TlsConfig,
+    /// Abuse limits across shards: per IP and per token.
+    pub limits: crate::limits::LimitsConfig,
     pub log: LogConfig,
 }
 
@@ -54,6 +60,9 @@ pub struct ServerConfig {
     pub max_decompressed_bytes: usize,
     /// Time from a request's first byte to its last; slower answers 408 and closes.
     pub request_timeout_ms: u64,
+    /// Time allowed to write one response; a client that does not read it
+    /// in time is disconnected.
+    pub write_timeout_ms: u64,
     /// How long an idle keep-alive connection is kept open.
     pub idle_timeout_ms: u64,
     /// Deadline for a graceful shutdown, from the signal to the last thread joined.
@@ -74,6 +83,7 @@ impl Default for ServerConfig {
             max_body_bytes: 8 * 1024 * 1024,
             max_decompressed_bytes: 32 * 1024 * 1024,
             request_timeout_ms: 10_000,
+            write_timeout_ms: 10_000,
             idle_timeout_ms: 60_000,
             shutdown_timeout_ms: 30_000,
             retry_after_s: 1,
@@ -272,6 +282,30 @@ pub enum Overflow {
     DropOldest,
 }
 
+/// `[tls]`: a second listener speaking TLS (rustls) on the same shards.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// Address of the TLS listener, e.g. `0.0.0.0:8443`; empty = no TLS.
+    /// `server.listen` keeps serving plain HTTP beside it.
+    pub listen: String,
+    /// PEM certificate chain, leaf first.
+    pub cert_file: String,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: String,
+}
+
+impl TlsConfig {
+    pub fn enabled(&self) -> bool {
+        !self.listen.is_empty()
+    }
+
+    /// The TLS listen address, parsed.
+    pub fn listen_addr(&self) -> Result<SocketAddr, std::net::AddrParseError> {
+        self.listen.parse()
+    }
+}
+
 /// Logging to stderr.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -302,6 +336,7 @@ pub const LIVE_KEYS: &[&str] = &[
     "server.max_body_bytes",
     "server.max_decompressed_bytes",
     "server.request_timeout_ms",
+    "server.write_timeout_ms",
     "server.idle_timeout_ms",
     "server.shutdown_timeout_ms",
     "server.retry_after_s",
@@ -320,6 +355,14 @@ pub const LIVE_KEYS: &[&str] = &[
     "websocket.idle_timeout_ms",
     "websocket.max_message_bytes",
     "websocket.max_subscribers_per_shard",
+    "auth.mode",
+    "auth.token_file",
+    "auth.tokens",
+    "limits.max_connections_per_ip",
+    "limits.ip_requests_per_s",
+    "limits.ip_burst",
+    "limits.token_requests_per_s",
+    "limits.token_burst",
     "log.level",
     "log.format",
 ];
@@ -502,6 +545,7 @@ impl Config {
         check(self.server.max_body_bytes >= 1, "server.max_body_bytes", "must be at least 1");
         check(self.server.max_decompressed_bytes >= 1, "server.max_decompressed_bytes", "must be at least 1");
         check(self.server.request_timeout_ms >= 1, "server.request_timeout_ms", "must be at least 1");
+        check(self.server.write_timeout_ms >= 1, "server.write_timeout_ms", "must be at least 1");
         check(self.server.idle_timeout_ms >= 1, "server.idle_timeout_ms", "must be at least 1");
         check(self.server.shutdown_timeout_ms >= 1, "server.shutdown_timeout_ms", "must be at least 1");
         check(self.ingest.max_events_per_request >= 1, "ingest.max_events_per_request", "must be at least 1");
@@ -554,8 +598,28 @@ impl Config {
         check(ws.max_message_bytes >= 1024, "websocket.max_message_bytes", "must be at least 1024");
         check(ws.inbox_batches >= 1, "websocket.inbox_batches", "must be at least 1");
         check(ws.broadcast_ring >= 1, "websocket.broadcast_ring", "must be at least 1");
+        if self.tls.enabled() {
+            check(
+                self.tls.listen_addr().is_ok(),
+                "tls.listen",
+                "must be empty or an IP:port address, e.g. 0.0.0.0:8443",
+            );
+            check(
+                self.tls.listen_addr().ok() != self.server.listen_addr().ok(),
+                "tls.listen",
+                "must differ from server.listen",
+            );
+        }
         for (key, why) in self.breaker.problems() {
             problems.push((format!("breaker.{key}"), why.to_string()));
+        }
+        if let Err(auth) = crate::auth::Tokens::load(&self.auth) {
+            problems.extend(auth);
+        }
+        if self.tls.enabled()
+            && let Err(problem) = crate::shard::transport::server_config(&self.tls.cert_file, &self.tls.key_file)
+        {
+            problems.push(problem);
         }
         if self.ingest.ack == AckMode::Spool {
             for (key, why) in self.spool.problems() {
@@ -569,6 +633,9 @@ impl Config {
     pub fn to_toml(&self) -> String {
         let mut shown = self.clone();
         shown.database.url = mask_password(&shown.database.url);
+        for t in &mut shown.auth.tokens {
+            t.token = "***".into();
+        }
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
 
@@ -603,6 +670,9 @@ impl ServerConfig {
     }
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms)
+    }
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_millis(self.write_timeout_ms)
     }
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_millis(self.idle_timeout_ms)

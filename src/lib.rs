@@ -30,9 +30,11 @@
 //! (one lock per batch, contended only by a scrape) and the pool's.
 
 pub mod app;
+pub mod auth;
 pub mod broadcast;
 pub mod config;
 pub mod ingest;
+pub mod limits;
 pub mod log;
 pub mod metrics;
 pub mod pipeline;

@@ -180,6 +180,10 @@ pub struct Metrics {
     /// Set by writers after each database round trip, and at start-up.
     pub database_up: AtomicBool,
     pub shutting_down: AtomicBool,
+    /// `auth.mode = "tokens"` is in force (shown by /health).
+    pub auth_tokens: AtomicBool,
+    /// A TLS listener is open (shown by /health).
+    pub tls: AtomicBool,
     /// The disk spool, with `ack = "spool"`.
     pub spool: std::sync::OnceLock<crate::spool::Spool>,
     /// The writers' connection pool, for its state.
@@ -202,6 +206,8 @@ impl Metrics {
             hub,
             started: Instant::now(),
             database_up: AtomicBool::new(true),
+            auth_tokens: AtomicBool::new(false),
+            tls: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
             spool: std::sync::OnceLock::new(),
             pool: std::sync::OnceLock::new(),
@@ -255,6 +261,8 @@ impl Metrics {
             "database_up": self.database_up.load(Ordering::Relaxed),
             "breaker": self.breaker.state().as_str(),
             "uptime_s": self.started.elapsed().as_secs(),
+            "auth": if self.auth_tokens.load(Ordering::Relaxed) { "tokens" } else { "off" },
+            "tls": self.tls.load(Ordering::Relaxed),
         })
         .to_string()
     }

@@ -8,24 +8,25 @@
 //! or to shutdown is cancelled explicitly (`Canceller`) and awaited, so no
 //! io_uring operation outlives its buffer's owner and no buffer is leaked.
 
-use std::net::IpAddr;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Instant;
 
-use monoio::io::AsyncWriteRentExt;
-use monoio::net::TcpStream;
-
 use super::http::{self, BodyFraming, ChunkError, Chunked, HeadError, RequestHead, Response, Target};
-use super::io::{self, IDLE_READ_BYTES, READ_CHUNK_BYTES, ReadOutcome};
+use super::io::{IDLE_READ_BYTES, READ_CHUNK_BYTES, ReadOutcome};
+use super::transport::Transport;
 use super::{ShardCtx, routes, ws};
+use crate::auth::Grant;
+use crate::limits::IpPass;
 
 /// Response buffer kept between requests; a larger one is released.
 const KEPT_OUT_BYTES: usize = 4 * 1024;
 
 /// What reading from the connection produced.
 enum Next {
-    /// A whole request: head and body (de-chunked, not yet decompressed).
-    Request(RequestHead, Vec<u8>),
+    /// A whole request: head, body (de-chunked, not yet decompressed), and
+    /// the token's grant when authentication is on.
+    Request(RequestHead, Vec<u8>, Option<Arc<Grant>>),
     /// A request refused before any body; the connection stays usable.
     Answer(Response),
 }
@@ -39,8 +40,9 @@ enum Stop {
 }
 
 pub struct Conn {
-    stream: TcpStream,
-    peer: IpAddr,
+    stream: Transport,
+    /// The client's IP: its connection count and request rate.
+    ip: IpPass,
     /// Unconsumed request bytes, starting at index 0.
     buf: Vec<u8>,
     /// Response bytes, reused.
@@ -49,28 +51,29 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(stream: TcpStream, peer: IpAddr, ctx: Rc<ShardCtx>) -> Self {
-        Self { stream, peer, buf: Vec::new(), out: Vec::new(), ctx }
+    pub fn new(stream: Transport, ip: IpPass, ctx: Rc<ShardCtx>) -> Self {
+        Self { stream, ip, buf: Vec::new(), out: Vec::new(), ctx }
     }
 
     pub async fn run(mut self) {
         loop {
             let (response, head_only) = match self.next_request().await {
                 Ok(Next::Answer(response)) => (response, false),
-                Ok(Next::Request(head, _)) if head.target == Target::Ws => {
-                    match routes::upgrade(&self.ctx, &head, self.peer) {
+                Ok(Next::Request(head, _, grant)) if head.target == Target::Ws => {
+                    match routes::upgrade(&self.ctx, &head, self.ip.ip(), grant.as_deref()) {
                         Ok((accept, request, admission)) => {
                             self.ctx.stats().response(101);
                             let leftover = std::mem::take(&mut self.buf);
-                            ws::serve(self.stream, leftover, self.ctx, request, admission, &accept).await;
+                            let client = ws::Client { ip: self.ip, grant };
+                            ws::serve(self.stream, leftover, self.ctx, request, admission, client, &accept).await;
                             return;
                         }
                         Err(refusal) => (refusal, false),
                     }
                 }
-                Ok(Next::Request(head, body)) => {
+                Ok(Next::Request(head, body, grant)) => {
                     let head_only = head.method == http::Method::Head;
-                    let mut response = routes::handle(&self.ctx, &head, body).await;
+                    let mut response = routes::handle(&self.ctx, &head, body, grant.as_deref()).await;
                     if !head.keep_alive || self.ctx.is_shutting_down() {
                         response.close = true;
                     }
@@ -124,7 +127,12 @@ impl Conn {
         };
         self.ctx.stats().request(routes::route(&head));
         let deadline = deadline.unwrap_or_else(|| Instant::now() + request_timeout);
-        if let Some(mut refusal) = routes::refuse_before_body(&self.ctx, &head) {
+        let admitted = routes::admit(&self.ctx, &head, &self.ip);
+        let refusal = match &admitted {
+            Ok(_) => routes::refuse_before_body(&self.ctx, &head),
+            Err(refusal) => Some(refusal.clone()),
+        };
+        if let Some(mut refusal) = refusal {
             if matches!(head.body, BodyFraming::None | BodyFraming::Length(0)) {
                 self.buf.drain(..head.len);
                 refusal.close |= !head.keep_alive;
@@ -186,12 +194,13 @@ impl Conn {
                 }
             }
         };
-        Ok(Next::Request(head, body))
+        Ok(Next::Request(head, body, admitted.ok().flatten()))
     }
 
     async fn send_continue(&mut self) -> Result<(), Stop> {
-        let (res, _) = self.stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n".as_slice()).await;
-        res.map(|_| ()).map_err(|_| Stop::Close)
+        let deadline = Instant::now() + self.ctx.config().server.write_timeout();
+        let (written, _) = self.stream.write_all_by(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec(), deadline).await;
+        if written { Ok(()) } else { Err(Stop::Close) }
     }
 
     /// Reads more request bytes; while `idle`, shutdown interrupts the wait.
@@ -205,20 +214,38 @@ impl Conn {
                 None => std::future::pending::<()>().await,
             }
         };
-        io::read_more(&mut self.stream, &mut self.buf, want, deadline, interrupt).await
+        self.stream.read_more(&mut self.buf, want, deadline, interrupt).await
     }
 
-    /// Writes a response; false when the peer is gone.
+    /// Writes a response; false when the peer is gone or has not read it
+    /// within `server.write_timeout_ms`.
     async fn send(&mut self, response: &Response, head_only: bool) -> bool {
         let mut out = std::mem::take(&mut self.out);
         response.write_to(&mut out, head_only);
-        let (res, mut out) = self.stream.write_all(out).await;
+        let deadline = Instant::now() + self.ctx.config().server.write_timeout();
+        let (written, mut out) = self.stream.write_all_by(out, deadline).await;
         if out.capacity() > KEPT_OUT_BYTES {
             out = Vec::new();
         }
         self.out = out;
-        res.is_ok()
+        written
     }
+}
+
+/// Answers a connection over `limits.max_connections_per_ip` with 429 and
+/// closes it, without reading a request.
+pub async fn refuse_per_ip(mut stream: Transport, ctx: &ShardCtx) {
+    let (retry, write_timeout) = {
+        let c = ctx.config();
+        (c.server.retry_after_s, c.server.write_timeout())
+    };
+    let response = Response::error(429, "too many connections from this address (limits.max_connections_per_ip)")
+        .retry_after(retry)
+        .closing();
+    ctx.stats().response(429);
+    let mut out = Vec::new();
+    response.write_to(&mut out, false);
+    let _ = stream.write_all_by(out, Instant::now() + write_timeout).await;
 }
 
 fn timeout_response() -> Response {

@@ -21,6 +21,8 @@ pub struct RequestHead {
     pub keep_alive: bool,
     /// Bytes of the head, including the blank line.
     pub len: usize,
+    /// The token of `Authorization: Bearer <token>`, if one was sent.
+    pub bearer: Option<crate::auth::Secret>,
     /// `GET /ws` only: the handshake headers and query.
     pub websocket: Option<Box<WsHandshake>>,
 }
@@ -167,6 +169,7 @@ pub fn parse_head(buf: &[u8], max_headers: usize, max_head_bytes: usize) -> Resu
     let mut gzip = false;
     let mut expect_continue = false;
     let mut keep_alive = http11;
+    let mut bearer = None;
     for h in req.headers.iter() {
         let value = std::str::from_utf8(h.value).map_err(|_| HeadError::Bad("header value is not valid UTF-8"))?.trim();
         let name = h.name;
@@ -209,6 +212,8 @@ pub fn parse_head(buf: &[u8], max_headers: usize, max_head_bytes: usize) -> Resu
                     return Err(HeadError::Encoding);
                 }
             }
+        } else if name.eq_ignore_ascii_case("authorization") {
+            bearer = crate::auth::bearer(value.as_bytes());
         } else if name.eq_ignore_ascii_case("expect") {
             expect_continue = value.eq_ignore_ascii_case("100-continue");
         } else if name.eq_ignore_ascii_case("connection") {
@@ -244,7 +249,7 @@ pub fn parse_head(buf: &[u8], max_headers: usize, max_head_bytes: usize) -> Resu
     if let Some(ws) = websocket.as_mut() {
         ws.upgrade = upgrade_header && connection_upgrade;
     }
-    Ok(RequestHead { method, target, body, media, gzip, expect_continue, keep_alive, len, websocket })
+    Ok(RequestHead { method, target, body, media, gzip, expect_continue, keep_alive, len, bearer, websocket })
 }
 
 /// Whether the request line reads `METHOD TARGET HTTP/x.y` with x.y not 1.x.
@@ -348,7 +353,7 @@ pub fn gunzip(body: &[u8], limit: usize) -> Result<Vec<u8>, GunzipError> {
 }
 
 /// A response, written in one go.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Response {
     pub status: u16,
     pub content_type: &'static str,
@@ -357,6 +362,8 @@ pub struct Response {
     pub retry_after: Option<u32>,
     /// `Allow` for 405.
     pub allow: Option<&'static str>,
+    /// `WWW-Authenticate` for 401.
+    pub challenge: Option<&'static str>,
     /// Close the connection after this response.
     pub close: bool,
 }
@@ -369,6 +376,7 @@ impl Response {
             body: body.into_bytes(),
             retry_after: None,
             allow: None,
+            challenge: None,
             close: false,
         }
     }
@@ -406,6 +414,9 @@ impl Response {
         if let Some(a) = self.allow {
             let _ = write!(out, "Allow: {a}\r\n");
         }
+        if let Some(c) = self.challenge {
+            let _ = write!(out, "WWW-Authenticate: {c}\r\n");
+        }
         if self.close {
             out.extend_from_slice(b"Connection: close\r\n");
         }
@@ -423,6 +434,8 @@ pub fn reason(status: u16) -> &'static str {
         200 => "OK",
         202 => "Accepted",
         400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         408 => "Request Timeout",

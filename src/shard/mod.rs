@@ -19,11 +19,13 @@
 //! - [`routes`]: what each route does.
 //! - [`ws`]: WebSocket sessions: subscriptions, fan-out, ingest frames.
 //! - [`io`]: reads with deadlines and explicit cancellation.
+//! - [`transport`]: plain TCP or TLS (rustls, sans-I/O) under both.
 
 pub mod conn;
 pub mod http;
 pub mod io;
 pub mod routes;
+pub mod transport;
 pub mod ws;
 
 use std::cell::{Cell, RefCell};
@@ -52,6 +54,8 @@ pub struct ShardSetup {
     /// Bound with SO_REUSEPORT before the thread starts, so bind errors and
     /// the real port are known before ingestd reports ready.
     pub listener: std::net::TcpListener,
+    /// The `[tls]` listener, bound the same way, and its rustls config.
+    pub tls: Option<(std::net::TcpListener, Arc<rustls::ServerConfig>)>,
     pub rings: RingSet,
     pub config: Arc<LiveConfig>,
     pub metrics: Arc<Metrics>,
@@ -61,6 +65,10 @@ pub struct ShardSetup {
     pub inbox: Inbox,
     /// With `ack = "spool"`: where requests' rows go instead of the rings.
     pub spool: Option<crate::spool::SpoolSender>,
+    /// The token table in force (SIGHUP swaps it).
+    pub tokens: Arc<arc_swap::ArcSwap<crate::auth::Tokens>>,
+    /// Per-IP connection counts and rates, shared by every shard.
+    pub limits: Arc<crate::limits::Limits>,
 }
 
 /// What a shard's connections share; lives and dies on the shard thread.
@@ -78,6 +86,10 @@ pub struct ShardCtx {
     /// With `ack = "spool"`; dropped with the context, which is how the
     /// spool's appender learns that no more appends will come.
     pub spool: Option<crate::spool::SpoolSender>,
+    /// The token table in force (SIGHUP swaps it).
+    pub tokens: Arc<arc_swap::ArcSwap<crate::auth::Tokens>>,
+    /// Per-IP connection counts and rates, shared by every shard.
+    pub limits: Arc<crate::limits::Limits>,
     draining: Cell<bool>,
 }
 
@@ -120,16 +132,19 @@ pub fn spawn(setup: ShardSetup) -> std::io::Result<std::thread::JoinHandle<()>> 
 
 async fn run(setup: ShardSetup) {
     let id = setup.id;
-    let listener = match monoio::net::TcpListener::from_std(setup.listener) {
-        Ok(l) => l,
-        Err(e) => {
-            crate::error!("cannot use listener", shard = id, error = e);
-            return;
-        }
+    let listen = |l: std::net::TcpListener| {
+        monoio::net::TcpListener::from_std(l).map_err(|e| crate::error!("cannot use listener", shard = id, error = e))
+    };
+    let Ok(listener) = listen(setup.listener) else { return };
+    let tls = match setup.tls {
+        Some((l, config)) => match listen(l) {
+            Ok(l) => Some((l, config)),
+            Err(()) => return,
+        },
+        None => None,
     };
     let config = setup.config.load();
     let rules = crate::ingest::Rules::from_config(&config.ingest);
-    let shards = config.shard_count();
     drop(config);
     let ctx = Rc::new(ShardCtx {
         id,
@@ -139,6 +154,8 @@ async fn run(setup: ShardSetup) {
         hub: setup.hub,
         ws: ws::Subscribers::default(),
         spool: setup.spool,
+        tokens: setup.tokens,
+        limits: setup.limits,
         draining: Cell::new(false),
         live: setup.config,
         metrics: setup.metrics,
@@ -146,6 +163,28 @@ async fn run(setup: ShardSetup) {
     let fan_out = monoio::spawn(ws::fan_out_task(ctx.clone(), setup.inbox));
     let lag_probe = monoio::spawn(lag_probe(ctx.clone()));
     let gate = Rc::new(Gate::default());
+    let tls_accept = tls.map(|(l, config)| monoio::spawn(accept_loop(l, Some(config), ctx.clone(), gate.clone())));
+    accept_loop(listener, None, ctx.clone(), gate.clone()).await;
+    if let Some(task) = tls_accept {
+        task.await;
+    }
+    ctx.draining.set(true);
+    gate.closed().await;
+    fan_out.await;
+    lag_probe.await;
+    crate::debug!("shard finished", shard = id);
+    // `ctx` drops here: the ring senders go, and writers can drain and stop.
+}
+
+/// Accepts connections on one listener until shutdown, then closes it.
+/// With `tls`, each connection speaks TLS.
+async fn accept_loop(
+    listener: monoio::net::TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    ctx: Rc<ShardCtx>,
+    gate: Rc<Gate>,
+) {
+    let shards = ctx.config().shard_count();
     loop {
         let canceller = Canceller::new();
         let mut accept = std::pin::pin!(listener.cancelable_accept(canceller.handle()));
@@ -167,23 +206,38 @@ async fn run(setup: ShardSetup) {
             Ok((stream, peer)) => {
                 let stats = ctx.stats();
                 stats.connections_accepted.inc();
-                let max_connections = ctx.config().server.max_connections.div_ceil(shards);
+                let (max_connections, max_per_ip) = {
+                    let c = ctx.config();
+                    (c.server.max_connections.div_ceil(shards), c.limits.max_connections_per_ip)
+                };
                 if gate.open.get() >= max_connections {
                     stats.connections_refused.inc();
                     drop(stream);
                 } else {
                     let _ = stream.set_nodelay(true);
                     let pass = gate.pass(ctx.clone());
-                    let conn = conn::Conn::new(stream, peer.ip(), ctx.clone());
+                    let ip = ctx.limits.connect(peer.ip(), max_per_ip);
+                    let transport = match &tls {
+                        None => Ok(transport::Transport::Plain(stream)),
+                        Some(config) => transport::Transport::tls(stream, config),
+                    };
+                    let ctx = ctx.clone();
                     monoio::spawn(async move {
-                        conn.run().await;
+                        match (transport, ip) {
+                            (Ok(t), Ok(ip)) => conn::Conn::new(t, ip, ctx).run().await,
+                            (Ok(t), Err(_)) => {
+                                ctx.stats().connections_refused.inc();
+                                conn::refuse_per_ip(t, &ctx).await;
+                            }
+                            (Err(e), _) => crate::warn!("cannot start a TLS session", error = e),
+                        }
                         drop(pass);
                     });
                 }
             }
             Err(e) if !stop => {
                 // EMFILE and friends: back off briefly instead of spinning.
-                crate::warn!("accept failed", shard = id, error = e);
+                crate::warn!("accept failed", shard = ctx.id, error = e);
                 monoio::time::sleep(std::time::Duration::from_millis(10)).await;
             }
             Err(_) => {}
@@ -192,13 +246,6 @@ async fn run(setup: ShardSetup) {
             break;
         }
     }
-    ctx.draining.set(true);
-    drop(listener);
-    gate.closed().await;
-    fan_out.await;
-    lag_probe.await;
-    crate::debug!("shard finished", shard = id);
-    // `ctx` drops here: the ring senders go, and writers can drain and stop.
 }
 
 /// Measures event-loop lag: how late a 100 ms timer fires. Ends at shutdown.

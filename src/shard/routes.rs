@@ -7,14 +7,17 @@
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use super::http::{self, BodyFraming, GunzipError, HeadError, Media, Method, RequestHead, Response, Target};
 use super::{ShardCtx, ws};
+use crate::auth::{Denied, Grant, Scope, Secret};
 use crate::broadcast::{Admission, Refusal};
 use crate::config::AckMode;
 use crate::ingest::event::{Reason, RejectKind};
 use crate::ingest::{BodyError, BodyKind, Clock, Rejection};
+use crate::limits::{IpPass, retry_after_secs};
 use crate::metrics::Route;
 use crate::pipeline::{self, CommitOutcome, HandOffError, Job, Reply};
 
@@ -45,6 +48,66 @@ pub fn head_error(ctx: &ShardCtx, e: &HeadError) -> Response {
 
 pub fn too_large_body(max: usize) -> Response {
     Response::error(413, &format!("body larger than server.max_body_bytes ({max} bytes)"))
+}
+
+/// Who may make this request, before anything else is looked at: the
+/// client IP's rate, then (unless the route is `/health`) its token and the
+/// token's rate and scope. `Ok(None)` when authentication is off.
+pub fn admit(ctx: &ShardCtx, head: &RequestHead, ip: &IpPass) -> Result<Option<Arc<Grant>>, Response> {
+    let (ip_rate, token_rate) = {
+        let c = ctx.config();
+        (c.limits.ip_rate(), c.limits.token_rate())
+    };
+    ip.take(ip_rate.0, ip_rate.1)
+        .map_err(|wait| too_many_requests("too many requests from this address (limits.ip_requests_per_s)", wait))?;
+    let scope = match head.target {
+        Target::Health | Target::Unknown => return Ok(None),
+        Target::Events | Target::Batch => Scope::Ingest,
+        Target::Stats | Target::Metrics => Scope::Admin,
+        // The query decides between them; `upgrade` checks which.
+        Target::Ws => Scope::Subscribe,
+    };
+    let query_token;
+    let token = match (&head.bearer, &head.websocket) {
+        (Some(t), _) => Some(t),
+        (None, Some(ws)) => {
+            query_token = access_token(&ws.query);
+            query_token.as_ref()
+        }
+        (None, None) => None,
+    };
+    let Some(grant) = ctx.tokens.load().authenticate(token).map_err(unauthorized)? else {
+        return Ok(None);
+    };
+    ip.take_from(&grant.rate, token_rate.0, token_rate.1).map_err(|wait| {
+        too_many_requests(&format!("too many requests with {} (limits.token_requests_per_s)", grant.label()), wait)
+    })?;
+    if scope != Scope::Subscribe && !grant.allows(scope) {
+        return Err(forbidden_scope(&grant, scope));
+    }
+    Ok(Some(grant))
+}
+
+/// `?access_token=` of a WebSocket upgrade.
+fn access_token(query: &str) -> Option<Secret> {
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == "access_token")
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(_, v)| Secret::new(v.as_bytes()))
+}
+
+pub fn unauthorized(why: Denied) -> Response {
+    let mut r = Response::error(401, &why.to_string());
+    r.challenge = Some("Bearer");
+    r
+}
+
+pub fn forbidden_scope(grant: &Grant, scope: Scope) -> Response {
+    Response::error(403, &format!("{} lacks the `{}` scope this needs", grant.label(), scope.as_str()))
+}
+
+pub fn too_many_requests(message: &str, wait: std::time::Duration) -> Response {
+    Response::error(429, message).retry_after(retry_after_secs(wait))
 }
 
 /// Decides everything that can be decided from the head alone, before any
@@ -80,11 +143,11 @@ pub fn refuse_before_body(ctx: &ShardCtx, head: &RequestHead) -> Option<Response
 
 /// Answers a request whose head passed [`refuse_before_body`] and whose body
 /// has been read.
-pub async fn handle(ctx: &ShardCtx, head: &RequestHead, body: Vec<u8>) -> Response {
+pub async fn handle(ctx: &ShardCtx, head: &RequestHead, body: Vec<u8>, grant: Option<&Grant>) -> Response {
     match head.target {
-        Target::Events => ingest(ctx, head, body, BodyKind::Single).await,
-        Target::Batch if head.media == Media::Ndjson => ingest(ctx, head, body, BodyKind::Ndjson).await,
-        Target::Batch => ingest(ctx, head, body, BodyKind::JsonArray).await,
+        Target::Events => ingest(ctx, head, body, BodyKind::Single, grant).await,
+        Target::Batch if head.media == Media::Ndjson => ingest(ctx, head, body, BodyKind::Ndjson, grant).await,
+        Target::Batch => ingest(ctx, head, body, BodyKind::JsonArray, grant).await,
         Target::Health => {
             let status = if ctx.metrics.ready() { 200 } else { 503 };
             let r = Response::json(status, ctx.metrics.health_json());
@@ -100,7 +163,7 @@ pub async fn handle(ctx: &ShardCtx, head: &RequestHead, body: Vec<u8>) -> Respon
     }
 }
 
-async fn ingest(ctx: &ShardCtx, head: &RequestHead, body: Vec<u8>, kind: BodyKind) -> Response {
+async fn ingest(ctx: &ShardCtx, head: &RequestHead, body: Vec<u8>, kind: BodyKind, grant: Option<&Grant>) -> Response {
     let (max_decompressed, retry_after) = {
         let c = ctx.config();
         (c.server.max_decompressed_bytes, c.server.retry_after_s)
@@ -119,7 +182,7 @@ async fn ingest(ctx: &ShardCtx, head: &RequestHead, body: Vec<u8>, kind: BodyKin
     } else {
         body
     };
-    match ingest_events(ctx, &body, kind).await {
+    match ingest_events(ctx, &body, kind, grant).await {
         Ingested::Answer { status, accepted, rejected } => Response::json(status, ingest_json(accepted, &rejected)),
         Ingested::BodyRefused { status, message } => {
             Response::json(status, serde_json::json!({"error": message, "accepted": 0, "rejected": []}).to_string())
@@ -142,8 +205,9 @@ pub enum Ingested {
 }
 
 /// Validates a body on this shard, hands its rows to a writer without
-/// blocking, and with `ack = "commit"` waits for the commit report.
-pub async fn ingest_events(ctx: &ShardCtx, body: &[u8], kind: BodyKind) -> Ingested {
+/// blocking, and with `ack = "commit"` waits for the commit report. A
+/// `grant` with a device prefix refuses (403) a body with any event outside it.
+pub async fn ingest_events(ctx: &ShardCtx, body: &[u8], kind: BodyKind, grant: Option<&Grant>) -> Ingested {
     // While the database breaker is open, say so at once instead of queueing
     // (with ack = spool the spool absorbs the outage instead).
     if ctx.spool.is_none()
@@ -181,6 +245,21 @@ pub async fn ingest_events(ctx: &ShardCtx, body: &[u8], kind: BodyKind) -> Inges
             return Ingested::BodyRefused { status, message: e.to_string() };
         }
     };
+    if let Some(grant) = grant.filter(|g| !g.device_prefix.is_empty())
+        && let Some(row) =
+            (0..parsed.rows.len()).find(|&i| parsed.rows.view(i).is_none_or(|v| !grant.owns_device(v.device_id)))
+    {
+        let index = request_index(&parsed.rejected, row);
+        return Ingested::Failed {
+            status: 403,
+            message: format!(
+                "event {index}: {} may only write device_ids starting with {:?}; nothing was stored",
+                grant.label(),
+                grant.device_prefix
+            ),
+            retry: false,
+        };
+    }
     for r in &parsed.rejected {
         stats.rejected(r.error.kind);
     }
@@ -283,6 +362,7 @@ pub fn upgrade(
     ctx: &ShardCtx,
     head: &RequestHead,
     peer: IpAddr,
+    grant: Option<&Grant>,
 ) -> Result<(String, ws::WsRequest, Admission), Response> {
     let retry = ctx.config().server.retry_after_s;
     let Some(hs) = head.websocket.as_deref() else {
@@ -300,7 +380,36 @@ pub fn upgrade(
     if ctx.is_shutting_down() {
         return Err(Response::error(503, "shutting down").retry_after(retry));
     }
-    let request = ws::WsRequest::parse(&hs.query).map_err(|why| Response::error(400, &why))?;
+    let mut request = ws::WsRequest::parse(&hs.query).map_err(|why| Response::error(400, &why))?;
+    if let Some(grant) = grant {
+        let needs = if request.ingest_only { Scope::Ingest } else { Scope::Subscribe };
+        if !grant.allows(needs) {
+            let mut refusal = forbidden_scope(grant, needs);
+            if needs == Scope::Subscribe && grant.allows(Scope::Ingest) {
+                refusal = Response::error(
+                    403,
+                    &format!(
+                        "{} lacks the `subscribe` scope; add subscribe=false for an ingest-only socket",
+                        grant.label()
+                    ),
+                );
+            }
+            return Err(refusal);
+        }
+        if !grant.device_prefix.is_empty() {
+            if request.device_id.as_deref().is_some_and(|d| !grant.owns_device(d.as_bytes())) {
+                return Err(Response::error(
+                    403,
+                    &format!(
+                        "{} may only subscribe to device_ids starting with {:?}",
+                        grant.label(),
+                        grant.device_prefix
+                    ),
+                ));
+            }
+            request.device_prefix = Some(grant.device_prefix.clone());
+        }
+    }
     let admission = ctx.hub.admit(ctx.id, peer, ctx.ws_limits().max_per_shard).map_err(|refusal| match refusal {
         Refusal::Full => {
             Response::error(503, "subscriber limit reached (websocket.max_subscribers)").retry_after(retry)

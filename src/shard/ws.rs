@@ -28,18 +28,19 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use monoio::io::{AsyncWriteRentExt, Splitable};
-use monoio::net::TcpStream;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig, WebSocketContext};
 use tungstenite::{Message, Utf8Bytes};
 
 use super::ShardCtx;
-use super::io::{self, IDLE_READ_BYTES, LocalNotify, READ_CHUNK_BYTES, ReadOutcome};
+use super::io::{IDLE_READ_BYTES, LocalNotify, READ_CHUNK_BYTES, ReadOutcome};
 use super::routes::{self, Ingested};
+use super::transport::{ReadHalf, Transport, WriteHalf};
+use crate::auth::{Grant, Scope};
 use crate::broadcast::{Admission, CommittedBatch, EventRef};
 use crate::config::{Overflow, WebSocketConfig as WsConfig};
 use crate::ingest::BodyKind;
+use crate::limits::IpPass;
 
 /// Ingest answers a session holds unsent; past this the reader stops
 /// taking frames until the client reads (a client that sends and never
@@ -58,6 +59,9 @@ pub struct WsRequest {
     pub coalesce: Option<Duration>,
     /// `subscribe=false`: an ingest-only socket that gets no pushed events.
     pub ingest_only: bool,
+    /// Set from the token (not the query): only events whose device_id
+    /// starts with it are pushed.
+    pub device_prefix: Option<Box<str>>,
 }
 
 impl WsRequest {
@@ -82,9 +86,11 @@ impl WsRequest {
                     _ => return Err("subscribe must be true or false".to_string()),
                 },
                 "device_id" | "type" => return Err(format!("{key} must not be empty")),
+                // Read by `routes::admit`; never kept.
+                "access_token" => {}
                 other => {
                     return Err(format!(
-                        "unknown query parameter `{other}`; use device_id, type, coalesce_ms, subscribe"
+                        "unknown query parameter `{other}`; use device_id, type, coalesce_ms, subscribe, access_token"
                     ));
                 }
             }
@@ -95,6 +101,7 @@ impl WsRequest {
     fn matches(&self, e: &EventRef<'_>) -> bool {
         self.device_id.as_deref().is_none_or(|d| d == e.device_id)
             && self.event_type.as_deref().is_none_or(|t| t == e.event_type)
+            && self.device_prefix.as_deref().is_none_or(|p| e.device_id.starts_with(p))
     }
 }
 
@@ -364,15 +371,22 @@ impl Session {
     }
 }
 
+/// Who is on the other end of a WebSocket: its IP's pass and its token.
+pub struct Client {
+    pub ip: IpPass,
+    pub grant: Option<std::sync::Arc<Grant>>,
+}
+
 /// Answers the upgrade with 101 and serves the connection until either side
 /// closes. The subscriber is registered before the 101 goes out, so every
 /// event committed after the client sees the handshake reaches it.
 pub async fn serve(
-    mut stream: TcpStream,
+    mut stream: Transport,
     leftover: Vec<u8>,
     ctx: Rc<ShardCtx>,
     request: WsRequest,
     admission: Admission,
+    client: Client,
     accept_key: &str,
 ) {
     let limits = ctx.ws_limits();
@@ -404,15 +418,16 @@ pub async fn serve(
     let switching = format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept_key}\r\n\r\n"
     );
-    let (res, _) = stream.write_all(switching.into_bytes()).await;
-    if res.is_err() {
+    let deadline = Instant::now() + ctx.config().server.write_timeout();
+    let (written, _) = stream.write_all_by(switching.into_bytes(), deadline).await;
+    if !written {
         if let Some(id) = id {
             ctx.ws.unregister(id);
         }
         return;
     }
     let (reader, writer) = stream.into_split();
-    let read_task = monoio::spawn(read_loop(reader, session.clone(), ctx.clone()));
+    let read_task = monoio::spawn(read_loop(reader, session.clone(), ctx.clone(), client));
     write_loop(writer, &session, &ctx).await;
     session.stopped.notify();
     read_task.await;
@@ -422,7 +437,7 @@ pub async fn serve(
     drop(admission);
 }
 
-async fn read_loop(mut reader: monoio::net::tcp::TcpOwnedReadHalf, session: Rc<Session>, ctx: Rc<ShardCtx>) {
+async fn read_loop(mut reader: ReadHalf, session: Rc<Session>, ctx: Rc<ShardCtx>, client: Client) {
     let limits = ctx.ws_limits();
     let mut buf = Vec::new();
     // Reads start small (an idle subscriber pins little) and double while
@@ -434,7 +449,7 @@ async fn read_loop(mut reader: monoio::net::tcp::TcpOwnedReadHalf, session: Rc<S
     loop {
         if !fresh {
             let deadline = session.last_heard.get() + limits.idle_timeout;
-            match io::read_more(&mut reader, &mut buf, want, deadline, session.stopped.wait()).await {
+            match reader.read_more(&mut buf, want, deadline, session.stopped.wait()).await {
                 ReadOutcome::Data => {}
                 ReadOutcome::TimedOut => {
                     session.request_close(1001, "idle timeout");
@@ -476,7 +491,7 @@ async fn read_loop(mut reader: monoio::net::tcp::TcpOwnedReadHalf, session: Rc<S
                 Ok(Message::Text(text)) => {
                     seq += 1;
                     ctx.stats().ws_ingest_frames.inc();
-                    let answer = ingest_frame(&ctx, text.as_bytes(), seq).await;
+                    let answer = ingest_frame(&ctx, text.as_bytes(), seq, &client).await;
                     session.control.borrow_mut().push_back(answer);
                     session.sub.wake.notify();
                 }
@@ -533,12 +548,32 @@ async fn read_loop(mut reader: monoio::net::tcp::TcpOwnedReadHalf, session: Rc<S
 }
 
 /// Ingests one text frame and renders its in-order answer.
-async fn ingest_frame(ctx: &ShardCtx, body: &[u8], seq: u64) -> String {
+/// Answers one ingest frame. Each frame counts against the client's IP and
+/// token rates like an HTTP request, and needs the `ingest` scope.
+async fn ingest_frame(ctx: &ShardCtx, body: &[u8], seq: u64, client: &Client) -> String {
+    let refused = |status: u16, message: &str| {
+        serde_json::json!({"seq": seq, "status": status, "error": message, "accepted": 0, "rejected": []}).to_string()
+    };
+    let (ip_rate, token_rate) = {
+        let c = ctx.config();
+        (c.limits.ip_rate(), c.limits.token_rate())
+    };
+    if client.ip.take(ip_rate.0, ip_rate.1).is_err() {
+        return refused(429, "too many requests from this address (limits.ip_requests_per_s); slow down");
+    }
+    if let Some(grant) = &client.grant {
+        if !grant.allows(Scope::Ingest) {
+            return refused(403, &format!("{} lacks the `ingest` scope this needs", grant.label()));
+        }
+        if client.ip.take_from(&grant.rate, token_rate.0, token_rate.1).is_err() {
+            return refused(429, &format!("too many requests with {} (limits.token_requests_per_s)", grant.label()));
+        }
+    }
     let kind = match body.iter().find(|b| !b.is_ascii_whitespace()) {
         Some(b'[') => BodyKind::JsonArray,
         _ => BodyKind::Single,
     };
-    match routes::ingest_events(ctx, body, kind).await {
+    match routes::ingest_events(ctx, body, kind, client.grant.as_deref()).await {
         Ingested::Answer { status: _, accepted, rejected } => {
             let body = routes::ingest_json(accepted, &rejected);
             format!("{{\"seq\":{seq},{}", &body[1..])
@@ -550,7 +585,7 @@ async fn ingest_frame(ctx: &ShardCtx, body: &[u8], seq: u64) -> String {
     }
 }
 
-async fn write_loop(mut writer: monoio::net::tcp::TcpOwnedWriteHalf, session: &Session, ctx: &ShardCtx) {
+async fn write_loop(mut writer: WriteHalf, session: &Session, ctx: &ShardCtx) {
     let limits = ctx.ws_limits();
     let stats = ctx.stats();
     let sub = &session.sub;
@@ -624,7 +659,7 @@ async fn write_loop(mut writer: monoio::net::tcp::TcpOwnedWriteHalf, session: &S
             let bytes = out.len() as u64;
             // A peer that reads nothing for idle_timeout is gone.
             let deadline = Instant::now() + limits.idle_timeout;
-            let (written, back) = io::write_all_by(&mut writer, std::mem::take(&mut out), deadline).await;
+            let (written, back) = writer.write_all_by(std::mem::take(&mut out), deadline).await;
             out = back;
             out.clear();
             if out.capacity() > WRITE_CHUNK_BYTES * 2 {
