@@ -605,7 +605,7 @@ impl Config {
                 "must be empty or an IP:port address, e.g. 0.0.0.0:8443",
             );
             check(
-                self.tls.listen_addr().ok() != self.server.listen_addr().ok(),
+                self.tls.listen_addr().ok().is_none_or(|a| a.port() == 0 || Ok(a) != self.server.listen_addr()),
                 "tls.listen",
                 "must differ from server.listen",
             );
