@@ -12,6 +12,8 @@
 //!   timestamps, partial rejection, idempotency, `ack = "queue"`.
 //! - `validation`: per-event validation rules and their reasons.
 //! - `http`: HTTP/1.1 handling and the error statuses.
+//! - `hostile`: hostile input over real sockets (encodings, nesting, smuggling,
+//!   bombs, floods, slow clients, broken WebSocket frames).
 //! - `observability`: `/health`, `/stats`, `/metrics`.
 //! - `ops`: SIGHUP reload.
 //! - `overload`: fail fast with 503 + Retry-After.
@@ -24,6 +26,7 @@
 mod support;
 
 mod config;
+mod hostile;
 mod http;
 mod ingest;
 mod lifecycle;
