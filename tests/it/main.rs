@@ -19,6 +19,8 @@
 //! - `overload`: fail fast with 503 + Retry-After.
 //! - `reliability`: faults: dead letters, SIGKILL, PostgreSQL restarts, the spool (issue 5).
 //! - `scale`: two instances on one table; strict `/metrics` parsing.
+//! - `security`: bearer tokens and scopes, token reload, TLS, rate and
+//!   connection limits, the write timeout.
 //! - `lifecycle`: signals and graceful shutdown under load.
 //! - `ws`: `GET /ws` subscriptions and ingest over WebSocket.
 //! - `spec`: literal readings of SPEC.md where INTERFACE.md is silent.
@@ -35,6 +37,7 @@ mod ops;
 mod overload;
 mod reliability;
 mod scale;
+mod security;
 mod spec;
 mod validation;
 mod ws;

@@ -1144,3 +1144,186 @@ impl Load {
         all
     }
 }
+
+// ---------------------------------------------------------------------------
+// Security: bearer tokens, temp files, TLS clients
+// ---------------------------------------------------------------------------
+
+impl Req {
+    /// `Authorization: Bearer <token>`.
+    pub fn bearer(self, token: &str) -> Req {
+        self.header("Authorization", &format!("Bearer {token}"))
+    }
+}
+
+/// A token unique to this run, 16+ bytes, easy to grep for in logs.
+pub fn secret_token(tag: &str) -> String {
+    format!("tok-{tag}-{:016x}{:08x}", random_u64(), random_u64() as u32)
+}
+
+/// Writes `text` to a fresh file in the temp directory; returns its path.
+pub fn temp_file(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(unique("ingestd_sec"));
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write temp file");
+    path
+}
+
+/// The TLS readiness line prefix (printed before [`READY_PREFIX`]'s line).
+pub const TLS_READY_PREFIX: &str = "ingestd listening on https://";
+
+impl Server {
+    /// The address of the TLS listener, from its readiness line on stdout.
+    pub fn tls_addr(&self) -> SocketAddr {
+        let out = self.stdout();
+        let rest = out
+            .lines()
+            .find_map(|l| l.trim_end().strip_prefix(TLS_READY_PREFIX))
+            .unwrap_or_else(|| panic!("no `{TLS_READY_PREFIX}ADDR` line on stdout:\n{out}"));
+        rest.trim_end_matches('/').parse().unwrap_or_else(|e| panic!("bad TLS address {rest:?}: {e}"))
+    }
+
+    /// A request on a fresh connection with `Authorization: Bearer <token>`.
+    pub fn send_as(&self, token: &str, req: Req) -> Response {
+        self.send(&req.bearer(token))
+    }
+}
+
+/// A self-signed certificate for `127.0.0.1` and `localhost` (rcgen), with
+/// its PEM chain and PKCS#8 key written to files.
+pub struct TestCert {
+    pub der: rustls::pki_types::CertificateDer<'static>,
+    pub cert_file: std::path::PathBuf,
+    pub key_file: std::path::PathBuf,
+}
+
+impl TestCert {
+    pub fn new() -> TestCert {
+        let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .expect("rcgen self-signed certificate");
+        let cert_file = temp_file("cert.pem", &ck.cert.pem());
+        let key_file = cert_file.with_file_name("key.pem");
+        std::fs::write(&key_file, ck.signing_key.serialize_pem()).expect("write key");
+        TestCert { der: ck.cert.der().clone(), cert_file, key_file }
+    }
+
+    /// `[tls]` settings for [`Ingestd::set`]: listen on a free port with this certificate.
+    pub fn apply(&self, ingestd: Ingestd) -> Ingestd {
+        ingestd
+            .set("tls.listen", "127.0.0.1:0")
+            .set("tls.cert_file", self.cert_file.display())
+            .set("tls.key_file", self.key_file.display())
+    }
+
+    /// A rustls client configuration that trusts only this certificate.
+    pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.der.clone()).expect("add the test certificate as a root");
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Arc::new(config)
+    }
+}
+
+impl Default for TestCert {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A client TLS stream over TCP (blocking; the handshake happens on first use).
+pub type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// Connects to `addr` over TLS, verifying the server as `127.0.0.1`.
+pub fn tls_connect(addr: SocketAddr, cert: &TestCert) -> TlsStream {
+    let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    tcp.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    tcp.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    let conn = rustls::ClientConnection::new(cert.client_config(), name).expect("TLS client");
+    let mut stream = rustls::StreamOwned::new(conn, tcp);
+    while stream.conn.is_handshaking() {
+        stream.conn.complete_io(&mut stream.sock).unwrap_or_else(|e| panic!("TLS handshake with {addr}: {e}"));
+    }
+    stream
+}
+
+/// An HTTP/1.1 connection over TLS. Responses must carry Content-Length
+/// (ingestd's always do).
+pub struct TlsConn {
+    pub stream: TlsStream,
+    buf: Vec<u8>,
+}
+
+impl TlsConn {
+    pub fn open(addr: SocketAddr, cert: &TestCert) -> TlsConn {
+        TlsConn { stream: tls_connect(addr, cert), buf: Vec::new() }
+    }
+
+    pub fn roundtrip(&mut self, req: &Req) -> Response {
+        self.try_roundtrip(req).unwrap_or_else(|e| panic!("TLS request {} {}: {e}", req.method, req.path))
+    }
+
+    pub fn try_roundtrip(&mut self, req: &Req) -> io::Result<Response> {
+        self.stream.write_all(&req.to_bytes())?;
+        self.stream.flush()?;
+        self.read_response()
+    }
+
+    fn fill(&mut self) -> io::Result<usize> {
+        let mut b = [0u8; 16384];
+        let n = self.stream.read(&mut b)?;
+        self.buf.extend_from_slice(&b[..n]);
+        Ok(n)
+    }
+
+    pub fn read_response(&mut self) -> io::Result<Response> {
+        let head_end = loop {
+            if let Some(p) = find(&self.buf, b"\r\n\r\n") {
+                break p;
+            }
+            if self.fill()? == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "TLS connection closed before a response"));
+            }
+        };
+        let head = String::from_utf8_lossy(&self.buf[..head_end]).into_owned();
+        self.buf.drain(..head_end + 4);
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().unwrap_or_default().to_string();
+        let mut parts = status_line.splitn(3, ' ');
+        let version = parts.next().unwrap_or_default().to_string();
+        let status: u16 = parts
+            .next()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("bad status line {status_line:?}")))?;
+        let reason = parts.next().unwrap_or_default().to_string();
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_string(), v.trim().to_string())))
+            .collect();
+        let mut resp = Response { version, status, reason, headers, body: Vec::new() };
+        let n: usize = resp.header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+        while self.buf.len() < n {
+            if self.fill()? == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "TLS connection closed inside a body"));
+            }
+        }
+        resp.body = self.buf.drain(..n).collect();
+        Ok(resp)
+    }
+}
+
+/// A field of `/proc/<pid>/status` in KiB (e.g. "VmRSS", "VmHWM").
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field).and_then(|r| r.strip_prefix(':')))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{field} not in /proc/{pid}/status"))
+}
