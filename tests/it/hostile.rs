@@ -192,16 +192,6 @@ fn raw_exchange(s: &Server, bytes: &[u8]) -> (Response, Conn) {
     (resp, c)
 }
 
-fn proc_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field).and_then(|r| r.strip_prefix(':')))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{field} not in /proc/{pid}/status"))
-}
-
 fn nested_arrays(depth: usize) -> String {
     let mut s = "[".repeat(depth);
     s.push_str(&"]".repeat(depth));
@@ -957,7 +947,7 @@ fn gzip_bomb_is_413_and_memory_stays_bounded() {
     let bomb = Arc::new(gzip_bomb_1gib());
     println!("gzip bomb: 1 GiB -> {} bytes in {:?}", bomb.len(), t0.elapsed());
     assert!(bomb.len() < 2 << 20, "bomb is {} bytes", bomb.len());
-    let baseline = proc_kib(s.pid(), "VmRSS");
+    let baseline = proc_status_kib(s.pid(), "VmRSS");
     let addr = s.addr;
     let senders: Vec<_> = (0..3)
         .map(|_| {
@@ -988,8 +978,8 @@ fn gzip_bomb_is_413_and_memory_stays_bounded() {
         .header("Transfer-Encoding", "chunked")
         .body(chunked(&bomb.chunks(100_000).collect::<Vec<_>>()));
     assert_error(&s.send(&req), 413);
-    let peak = proc_kib(s.pid(), "VmHWM");
-    let now = proc_kib(s.pid(), "VmRSS");
+    let peak = proc_status_kib(s.pid(), "VmHWM");
+    let now = proc_status_kib(s.pid(), "VmRSS");
     println!("gzip bomb: RSS baseline {baseline} KiB, peak {peak} KiB, after {now} KiB");
     assert!(peak < baseline + 256 * 1024, "peak RSS {peak} KiB vs baseline {baseline} KiB: inflated too far");
     // More bombs do not grow it further (nothing kept per bomb).
@@ -1000,7 +990,7 @@ fn gzip_bomb_is_413_and_memory_stays_bounded() {
             .body(bomb.to_vec());
         assert_error(&s.send(&req), 413);
     }
-    let later = proc_kib(s.pid(), "VmRSS");
+    let later = proc_status_kib(s.pid(), "VmRSS");
     assert!(later < now + 16 * 1024, "RSS went from {now} KiB to {later} KiB over five more bombs");
     assert_eq!(s.count(), 0);
     still_serving(&s);
@@ -1517,7 +1507,7 @@ fn a_ping_flood_from_a_client_that_never_reads_stays_bounded() {
     let s = Server::start();
     let mut c = ws_raw(&s, "?subscribe=false");
     let pings = frame(0x89, &[b'p'; 125], MASK).repeat(64);
-    let rss = proc_kib(s.pid(), "VmRSS");
+    let rss = proc_status_kib(s.pid(), "VmRSS");
     c.set_write_timeout(Some(Duration::from_millis(500))).unwrap();
     let t0 = Instant::now();
     let mut sent = 0usize;
@@ -1528,10 +1518,10 @@ fn a_ping_flood_from_a_client_that_never_reads_stays_bounded() {
             Err(_) => break,
         }
         if samples.len() < (t0.elapsed().as_secs() as usize) {
-            samples.push((sent >> 20, proc_kib(s.pid(), "VmRSS").saturating_sub(rss) >> 10));
+            samples.push((sent >> 20, proc_status_kib(s.pid(), "VmRSS").saturating_sub(rss) >> 10));
         }
     }
-    let grown = proc_kib(s.pid(), "VmRSS").saturating_sub(rss);
+    let grown = proc_status_kib(s.pid(), "VmRSS").saturating_sub(rss);
     println!(
         "ping flood: {} MiB sent in {:?} without reading; RSS grew {} MiB; (MiB sent, MiB grown) each second: {samples:?}",
         sent >> 20,
