@@ -174,7 +174,12 @@ pub fn parse_head(buf: &[u8], max_headers: usize, max_head_bytes: usize) -> Resu
         let value = std::str::from_utf8(h.value).map_err(|_| HeadError::Bad("header value is not valid UTF-8"))?.trim();
         let name = h.name;
         if name.eq_ignore_ascii_case("content-length") {
-            let n: u64 = value.parse().map_err(|_| HeadError::Bad("Content-Length is not a non-negative integer"))?;
+            let digits = !value.is_empty() && value.len() <= 19 && value.bytes().all(|b| b.is_ascii_digit());
+            let n: u64 = value
+                .parse()
+                .ok()
+                .filter(|_| digits)
+                .ok_or(HeadError::Bad("Content-Length must be digits only (a non-negative integer)"))?;
             if content_length.is_some_and(|prev| prev != n) {
                 return Err(HeadError::Bad("conflicting Content-Length headers"));
             }
@@ -284,27 +289,21 @@ pub enum ChunkError {
 }
 
 /// Decodes as many complete chunks from `input` as it holds into `out`.
-/// Call again with the unconsumed rest plus new bytes.
+/// Call again with the unconsumed rest plus new bytes. Strict (RFC 9112
+/// §7.1): a chunk size is 1 to 16 hex digits, extensions hold no control
+/// characters, every line ends in CRLF, and trailers are well-formed
+/// header lines; anything else is refused, because a lenient reading here
+/// is where request smuggling lives.
 pub fn decode_chunks(input: &[u8], out: &mut Vec<u8>, limit: usize) -> Result<Chunked, ChunkError> {
     let mut at = 0;
     loop {
         let rest = &input[at..];
-        let (size_len, size) = match httparse::parse_chunk_size(rest) {
-            Ok(httparse::Status::Complete(v)) => v,
-            Ok(httparse::Status::Partial) => {
-                if rest.len() > 1024 {
-                    return Err(ChunkError::Bad);
-                }
-                return Ok(Chunked::Partial { consumed: at });
-            }
-            Err(_) => return Err(ChunkError::Bad),
+        let Some((size_len, size)) = chunk_size_line(rest)? else {
+            return Ok(Chunked::Partial { consumed: at });
         };
         if size == 0 {
-            // Trailer section: header lines up to an empty line.
-            let trailers = &rest[size_len..];
-            return match find_blank_line(trailers) {
+            return match trailers_end(&rest[size_len..])? {
                 Some(end) => Ok(Chunked::Done { consumed: at + size_len + end }),
-                None if trailers.len() > 8 * 1024 => Err(ChunkError::Bad),
                 None => Ok(Chunked::Partial { consumed: at }),
             };
         }
@@ -324,12 +323,62 @@ pub fn decode_chunks(input: &[u8], out: &mut Vec<u8>, limit: usize) -> Result<Ch
     }
 }
 
-/// Length up to and including the first empty line (`\r\n` at line start).
-fn find_blank_line(buf: &[u8]) -> Option<usize> {
-    if buf.starts_with(b"\r\n") {
-        return Some(2);
+/// Longest chunk-size line (size and extensions) accepted.
+const MAX_CHUNK_LINE: usize = 1024;
+/// Largest trailer section accepted.
+const MAX_TRAILERS: usize = 8 * 1024;
+
+/// `chunk-size [ chunk-ext ] CRLF` at the start of `buf`: its length and the
+/// size, or `None` when the line is not complete yet.
+fn chunk_size_line(buf: &[u8]) -> Result<Option<(usize, u64)>, ChunkError> {
+    let Some(lf) = buf.iter().take(MAX_CHUNK_LINE + 1).position(|&b| b == b'\n') else {
+        return if buf.len() > MAX_CHUNK_LINE { Err(ChunkError::Bad) } else { Ok(None) };
+    };
+    let line = buf[..lf].strip_suffix(b"\r").ok_or(ChunkError::Bad)?;
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 || digits > 16 {
+        return Err(ChunkError::Bad);
     }
-    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
+    let size = line[..digits].iter().fold(0u64, |n, &b| (n << 4) | u64::from((b as char).to_digit(16).unwrap_or(0)));
+    let ext = &line[digits..];
+    // Extensions: `;name[=value]`, possibly after whitespace; no CTLs.
+    let ext_ok = ext.iter().all(|&b| b == b'\t' || (b' '..=b'~').contains(&b) || b >= 0x80)
+        && (ext.is_empty() || ext.trim_ascii_start().starts_with(b";"));
+    if !ext_ok {
+        return Err(ChunkError::Bad);
+    }
+    Ok(Some((lf + 1, size)))
+}
+
+/// The trailer section after the last chunk: header lines up to an empty
+/// line. Its length, or `None` when it is not complete yet.
+fn trailers_end(buf: &[u8]) -> Result<Option<usize>, ChunkError> {
+    let mut at = 0;
+    loop {
+        if at > MAX_TRAILERS {
+            return Err(ChunkError::Bad);
+        }
+        let rest = &buf[at..];
+        let Some(lf) = rest.iter().position(|&b| b == b'\n') else {
+            return if rest.len() > MAX_TRAILERS { Err(ChunkError::Bad) } else { Ok(None) };
+        };
+        let line = rest[..lf].strip_suffix(b"\r").ok_or(ChunkError::Bad)?;
+        at += lf + 1;
+        if line.is_empty() {
+            return Ok(Some(at));
+        }
+        let Some(colon) = line.iter().position(|&b| b == b':') else { return Err(ChunkError::Bad) };
+        let name_ok = colon > 0 && line[..colon].iter().all(|&b| is_token_char(b));
+        let value_ok = line[colon + 1..].iter().all(|&b| b == b'\t' || (b' '..=b'~').contains(&b) || b >= 0x80);
+        if !name_ok || !value_ok {
+            return Err(ChunkError::Bad);
+        }
+    }
+}
+
+/// RFC 9110 `tchar`.
+fn is_token_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 /// Why a gzip body is refused.
@@ -551,6 +600,40 @@ mod tests {
         assert_eq!(decode_chunks(b"zz\r\n", &mut out, 100), Err(ChunkError::Bad));
         assert_eq!(decode_chunks(b"5\r\nhelloXX", &mut out, 100), Err(ChunkError::Bad));
         assert_eq!(decode_chunks(b"ffffffffffff\r\n", &mut out, 100), Err(ChunkError::TooLarge));
+    }
+
+    #[test]
+    fn chunked_decoding_is_strict_where_smuggling_lives() {
+        let bad: &[&[u8]] = &[
+            b"\r\nhello\r\n0\r\n\r\n",                // empty size line
+            b"-5\r\nhello\r\n0\r\n\r\n",              // sign
+            b"0x5\r\nhello\r\n0\r\n\r\n",             // prefix
+            b"5\nhello\r\n0\r\n\r\n",                 // bare LF
+            b"5;a\nb\r\nhello\r\n0\r\n\r\n",          // LF inside an extension
+            b"5;a\x01\r\nhello\r\n0\r\n\r\n",         // CTL inside an extension
+            b"5 junk\r\nhello\r\n0\r\n\r\n",          // not an extension
+            b"11111111111111111\r\n",                 // 17 digits
+            b"5\r\nhello\r\n0\r\nno colon\r\n\r\n",   // bad trailer
+            b"5\r\nhello\r\n0\r\n x: folded\r\n\r\n", // obs-fold trailer
+            b"5\r\nhello\r\n0\r\nX: y\n\r\n",         // bare LF in trailers
+        ];
+        for input in bad {
+            let mut out = Vec::new();
+            let got = decode_chunks(input, &mut out, 1 << 20);
+            assert!(got.is_err(), "{:?} -> {got:?}", String::from_utf8_lossy(input));
+        }
+        let mut out = Vec::new();
+        let ok = b"5 ; name=\"v\"\r\nhello\r\n0\r\nX-Sum: 1\r\n\r\n";
+        assert_eq!(decode_chunks(ok, &mut out, 100), Ok(Chunked::Done { consumed: ok.len() }));
+    }
+
+    #[test]
+    fn content_length_is_digits_only() {
+        for v in ["+5", "-5", "5 5", "0x5", "", "99999999999999999999"] {
+            let raw = format!("POST /events HTTP/1.1\r\nContent-Length: {v}\r\n\r\n");
+            assert!(matches!(head(&raw), Err(HeadError::Bad(_))), "{v:?}");
+        }
+        assert_eq!(head("POST /events HTTP/1.1\r\nContent-Length: 05\r\n\r\n").unwrap().body, BodyFraming::Length(5));
     }
 
     #[test]

@@ -46,6 +46,10 @@ use crate::limits::IpPass;
 /// taking frames until the client reads (a client that sends and never
 /// reads cannot grow memory).
 const MAX_PENDING_ANSWERS: usize = 64;
+/// Frames tungstenite wrote on its own while reading (pongs, close replies)
+/// that the writer has not taken yet. A client that floods pings and never
+/// reads stops being read past this, instead of growing the output.
+const MAX_PENDING_OUTPUT_BYTES: usize = 64 * 1024;
 
 /// Most bytes of queued events encoded into one socket write.
 const WRITE_CHUNK_BYTES: usize = 64 * 1024;
@@ -477,7 +481,10 @@ async fn read_loop(mut reader: ReadHalf, session: Rc<Session>, ctx: Rc<ShardCtx>
         }
         fresh = false;
         loop {
-            while session.control.borrow().len() >= MAX_PENDING_ANSWERS {
+            while session.control.borrow().len() >= MAX_PENDING_ANSWERS
+                || session.protocol.borrow().output.len() >= MAX_PENDING_OUTPUT_BYTES
+            {
+                session.sub.wake.notify();
                 let stopped = monoio::select! {
                     _ = session.answered.wait() => false,
                     _ = session.stopped.wait() => true,
