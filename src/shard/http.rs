@@ -170,6 +170,7 @@ pub fn parse_head(buf: &[u8], max_headers: usize, max_head_bytes: usize) -> Resu
     let mut expect_continue = false;
     let mut keep_alive = http11;
     let mut bearer = None;
+    let mut authorization_seen = false;
     for h in req.headers.iter() {
         let value = std::str::from_utf8(h.value).map_err(|_| HeadError::Bad("header value is not valid UTF-8"))?.trim();
         let name = h.name;
@@ -218,6 +219,10 @@ pub fn parse_head(buf: &[u8], max_headers: usize, max_head_bytes: usize) -> Resu
                 }
             }
         } else if name.eq_ignore_ascii_case("authorization") {
+            if authorization_seen {
+                return Err(HeadError::Bad("more than one Authorization header"));
+            }
+            authorization_seen = true;
             bearer = crate::auth::bearer(value.as_bytes());
         } else if name.eq_ignore_ascii_case("expect") {
             expect_continue = value.eq_ignore_ascii_case("100-continue");

@@ -281,12 +281,19 @@ pub fn server_config(cert_file: &str, key_file: &str) -> Result<Arc<rustls::Serv
     let key = PrivateKeyDer::from_pem_file(key_file)
         .map_err(|e| ("tls.key_file".to_string(), format!("cannot read a private key from {key_file}: {e}")))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    provider
+        .key_provider
+        .load_private_key(key.clone_key())
+        .map_err(|e| ("tls.key_file".to_string(), format!("{key_file} is not a usable private key: {e}")))?;
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| ("tls".to_string(), e.to_string()))?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|e| ("tls.key_file".to_string(), format!("certificate and key do not make a usable pair: {e}")))?;
+        .map_err(|e| {
+            let why = format!("{cert_file} is not a valid certificate for the key in tls.key_file: {e}");
+            ("tls.cert_file".to_string(), why)
+        })?;
     let mut config = config;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
