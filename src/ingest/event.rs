@@ -236,6 +236,72 @@ pub fn check_raw_strings(raw: &[u8]) -> Result<(), Reason> {
     Ok(())
 }
 
+/// Most digits after the decimal point PostgreSQL's `numeric` (the type of
+/// a jsonb number) keeps: its `NUMERIC_DSCALE_MAX`.
+pub const MAX_NUMERIC_SCALE: i64 = 0x3fff;
+
+/// Checks one number of a payload, as written (from its first character to
+/// the next structural one), against the JSON grammar and what `numeric`
+/// stores. simd-json 0.17 lets two kinds through that PostgreSQL refuses:
+///
+/// - a number of 19 or more digits followed by junk up to the next
+///   structural character (`1234567890123456789x`, `1.00000000000000000000x`):
+///   its slow path does not check what ends the number;
+/// - a display scale (digits after the point, less the exponent) beyond
+///   [`MAX_NUMERIC_SCALE`], such as `1e-16384`: f64 reads it as 0 or as an
+///   ordinary number, numeric says "value overflows numeric format".
+///   (Numbers too large for numeric are too large for f64 first.)
+pub fn check_number(text: &[u8]) -> Result<(), Reason> {
+    let malformed = || Reason::new(RejectKind::Malformed, "payload holds a malformed number");
+    let mut at = 0;
+    let digits = |at: &mut usize| {
+        let start = *at;
+        while text.get(*at).is_some_and(u8::is_ascii_digit) {
+            *at += 1;
+        }
+        &text[start..*at]
+    };
+    // -? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?, then JSON whitespace.
+    if text.first() == Some(&b'-') {
+        at += 1;
+    }
+    let int = digits(&mut at);
+    if int.is_empty() || (int.len() > 1 && int[0] == b'0') {
+        return Err(malformed());
+    }
+    let mut scale: i64 = 0;
+    if text.get(at) == Some(&b'.') {
+        at += 1;
+        scale = digits(&mut at).len() as i64;
+        if scale == 0 {
+            return Err(malformed());
+        }
+    }
+    if matches!(text.get(at), Some(b'e' | b'E')) {
+        at += 1;
+        let negative = text.get(at) == Some(&b'-');
+        if matches!(text.get(at), Some(b'-' | b'+')) {
+            at += 1;
+        }
+        let exponent = digits(&mut at);
+        if exponent.is_empty() {
+            return Err(malformed());
+        }
+        let exponent = exponent.iter().fold(0i64, |e, &d| e.saturating_mul(10).saturating_add(i64::from(d - b'0')));
+        scale = if negative { scale.saturating_add(exponent) } else { scale.saturating_sub(exponent) };
+    }
+    if !text[at..].iter().all(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r')) {
+        return Err(malformed());
+    }
+    if scale > MAX_NUMERIC_SCALE {
+        return Err(Reason::new(
+            RejectKind::InvalidValue,
+            "payload holds a number with more than 16383 digits after the decimal point, which PostgreSQL cannot store",
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -282,5 +348,30 @@ mod tests {
         assert!(check_raw_strings(b"{\"a\":\"x\ny\"}").is_err());
         assert!(check_raw_strings(b"{\n\"a\":\t1}").is_ok());
         assert!(check_raw_strings(br#"{"a\"":"\\"}"#).is_ok());
+    }
+
+    #[test]
+    fn payload_numbers() {
+        for ok in ["1e-16383", "1.5", "-2e+5", "0.1e-16382", "0 ", "-0.0E0\r\n", "1e99999", "12345678901234567890123"] {
+            assert_eq!(check_number(ok.as_bytes()), Ok(()), "{ok}");
+        }
+        let long = format!("1.{}", "0".repeat(16_384));
+        for bad in ["1e-16384", "0.5e-16383", "-1E-99999999999999999999999", &long] {
+            assert_eq!(check_number(bad.as_bytes()).map_err(|e| e.kind), Err(RejectKind::InvalidValue), "{bad}");
+        }
+        for junk in [
+            "1234567890123456789x",
+            "1.00000000000000000000x",
+            "1234567890123456789012345<7890",
+            "01",
+            "1.",
+            "1e",
+            "-",
+            "1.5e+",
+            "1\x0c",
+            "1 2",
+        ] {
+            assert_eq!(check_number(junk.as_bytes()).map_err(|e| e.kind), Err(RejectKind::Malformed), "{junk}");
+        }
     }
 }

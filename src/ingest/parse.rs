@@ -142,6 +142,13 @@ impl Parser {
     }
 
     fn parse_json(&mut self, body: &[u8], array: bool, clock: Clock, out: &mut Parsed) -> Result<(), BodyError> {
+        // JSON never holds a raw NUL byte (it is not whitespace, and inside a
+        // string it must be escaped), but simd-json 0.17 ends a number or
+        // literal at one and skips what follows up to the next structural
+        // character (simd-lite/simd-json#357): `1\0junk` would be stored.
+        if body.contains(&0) {
+            return Err(BodyError::Malformed("raw NUL byte (0x00) in the body".into()));
+        }
         let mut tape = std::mem::replace(&mut self.tape, Tape::null()).reset();
         self.scratch.clear();
         self.scratch.extend_from_slice(body);
@@ -326,7 +333,13 @@ impl EventCtx<'_> {
                             ),
                         ));
                     }
-                    check_payload(&doc.nodes[value_node..value_node + nodes], text, self.rules.max_payload_depth)?;
+                    check_payload(
+                        doc,
+                        value_node..value_node + nodes,
+                        value_sp..value_sp + structurals,
+                        text,
+                        self.rules.max_payload_depth,
+                    )?;
                     payload = Some(text);
                 }
             }
@@ -372,8 +385,16 @@ fn missing(field: Field) -> Reason {
 /// Checks every string, number and nesting level of a payload against what
 /// jsonb accepts (PostgreSQL's JSON parser recurses per level and refuses
 /// depths in the low ten thousands with its default stack).
-fn check_payload(nodes: &[Node<'_>], raw: &[u8], max_depth: usize) -> Result<(), Reason> {
+fn check_payload(
+    doc: &Doc<'_, '_>,
+    nodes: std::ops::Range<usize>,
+    structurals: std::ops::Range<usize>,
+    raw: &[u8],
+    max_depth: usize,
+) -> Result<(), Reason> {
+    let nodes = &doc.nodes[nodes];
     let mut control = false;
+    let mut numbers = false;
     // Tape index where each open container ends; its length is the depth.
     let mut open: Vec<usize> = Vec::new();
     for (i, node) in nodes.iter().enumerate() {
@@ -394,10 +415,28 @@ fn check_payload(nodes: &[Node<'_>], raw: &[u8], max_depth: usize) -> Result<(),
             Node::Static(StaticNode::F64(x)) if !x.is_finite() => {
                 return Err(Reason::new(RejectKind::InvalidValue, "payload holds a number PostgreSQL cannot store"));
             }
+            // What simd-json's slow path for long numbers or f64 may have let
+            // through (see check_raw_numbers); the common small integers skip the scan.
+            Node::Static(StaticNode::F64(_)) => numbers = true,
+            Node::Static(StaticNode::U64(n)) => numbers |= n >= 10u64.pow(18),
+            Node::Static(StaticNode::I64(n)) => numbers |= n.unsigned_abs() >= 10u64.pow(18),
             _ => {}
         }
     }
-    if control { event::check_raw_strings(raw) } else { Ok(()) }
+    if control {
+        event::check_raw_strings(raw)?;
+    }
+    if numbers {
+        // A number starts at a structural index and ends before the next one.
+        for sp in structurals {
+            let start = doc.structurals[sp] as usize;
+            if matches!(doc.raw[start], b'-' | b'0'..=b'9') {
+                let end = doc.structurals.get(sp + 1).map_or(doc.raw.len(), |&e| e as usize);
+                event::check_number(&doc.raw[start..end])?;
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -529,6 +568,66 @@ mod tests {
         assert!(matches!(run(body, BodyKind::Single), Err(BodyError::Malformed(_))), "raw tab inside a string");
         let escaped = r#"{"device_id":"d","type":"t","ts":1767225600000,"payload":"a\tb"}"#;
         assert_eq!(run(escaped, BodyKind::Single).unwrap().rows.len(), 1);
+    }
+
+    #[test]
+    fn raw_nul_byte_is_malformed() {
+        // Found by fuzzing (event_validator): simd-json took `1\0junk` as 1,
+        // and the payload text kept the NUL, which PostgreSQL refuses.
+        for body in [
+            &b"{\"device_id\":\"d\",\"type\":\"t\",\"ts\":1767225600000,\"payload\":[1\0junk]}"[..],
+            b"{\"device_id\":\"d\",\"type\":\"t\",\"ts\":1767225600000\0garbage}",
+            b"{\"device_id\":\"d\",\"type\":\"t\",\"ts\":1767225600000,\"payload\":true\0}",
+        ] {
+            let parsed = parser().parse(body, BodyKind::Single, Clock { now_unix_us: NOW });
+            assert!(matches!(parsed, Err(BodyError::Malformed(_))), "{}: {parsed:?}", body.escape_ascii());
+        }
+        let ndjson = format!("{GOOD}\n{{\"device_id\":\"d\",\"type\":\"t\",\"ts\":1767225600000\0}}\n{GOOD}");
+        let parsed = run(&ndjson, BodyKind::Ndjson).unwrap();
+        assert_eq!(parsed.rows.len(), 2);
+        assert_eq!((parsed.rejected[0].index, parsed.rejected[0].error.kind), (1, RejectKind::Malformed));
+    }
+
+    #[test]
+    fn payload_numbers_beyond_numeric_scale_are_rejected() {
+        // Found by fuzzing (event_validator): PostgreSQL's numeric (jsonb's
+        // numbers) keeps at most 16383 digits after the decimal point and
+        // refuses `1e-16384` ("value overflows numeric format"), which
+        // simd-json reads as 0.
+        let mut p = Parser::new(Rules { max_payload_bytes: 64 * 1024, ..*parser().rules() });
+        let event = |payload: &str| format!(r#"{{"device_id":"d","type":"t","ts":1767225600000,"payload":{payload}}}"#);
+        let long_fraction = format!("1.{}", "1".repeat(16_384));
+        for bad in ["1e-16384", "[0.5e-16383]", "{\"a\":-1E-40000}", &long_fraction] {
+            let parsed = p.parse(event(bad).as_bytes(), BodyKind::Single, Clock { now_unix_us: NOW }).unwrap();
+            assert_eq!(parsed.rows.len(), 0, "{}", &bad[..bad.len().min(20)]);
+            assert_eq!(parsed.rejected[0].error.kind, RejectKind::InvalidValue);
+        }
+        let fine_fraction = format!("1.{}", "1".repeat(16_383));
+        for good in ["1e-16383", "123e-16381", "0.0", "[1.5, \"1e-99999\"]", &fine_fraction] {
+            let parsed = p.parse(event(good).as_bytes(), BodyKind::Single, Clock { now_unix_us: NOW }).unwrap();
+            assert_eq!(parsed.rows.len(), 1, "{}: {:?}", &good[..good.len().min(20)], parsed.rejected);
+        }
+    }
+
+    #[test]
+    fn long_numbers_followed_by_junk_are_rejected() {
+        // Found by fuzzing (event_validator): simd-json's slow path for
+        // numbers of 19 digits or more does not check what ends them, so
+        // `1801234567890123456g890` was stored and PostgreSQL refused it.
+        for bad in ["1801234567890123456g890", "[1.00000000000000000000x]", "{\"a\":1234567890123456789012345<7890}"] {
+            let parsed =
+                run(&format!(r#"{{"device_id":"d","type":"t","ts":1767225600000,"payload":{bad}}}"#), BodyKind::Single);
+            let parsed = parsed.unwrap();
+            assert_eq!(parsed.rows.len(), 0, "{bad}");
+            assert_eq!(parsed.rejected[0].error.kind, RejectKind::Malformed, "{bad}");
+        }
+        for good in ["1801234567890123456890", "[1.00000000000000000000]", "-1000000000000000000", "[0.25, 1e3]"] {
+            let parsed = run(
+                &format!(r#"{{"device_id":"d","type":"t","ts":1767225600000,"payload":{good}}}"#),
+                BodyKind::Single,
+            );
+            assert_eq!(payload(&parsed.unwrap(), 0).as_deref(), Some(good));
+        }
     }
 
     #[test]
