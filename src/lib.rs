@@ -33,6 +33,8 @@ pub mod app;
 pub mod auth;
 pub mod broadcast;
 pub mod config;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ingest;
 pub mod limits;
 pub mod log;
