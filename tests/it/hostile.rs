@@ -320,6 +320,29 @@ fn nul_in_every_string_field_is_rejected_per_event() {
     still_serving(&s);
 }
 
+/// Inputs `scripts/fuzz.sh` found (fuzz/regressions/event_validator): simd-json
+/// ends a number or literal at a raw NUL and skips what follows, so these
+/// once passed validation with a NUL in the stored payload text, and the
+/// COPY failed on them. Over a socket they must be clean 4xx answers with
+/// nothing stored and nothing dead-lettered.
+#[test]
+fn fuzz_findings_raw_nul_after_a_number_or_literal() {
+    let s = Server::start();
+    let cases: &[(&str, &str, &[u8])] = &[
+        ("NUL after a number in the payload", "payload", b"[1\x00junk]"),
+        ("NUL after a literal in the payload", "payload", b"true\x00"),
+        ("NUL after ts", "ts", b"1767225600000\x00garbage"),
+    ];
+    for (label, field, raw) in cases {
+        let bad = event_with(&unique("fz"), field, raw);
+        check_outcome(label, &batch_with_bad(&s, label, &bad), Want::Either);
+        check_outcome(label, &ndjson_with_bad(&s, label, &bad), Want::Rejected);
+        assert_single_refused(&s, label, &bad);
+    }
+    assert_no_dead_letters(&s);
+    still_serving(&s);
+}
+
 // ---------------------------------------------------------------------------
 // Shape: nesting, numbers, duplicate keys, sizes
 // ---------------------------------------------------------------------------
