@@ -11,7 +11,8 @@
 # stop it with scripts/pg-stop.sh.
 #
 # Every argument is passed on to ingestd, e.g.
-#   scripts/run.sh --listen 0.0.0.0:8080 --set writer.writers=4
+#   scripts/run.sh --listen 0.0.0.0:8080 --set auth.mode=off --set writer.writers=4
+# (a listener beyond loopback needs auth.mode said explicitly; see [auth]).
 # Unless --config is given, tuning/default.toml is used.
 set -euo pipefail
 

@@ -10,9 +10,11 @@
 //! are never logged, printed by `--check-config`, or kept in request heads
 //! in a form that `Debug` shows.
 //!
-//! Authentication is off only when `auth.mode = "off"` (the default, because
-//! the HTTP contract itself carries no credentials); `/health` says which
-//! mode runs and start-up logs a warning when it is off.
+//! Authentication is off only when the configuration says so: `auth.mode`
+//! defaults to `off` (the HTTP contract itself carries no credentials) only
+//! while every listener is on loopback; a listener any other host can reach
+//! needs `auth.mode` written explicitly, `tokens` or `off`. `/health` says
+//! which mode runs and start-up logs a warning when it is off.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -35,6 +37,10 @@ pub struct AuthConfig {
     pub token_file: String,
     /// Inline tokens.
     pub tokens: Vec<TokenConfig>,
+    /// Whether `mode` was written in a source (file, env or flag), not
+    /// defaulted: a listener beyond loopback needs it said explicitly.
+    #[serde(skip)]
+    pub mode_given: bool,
 }
 
 /// Whether requests must carry a token.
@@ -291,7 +297,7 @@ mod tests {
     }
 
     fn config(tokens: Vec<TokenConfig>) -> AuthConfig {
-        AuthConfig { mode: AuthMode::Tokens, token_file: String::new(), tokens }
+        AuthConfig { mode: AuthMode::Tokens, token_file: String::new(), tokens, mode_given: true }
     }
 
     #[test]

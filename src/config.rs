@@ -417,9 +417,10 @@ impl Config {
                 t.insert(field.to_string(), value);
             }
         }
-        let config: Config = toml::Value::Table(merged)
+        let mut config: Config = toml::Value::Table(merged)
             .try_into()
             .map_err(|e: toml::de::Error| ConfigError::Parse { key: String::new(), message: e.to_string() })?;
+        config.auth.mode_given = new.auth.mode_given;
         config.validate()?;
         Ok((config, report))
     }
@@ -514,7 +515,8 @@ impl Config {
         for (key, raw) in overrides {
             apply_override(&mut table, key, raw)?;
         }
-        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+        let auth_mode_given = table.get("auth").and_then(|a| a.get("mode")).is_some();
+        let mut config: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
             let path = e.path().to_string();
             let message = e.into_inner().to_string();
             // serde reports an unknown field at its parent; name the field itself.
@@ -525,6 +527,7 @@ impl Config {
             };
             ConfigError::Parse { key, message }
         })?;
+        config.auth.mode_given = auth_mode_given;
         config.validate()?;
         Ok(config)
     }
@@ -612,6 +615,21 @@ impl Config {
         }
         for (key, why) in self.breaker.problems() {
             problems.push((format!("breaker.{key}"), why.to_string()));
+        }
+        let exposed = [self.server.listen_addr().ok(), self.tls.listen_addr().ok()]
+            .into_iter()
+            .flatten()
+            .find(|a| !a.ip().is_loopback());
+        if let Some(addr) = exposed
+            && !self.auth.mode_given
+        {
+            problems.push((
+                "auth.mode".to_string(),
+                format!(
+                    "must be set when listening beyond loopback ({addr}): \"tokens\" (see [auth]), or \"off\" to \
+                     serve anyone who can reach it"
+                ),
+            ));
         }
         if let Err(auth) = crate::auth::Tokens::load(&self.auth) {
             problems.extend(auth);
@@ -827,6 +845,18 @@ mod tests {
             let (s, k) = key.split_once('.').unwrap();
             assert!(table[s].as_table().unwrap().contains_key(k), "{key}");
         }
+    }
+
+    #[test]
+    fn auth_mode_must_be_explicit_beyond_loopback() {
+        let e = with(&[("server.listen", "0.0.0.0:8080")]).unwrap_err().to_string();
+        assert!(e.contains("auth.mode"), "{e}");
+        let e = with(&[("tls.listen", "0.0.0.0:8443")]).unwrap_err().to_string();
+        assert!(e.contains("auth.mode"), "{e}");
+        with(&[("server.listen", "0.0.0.0:8080"), ("auth.mode", "off")]).expect("explicitly off");
+        with(&[("server.listen", "[::1]:8080")]).expect("loopback needs nothing");
+        let running = with(&[("server.listen", "0.0.0.0:8080"), ("auth.mode", "off")]).unwrap();
+        running.reloaded(&running).expect("a reload keeps knowing the mode was given");
     }
 
     #[test]

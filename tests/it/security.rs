@@ -396,6 +396,30 @@ fn device_prefix_limits_ingest_and_subscriptions() {
 }
 
 #[test]
+fn a_listener_beyond_loopback_needs_auth_mode_said_explicitly() {
+    let check = |args: &[&str]| {
+        let mut all = vec!["--check-config", "--database-url", "postgres://nobody@127.0.0.1:1/none"];
+        all.extend_from_slice(args);
+        run_cli(&all, &[], CLI_TIMEOUT)
+    };
+    for listen in [["--listen", "0.0.0.0:0"], ["--set", "tls.listen=0.0.0.0:0"]] {
+        let out = check(&listen);
+        assert_eq!(out.code(), Some(64), "{listen:?}: want exit 64: {out:?}");
+        assert!(out.stderr.contains("auth.mode"), "{listen:?}: stderr does not name auth.mode:\n{}", out.stderr);
+    }
+    let out = check(&["--listen", "0.0.0.0:0", "--set", "auth.mode=off"]);
+    assert_eq!(out.code(), Some(0), "explicitly off: {out:?}");
+    let out = run_cli(
+        &["--check-config", "--database-url", "postgres://nobody@127.0.0.1:1/none", "--listen", "0.0.0.0:0"],
+        &[("INGESTD_AUTH__MODE", "off")],
+        CLI_TIMEOUT,
+    );
+    assert_eq!(out.code(), Some(0), "explicitly off from the environment: {out:?}");
+    // Loopback needs nothing, as the contract's default address shows.
+    assert_eq!(check(&["--listen", "127.0.0.1:0"]).code(), Some(0));
+}
+
+#[test]
 fn tokens_mode_needs_valid_tokens() {
     let check = |text: &str| {
         let path = temp_file("auth.toml", text);
