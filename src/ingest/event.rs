@@ -240,6 +240,10 @@ pub fn check_raw_strings(raw: &[u8]) -> Result<(), Reason> {
 /// a jsonb number) keeps: its `NUMERIC_DSCALE_MAX`.
 pub const MAX_NUMERIC_SCALE: i64 = 0x3fff;
 
+/// `numeric_in` refuses an exponent this large either way, even on 0
+/// (`INT_MAX / 2`).
+pub const NUMERIC_EXPONENT_LIMIT: i64 = (i32::MAX / 2) as i64;
+
 /// Checks one number of a payload, as written (from its first character to
 /// the next structural one), against the JSON grammar and what `numeric`
 /// stores. simd-json 0.17 lets two kinds through that PostgreSQL refuses:
@@ -248,9 +252,10 @@ pub const MAX_NUMERIC_SCALE: i64 = 0x3fff;
 ///   structural character (`1234567890123456789x`, `1.00000000000000000000x`):
 ///   its slow path does not check what ends the number;
 /// - a display scale (digits after the point, less the exponent) beyond
-///   [`MAX_NUMERIC_SCALE`], such as `1e-16384`: f64 reads it as 0 or as an
-///   ordinary number, numeric says "value overflows numeric format".
-///   (Numbers too large for numeric are too large for f64 first.)
+///   [`MAX_NUMERIC_SCALE`], such as `1e-16384`, or an exponent of
+///   [`NUMERIC_EXPONENT_LIMIT`] or more (`0e1073741823`): f64 reads them as 0
+///   or as an ordinary number, numeric says "value overflows numeric
+///   format". (Nonzero numbers too large for numeric are too large for f64.)
 pub fn check_number(text: &[u8]) -> Result<(), Reason> {
     let malformed = || Reason::new(RejectKind::Malformed, "payload holds a malformed number");
     let mut at = 0;
@@ -277,17 +282,18 @@ pub fn check_number(text: &[u8]) -> Result<(), Reason> {
             return Err(malformed());
         }
     }
+    let mut exponent = 0;
     if matches!(text.get(at), Some(b'e' | b'E')) {
         at += 1;
         let negative = text.get(at) == Some(&b'-');
         if matches!(text.get(at), Some(b'-' | b'+')) {
             at += 1;
         }
-        let exponent = digits(&mut at);
-        if exponent.is_empty() {
+        let written = digits(&mut at);
+        if written.is_empty() {
             return Err(malformed());
         }
-        let exponent = exponent.iter().fold(0i64, |e, &d| e.saturating_mul(10).saturating_add(i64::from(d - b'0')));
+        exponent = written.iter().fold(0i64, |e, &d| e.saturating_mul(10).saturating_add(i64::from(d - b'0')));
         scale = if negative { scale.saturating_add(exponent) } else { scale.saturating_sub(exponent) };
     }
     if !text[at..].iter().all(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r')) {
@@ -298,6 +304,46 @@ pub fn check_number(text: &[u8]) -> Result<(), Reason> {
             RejectKind::InvalidValue,
             "payload holds a number with more than 16383 digits after the decimal point, which PostgreSQL cannot store",
         ));
+    }
+    if exponent >= NUMERIC_EXPONENT_LIMIT {
+        return Err(Reason::new(
+            RejectKind::InvalidValue,
+            "payload holds a number whose exponent PostgreSQL cannot store",
+        ));
+    }
+    Ok(())
+}
+
+/// Scans raw JSON text for `\u` escapes of UTF-16 surrogates that do not
+/// pair up: a high one (D800-DBFF) not followed by a `\u` low one
+/// (DC00-DFFF), or a low one alone. PostgreSQL refuses them; simd-json 0.17
+/// does not check the second half of a pair (`\ud83d\uee00` decodes as
+/// U+1F600), so only the raw text tells. A pair always decodes to a
+/// character beyond U+FFFF, so only strings holding one need the scan.
+pub fn check_raw_surrogates(raw: &[u8]) -> Result<(), Reason> {
+    let unit = |at: usize| -> Option<u16> {
+        let hex = raw.get(at..at + 6).filter(|h| h.starts_with(b"\\u"))?;
+        u16::from_str_radix(std::str::from_utf8(&hex[2..]).ok()?, 16).ok()
+    };
+    let bad = || Reason::new(RejectKind::InvalidValue, "payload holds a \\u escape of a lone UTF-16 surrogate");
+    let (mut in_string, mut at) = (false, 0);
+    while at < raw.len() {
+        match raw[at] {
+            b'"' => {
+                in_string = !in_string;
+                at += 1;
+            }
+            b'\\' if in_string => match unit(at) {
+                Some(0xd800..=0xdbff) => match unit(at + 6) {
+                    Some(0xdc00..=0xdfff) => at += 12,
+                    _ => return Err(bad()),
+                },
+                Some(0xdc00..=0xdfff) => return Err(bad()),
+                Some(_) => at += 6,
+                None => at += 2,
+            },
+            _ => at += 1,
+        }
     }
     Ok(())
 }
@@ -352,11 +398,14 @@ mod tests {
 
     #[test]
     fn payload_numbers() {
-        for ok in ["1e-16383", "1.5", "-2e+5", "0.1e-16382", "0 ", "-0.0E0\r\n", "1e99999", "12345678901234567890123"] {
+        for ok in
+            ["1e-16383", "1.5", "-2e+5", "0.1e-16382", "0 ", "-0.0E0\r\n", "0e1073741822", "12345678901234567890123"]
+        {
             assert_eq!(check_number(ok.as_bytes()), Ok(()), "{ok}");
         }
         let long = format!("1.{}", "0".repeat(16_384));
-        for bad in ["1e-16384", "0.5e-16383", "-1E-99999999999999999999999", &long] {
+        for bad in ["1e-16384", "0.5e-16383", "-1E-99999999999999999999999", &long, "0e1073741823", "0.0E+99999999999"]
+        {
             assert_eq!(check_number(bad.as_bytes()).map_err(|e| e.kind), Err(RejectKind::InvalidValue), "{bad}");
         }
         for junk in [
@@ -372,6 +421,23 @@ mod tests {
             "1 2",
         ] {
             assert_eq!(check_number(junk.as_bytes()).map_err(|e| e.kind), Err(RejectKind::Malformed), "{junk}");
+        }
+    }
+
+    #[test]
+    fn payload_surrogate_escapes() {
+        for ok in [
+            &br#""\ud83d\ude00""#[..],
+            br#"{"\uDBFF\uDFFF":"\\ud800 \u00e9"}"#,
+            br#""a\"b""#,
+            "\"\u{1f600}\"".as_bytes(),
+        ] {
+            assert_eq!(check_raw_surrogates(ok), Ok(()), "{}", ok.escape_ascii());
+        }
+        for bad in
+            [&br#""\ud83d\uee00""#[..], br#"["\ud800\uffff"]"#, br#""\ud800x""#, br#"{"k":"\udc00"}"#, br#""\ud800\n""#]
+        {
+            assert!(check_raw_surrogates(bad).is_err(), "{}", bad.escape_ascii());
         }
     }
 }

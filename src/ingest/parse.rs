@@ -394,7 +394,7 @@ fn check_payload(
 ) -> Result<(), Reason> {
     let nodes = &doc.nodes[nodes];
     let mut control = false;
-    let mut numbers = false;
+    let (mut numbers, mut astral) = (false, false);
     // Tape index where each open container ends; its length is the depth.
     let mut open: Vec<usize> = Vec::new();
     for (i, node) in nodes.iter().enumerate() {
@@ -411,7 +411,11 @@ fn check_payload(
                     ));
                 }
             }
-            Node::String(s) => control |= event::check_payload_string(s)?,
+            // One pass in the common case: no control character, nothing past U+FFFF.
+            Node::String(s) if s.bytes().any(|b| !(0x20..0xf0).contains(&b)) => {
+                control |= event::check_payload_string(s)?;
+                astral |= s.bytes().any(|b| b >= 0xf0);
+            }
             Node::Static(StaticNode::F64(x)) if !x.is_finite() => {
                 return Err(Reason::new(RejectKind::InvalidValue, "payload holds a number PostgreSQL cannot store"));
             }
@@ -425,6 +429,9 @@ fn check_payload(
     }
     if control {
         event::check_raw_strings(raw)?;
+    }
+    if astral {
+        event::check_raw_surrogates(raw)?;
     }
     if numbers {
         // A number starts at a structural index and ends before the next one.
@@ -627,6 +634,23 @@ mod tests {
                 BodyKind::Single,
             );
             assert_eq!(payload(&parsed.unwrap(), 0).as_deref(), Some(good));
+        }
+    }
+
+    #[test]
+    fn broken_surrogate_pairs_and_huge_exponents_are_rejected() {
+        // Found by fuzzing (event_validator, campaign of 2026-11-23):
+        // simd-json decodes "\ud83d\uee00" as U+1F600 without checking the
+        // low half and reads 0e2000000000 as 0; PostgreSQL refuses both.
+        for bad in [r#""\ud83d\uee00""#, r#"{"\ud800\uffff":1}"#, "0e2000000000", "[0.0e1073741823]"] {
+            let body = format!(r#"{{"device_id":"d","type":"t","ts":1767225600000,"payload":{bad}}}"#);
+            let parsed = run(&body, BodyKind::Single).unwrap();
+            assert_eq!(parsed.rows.len(), 0, "{bad}");
+            assert_eq!(parsed.rejected[0].error.kind, RejectKind::InvalidValue, "{bad}");
+        }
+        for good in ["\"\\ud83d\\ude00 \u{1f600}\"", "0e1073741822"] {
+            let body = format!(r#"{{"device_id":"d","type":"t","ts":1767225600000,"payload":{good}}}"#);
+            assert_eq!(payload(&run(&body, BodyKind::Single).unwrap(), 0).as_deref(), Some(good));
         }
     }
 
