@@ -282,9 +282,9 @@ fn check_json_body(
         Err(BodyError::Malformed(why)) => {
             // serde_json reads the body: refusing it would refuse valid JSON,
             // unless it holds a number PostgreSQL refuses too (simd-json
-            // refuses exponents of many digits that serde_json reads as 0).
+            // refuses some exponents of many digits that serde_json reads as 0).
             assert!(
-                json.is_none() || max_numeric_scale(data) > NUMERIC_DSCALE_MAX,
+                json.is_none() || numeric_refuses(data),
                 "valid JSON refused as malformed ({why}): {}",
                 String::from_utf8_lossy(data)
             );
@@ -414,18 +414,17 @@ fn check_payload_for_jsonb(p: &[u8], rules: &Rules) {
     }
     let depth = walk(&value, 0);
     assert!(depth <= rules.max_payload_depth, "payload {depth} deep, limit {}", rules.max_payload_depth);
-    let scale = max_numeric_scale(p);
-    assert!(scale <= NUMERIC_DSCALE_MAX, "payload number with scale {scale}: numeric overflows");
+    assert!(!numeric_refuses(p), "a payload number PostgreSQL's numeric refuses: {text}");
 }
 
-/// PostgreSQL's `NUMERIC_DSCALE_MAX`: jsonb numbers are `numeric`, whose
-/// input refuses a larger display scale ("value overflows numeric format").
-const NUMERIC_DSCALE_MAX: i64 = 0x3fff;
-
-/// The largest display scale among the numbers of some JSON text, as
-/// `numeric_in` computes it: digits after the point, less the exponent.
-fn max_numeric_scale(text: &[u8]) -> i64 {
-    let mut max = i64::MIN;
+/// Whether some number in JSON text is one jsonb's `numeric` refuses with
+/// "value overflows numeric format": a display scale (digits after the
+/// point, less the exponent) above `NUMERIC_DSCALE_MAX` (16383), or an
+/// exponent of `INT_MAX / 2` or more either way (checked against
+/// PostgreSQL 15).
+fn numeric_refuses(text: &[u8]) -> bool {
+    const NUMERIC_DSCALE_MAX: i64 = 0x3fff;
+    const EXPONENT_LIMIT: i64 = (i32::MAX / 2) as i64;
     let mut i = 0;
     while i < text.len() {
         match text[i] {
@@ -447,12 +446,14 @@ fn max_numeric_scale(text: &[u8]) -> i64 {
                 let exponent: i64 = exponent
                     .parse()
                     .unwrap_or_else(|_| if exponent.starts_with('-') { i64::MIN / 2 } else { i64::MAX / 2 });
-                max = max.max(fraction.saturating_sub(exponent));
+                if fraction.saturating_sub(exponent) > NUMERIC_DSCALE_MAX || exponent.abs() >= EXPONENT_LIMIT {
+                    return true;
+                }
             }
             _ => i += 1,
         }
     }
-    max
+    false
 }
 
 // ---------------------------------------------------------------------------
