@@ -22,10 +22,17 @@ use monoio::net::TcpStream;
 use monoio::net::tcp::{TcpOwnedReadHalf, TcpOwnedWriteHalf};
 use rustls::ServerConnection;
 
-use super::io::{self, ReadOutcome};
+use super::io::{self, IDLE_READ_BYTES, ReadOutcome};
 
-/// Ciphertext read from the socket at a time.
+/// Most ciphertext read from the socket at a time (one full TLS record).
 const CIPHER_READ_BYTES: usize = 16 * 1024 + 256;
+
+/// Ciphertext to read for `want` plaintext bytes: as little as the caller's
+/// idle read while it waits (with io_uring the buffer is pinned for the whole
+/// wait), a whole record once data flows.
+fn cipher_want(want: usize) -> usize {
+    want.clamp(IDLE_READ_BYTES, CIPHER_READ_BYTES)
+}
 
 /// A connection's stream.
 pub enum Transport {
@@ -80,7 +87,7 @@ impl Transport {
                     if !tls.flush(tcp, deadline).await {
                         return ReadOutcome::Failed;
                     }
-                    match io::read_more(tcp, &mut tls.cipher_in, CIPHER_READ_BYTES, deadline, interrupt.as_mut()).await
+                    match io::read_more(tcp, &mut tls.cipher_in, cipher_want(want), deadline, interrupt.as_mut()).await
                     {
                         ReadOutcome::Data => {}
                         other => return other,
@@ -165,6 +172,10 @@ impl TlsSession {
                 Err(_) => return Plaintext::Failed,
             };
             self.cipher_in.drain(..fed);
+            if self.cipher_in.is_empty() && self.cipher_in.capacity() > IDLE_READ_BYTES {
+                // An idle connection keeps no record-sized buffer.
+                self.cipher_in = Vec::new();
+            }
             if self.conn.process_new_packets().is_err() {
                 return Plaintext::Failed;
             }
@@ -235,7 +246,7 @@ impl ReadHalf {
                             Plaintext::None => {}
                         }
                     }
-                    match io::read_more(tcp, &mut cipher, CIPHER_READ_BYTES, deadline, interrupt.as_mut()).await {
+                    match io::read_more(tcp, &mut cipher, cipher_want(want), deadline, interrupt.as_mut()).await {
                         ReadOutcome::Data => tls.borrow_mut().cipher_in.append(&mut cipher),
                         other => return other,
                     }
