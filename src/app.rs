@@ -102,7 +102,7 @@ pub fn run(config: Config, sources: Sources) -> Result<Ended, RunError> {
     let metrics = Arc::new(Metrics::new(
         shards,
         writers,
-        RingGauge::new(&receivers, config.pipeline.ring_capacity),
+        RingGauge::new(&receivers),
         hub.clone(),
         breaker_view,
     ));
@@ -134,6 +134,7 @@ pub fn run(config: Config, sources: Sources) -> Result<Ended, RunError> {
             publisher: publisher.clone(),
             breaker: breaker.clone(),
             table_ready: table_ready.clone(),
+            last_commit: std::cell::Cell::new(std::time::Duration::ZERO),
         };
         let handle = std::thread::Builder::new()
             .name(format!("writer-{id}"))
@@ -343,7 +344,7 @@ pub fn run(config: Config, sources: Sources) -> Result<Ended, RunError> {
             crate::error!(
                 "shutdown deadline passed with work in flight",
                 timeout_ms = timeout.as_millis(),
-                ring_depth = metrics.rings.depths().iter().sum::<usize>()
+                ring_depth = metrics.rings.depth()
             );
             Ended::Incomplete
         },

@@ -315,8 +315,8 @@ impl Metrics {
             "dedup_suspects": self.sum_writers(|w| w.dedup_suspects.get()),
             "events_dead_lettered": self.sum_writers(|w| w.events_dead_lettered.get()),
             "batch_events": { "count": batch.len(), "mean": batch.mean(), "max": batch.max() },
-            "ring_depth": self.rings.depths().iter().sum::<usize>(),
-            "ring_capacity": self.rings.capacity() * self.rings.depths().len(),
+            "ring_depth": self.rings.depth(),
+            "ring_capacity": self.rings.capacity(),
             "requests": self.sum_shards(|s| s.requests.iter().map(Counter::get).sum()),
             "overload_rejections": self.sum_shards(|s| s.overload_rejections.get()),
             "connections_open": self.shards.iter().map(|s| s.connections_open.load(Ordering::Relaxed)).sum::<i64>(),
@@ -503,11 +503,9 @@ impl Metrics {
             |w| w.dedup_suspects.get(),
         );
 
-        family(o, "ingestd_ring_depth", "gauge", "Requests waiting in each writer ring.");
-        for (i, d) in self.rings.depths().iter().enumerate() {
-            let _ = writeln!(o, "ingestd_ring_depth{{ring=\"{i}\"}} {d}");
-        }
-        family(o, "ingestd_ring_capacity", "gauge", "Capacity of each writer ring, in requests.");
+        family(o, "ingestd_ring_depth", "gauge", "Requests waiting for a writer.");
+        let _ = writeln!(o, "ingestd_ring_depth {}", self.rings.depth());
+        family(o, "ingestd_ring_capacity", "gauge", "Requests the writers' ring holds (writers × pipeline.ring_capacity).");
         let _ = writeln!(o, "ingestd_ring_capacity {}", self.rings.capacity());
 
         summary(
@@ -643,7 +641,7 @@ mod tests {
         let (_set, receivers) = crate::pipeline::rings(2, 8);
         let (hub, _publisher, _rx) = crate::broadcast::Hub::new(2, 10, 10, 4);
         let breaker = crate::writer::breaker::Breaker::new(Default::default(), Instant::now()).view();
-        Metrics::new(2, 2, RingGauge::new(&receivers, 8), hub, breaker)
+        Metrics::new(2, 2, RingGauge::new(&receivers), hub, breaker)
     }
 
     #[test]

@@ -1,9 +1,15 @@
-//! The bounded rings between shards and writers, and what travels on them.
+//! The bounded ring between shards and writers, and what travels on it.
 //!
-//! Each writer owns one `crossbeam-channel` ring; every shard holds a
-//! [`RingSet`] with a sender to each. A shard never blocks on a ring:
-//! [`RingSet::try_send`] tries each ring once, round robin, and a full set
-//! hands the job back so the shard can answer 503 at once.
+//! All writers receive from one `crossbeam-channel` ring (multi-consumer);
+//! every shard holds a [`RingSet`], a sender to it. A shard never blocks on
+//! the ring: [`RingSet::try_send`] hands a full ring's job back so the shard
+//! can answer 503 at once.
+//!
+//! One shared ring rather than one per writer: whichever writer finishes its
+//! commit first takes everything that is waiting. With a ring per writer, a
+//! request queued behind a slow commit (a checkpoint, an fsync stall, a lock)
+//! waited for it even while the other writer sat idle; measured at half load,
+//! those queued requests were the ack p99.
 //!
 //! A [`Job`] carries one request's encoded rows and, with `ack = "commit"`, a
 //! [`CommitReply`]: a oneshot whose receiver the shard awaits (monoio wakes the
@@ -11,11 +17,10 @@
 //! "failed" on the shard, so a writer that dies can never leave a client
 //! waiting for ever.
 //!
-//! Shutdown cascades through the rings: when every shard has finished its
-//! in-flight requests it drops its `RingSet`, the rings disconnect, and each
-//! writer drains what is left, commits it and returns.
+//! Shutdown cascades through the ring: when every shard has finished its
+//! in-flight requests it drops its `RingSet`, the ring disconnects, and the
+//! writers drain what is left, commit it and return.
 
-use std::cell::Cell;
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
@@ -83,79 +88,64 @@ pub fn commit_channel() -> (CommitReply, CommitWait) {
     futures_channel::oneshot::channel()
 }
 
-/// Builds one ring per writer: the senders for the shards and the receivers
-/// for the writers.
-pub fn rings(writers: usize, capacity: usize) -> (RingSet, Vec<Receiver<Job>>) {
-    let (senders, receivers) = (0..writers).map(|_| crossbeam_channel::bounded(capacity)).unzip();
-    (RingSet { senders, next: Cell::new(0) }, receivers)
+/// Builds the ring: a sender for the shards and one receiver per writer.
+/// It holds `writers × per_writer` jobs, the bound `pipeline.ring_capacity`
+/// documents.
+pub fn rings(writers: usize, per_writer: usize) -> (RingSet, Vec<Receiver<Job>>) {
+    let (sender, receiver) = crossbeam_channel::bounded(writers.max(1) * per_writer.max(1));
+    let receivers = (0..writers).map(|_| receiver.clone()).collect();
+    (RingSet { sender }, receivers)
 }
 
-/// A shard's senders to every writer ring. Cloned once per shard; `!Sync` on
-/// purpose (its round-robin cursor is a `Cell`): it stays on its shard.
+/// A shard's sender to the writers' ring. Cloned once per shard.
+#[derive(Clone)]
 pub struct RingSet {
-    senders: Vec<Sender<Job>>,
-    next: Cell<usize>,
-}
-
-impl Clone for RingSet {
-    fn clone(&self) -> Self {
-        Self { senders: self.senders.clone(), next: Cell::new(0) }
-    }
+    sender: Sender<Job>,
 }
 
 /// Why a job could not be handed over; the job comes back.
 pub enum HandOffError {
-    /// Every ring is full: answer 503.
+    /// The ring is full: answer 503.
     Full(Job),
     /// The writers are gone (shutting down): answer 503.
     Closed(Job),
 }
 
 impl RingSet {
-    /// Hands `job` to the first ring with room, starting after the last one
-    /// used. Never blocks.
-    pub fn try_send(&self, mut job: Job) -> Result<(), HandOffError> {
-        let n = self.senders.len();
-        let start = self.next.get();
-        for i in 0..n {
-            let ring = (start + i) % n;
-            match self.senders[ring].try_send(job) {
-                Ok(()) => {
-                    self.next.set((ring + 1) % n);
-                    return Ok(());
-                }
-                Err(TrySendError::Full(back)) => job = back,
-                Err(TrySendError::Disconnected(back)) => return Err(HandOffError::Closed(back)),
-            }
+    /// Hands `job` to the writers. Never blocks.
+    pub fn try_send(&self, job: Job) -> Result<(), HandOffError> {
+        match self.sender.try_send(job) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(back)) => Err(HandOffError::Full(back)),
+            Err(TrySendError::Disconnected(back)) => Err(HandOffError::Closed(back)),
         }
-        Err(HandOffError::Full(job))
     }
 
-    /// Jobs waiting in all rings.
+    /// Jobs waiting.
     pub fn depth(&self) -> usize {
-        self.senders.iter().map(Sender::len).sum()
+        self.sender.len()
     }
 }
 
-/// Read-only view of the rings for metrics: lengths without the power to send.
+/// Read-only view of the ring for metrics: its length without the power to send.
 #[derive(Clone)]
 pub struct RingGauge {
-    receivers: Vec<Receiver<Job>>,
-    capacity: usize,
+    receiver: Option<Receiver<Job>>,
 }
 
 impl RingGauge {
-    pub fn new(receivers: &[Receiver<Job>], capacity: usize) -> Self {
-        Self { receivers: receivers.to_vec(), capacity }
+    pub fn new(receivers: &[Receiver<Job>]) -> Self {
+        Self { receiver: receivers.first().cloned() }
     }
 
-    /// Jobs waiting, per ring.
-    pub fn depths(&self) -> Vec<usize> {
-        self.receivers.iter().map(Receiver::len).collect()
+    /// Jobs waiting.
+    pub fn depth(&self) -> usize {
+        self.receiver.as_ref().map_or(0, Receiver::len)
     }
 
+    /// Jobs the ring holds at most.
     pub fn capacity(&self) -> usize {
-        self.capacity
+        self.receiver.as_ref().and_then(Receiver::capacity).unwrap_or(0)
     }
 }
 
@@ -168,14 +158,17 @@ mod tests {
     }
 
     #[test]
-    fn full_rings_hand_the_job_back() {
+    fn a_full_ring_hands_the_job_back() {
         let (set, receivers) = rings(2, 1);
         assert!(set.try_send(job()).is_ok());
         assert!(set.try_send(job()).is_ok());
         assert!(matches!(set.try_send(job()), Err(HandOffError::Full(_))));
         assert_eq!(set.depth(), 2);
-        assert_eq!(receivers.iter().map(Receiver::len).collect::<Vec<_>>(), [1, 1], "round robin");
-        receivers[0].recv().unwrap();
+        assert_eq!(RingGauge::new(&receivers).capacity(), 2);
+        // Either writer takes whatever waits: one can drain it all.
+        receivers[1].recv().unwrap();
+        receivers[1].recv().unwrap();
+        assert_eq!(receivers[0].len(), 0);
         assert!(set.try_send(job()).is_ok(), "room again after a receive");
     }
 
