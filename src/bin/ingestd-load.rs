@@ -86,6 +86,10 @@ copy-baseline OPTIONS
   --streams S               event_id streams, as from S HTTP connections (default: --connections);
                             pass the load's --concurrency so both write the same key order
   --body-events N           events per generated body, the load's --batch-size (default 100)
+  --event-rate E            open loop: bodies arrive at E events/s; a free connection COPYs every
+                            body that has arrived (up to --batch-rows rows) in one transaction, and
+                            each body's latency runs from its arrival time to its COMMIT: the ack
+                            latency an ingestd with no overhead of its own would give at that rate
   --rows N                  rows to pre-generate and copy (default 1000000)
   --duration S              stop after warm-up + S seconds even if rows remain
   --warmup S                seconds copied first and left out of the rate (default 0)
@@ -301,6 +305,7 @@ fn cmd_baseline(mut args: Args) -> Result<(), String> {
     let streams: usize = args.get("streams", 0)?;
     let body_events: usize = args.get("body-events", 100)?;
     let rows: u64 = args.get("rows", 1_000_000)?;
+    let event_rate: Option<f64> = args.opt_str("event-rate")?.map(|r| r.parse().map_err(|_| format!("--event-rate {r}: not a number"))).transpose()?;
     let duration_s = args.opt_str("duration")?.map(|d| args::seconds(&d)).transpose()?;
     let warmup_s = opt_seconds(&mut args, "warmup", 0.0)?.round() as u64;
     let drop_after = args.flag("drop-after");
@@ -314,11 +319,15 @@ fn cmd_baseline(mut args: Args) -> Result<(), String> {
     if events.dup_percent > 0.0 {
         return Err("copy-baseline copies unique rows only (no --duplicates)".into());
     }
+    if event_rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+        return Err("--event-rate must be a positive number of events/s".into());
+    }
     let cfg = baseline::BaselineConfig {
         url,
         table,
         connections,
         batch_rows,
+        event_rate,
         streams,
         body_events,
         rows,

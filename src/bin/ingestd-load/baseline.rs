@@ -7,6 +7,13 @@
 //! transaction (binary COPY with ingestd's own header, trailer and column
 //! list), into a freshly created table with the SPEC schema (text primary
 //! key), as ingestd creates it.
+//!
+//! With `--event-rate` it is an open-loop reference for latency instead:
+//! bodies "arrive" on a fixed schedule, a free connection takes every body
+//! that has arrived (up to `batch_rows` rows) into one COPY transaction, and
+//! each body's latency is measured from its scheduled arrival to the COMMIT.
+//! That is what ingestd's writers do, minus HTTP, parsing and ingestd's own
+//! CPU: the ack latency floor the database and the machine allow at that rate.
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -31,6 +38,8 @@ pub struct BaselineConfig {
     pub table: String,
     pub connections: usize,
     pub batch_rows: usize,
+    /// Open loop: bodies arrive at this many events/s (closed loop: `None`).
+    pub event_rate: Option<f64>,
     /// Event id streams (like HTTP connections of the load), at least `connections`.
     pub streams: usize,
     /// Events per generated body (the load's batch size).
@@ -52,6 +61,7 @@ impl BaselineConfig {
             "table": self.table,
             "connections": self.connections,
             "batch_rows": self.batch_rows,
+            "event_rate": self.event_rate,
             "streams": self.streams.max(self.connections),
             "body_events": self.body_events,
             "rows": self.rows,
@@ -94,6 +104,89 @@ fn copy_rows(client: &mut postgres::Client, statement: &str, tuples: &[u8]) -> R
 
 /// One connection's pre-encoded batches: (tuple bytes, rows).
 type Batches = Vec<(Vec<u8>, u64)>;
+
+/// What a COPY thread measured.
+struct CopyThread {
+    /// Per COPY transaction.
+    batch: hdrhistogram::Histogram<u64>,
+    /// Open loop: per body, from its arrival to its commit (after the warm-up).
+    ack: hdrhistogram::Histogram<u64>,
+    batches: u64,
+    end: Instant,
+}
+
+fn record(hist: &mut hdrhistogram::Histogram<u64>, d: Duration) {
+    let us = (d.as_micros() as u64).clamp(1, hist.high());
+    hist.record(us).expect("clamped");
+}
+
+/// The open-loop arrival schedule the COPY threads share.
+struct Schedule {
+    bodies: Vec<(Vec<u8>, u64)>,
+    /// Bodies arriving per second.
+    per_s: f64,
+    /// Bodies taken by some thread so far (the next one to take).
+    taken: AtomicU64,
+    /// Bodies per COPY at most (`batch_rows` / `body_events`).
+    max_bodies: u64,
+    warmup: Duration,
+}
+
+impl Schedule {
+    fn arrival(&self, start: Instant, k: u64) -> Instant {
+        start + Duration::from_secs_f64(k as f64 / self.per_s)
+    }
+
+    /// One connection: take every body that has arrived, COPY it, repeat.
+    fn run(
+        &self,
+        client: &mut postgres::Client,
+        copy_sql: &str,
+        start: Instant,
+        stop: &AtomicBool,
+        rows_done: &AtomicU64,
+    ) -> Result<CopyThread, String> {
+        let (mut batch, mut ack) = (new_hist(), new_hist());
+        let mut batches = 0;
+        let mut tuples = Vec::new();
+        let total = self.bodies.len() as u64;
+        while !stop.load(Ordering::Relaxed) {
+            let first = self.taken.load(Ordering::Acquire);
+            if first >= total {
+                break;
+            }
+            let now = Instant::now();
+            let arrived = ((now.duration_since(start).as_secs_f64() * self.per_s) as u64 + 1).min(total);
+            if arrived <= first {
+                std::thread::sleep(self.arrival(start, first).saturating_duration_since(now));
+                continue;
+            }
+            let last = arrived.min(first + self.max_bodies);
+            if self.taken.compare_exchange(first, last, Ordering::AcqRel, Ordering::Acquire).is_err() {
+                continue;
+            }
+            tuples.clear();
+            let mut rows = 0;
+            for (bytes, n) in &self.bodies[first as usize..last as usize] {
+                tuples.extend_from_slice(bytes);
+                rows += n;
+            }
+            let t = Instant::now();
+            copy_rows(client, copy_sql, &tuples).map_err(|e| format!("COPY failed: {e}"))?;
+            let end = Instant::now();
+            record(&mut batch, end - t);
+            batches += 1;
+            rows_done.fetch_add(rows, Ordering::Relaxed);
+            for k in first..last {
+                let arrived_at = self.arrival(start, k);
+                if arrived_at >= start + self.warmup {
+                    record(&mut ack, end.saturating_duration_since(arrived_at));
+                }
+            }
+        }
+        Ok(CopyThread { batch, ack, batches, end: Instant::now() })
+    }
+}
 
 /// Rows for one COPY connection: bodies of `body_events` events taken in turn
 /// from the generators of `streams` (as if from that many HTTP connections),
@@ -160,7 +253,8 @@ pub fn run(cfg: &BaselineConfig) -> Result<Value, String> {
             .enumerate()
             .map(|(i, &rows)| {
                 let events = &cfg.events;
-                let (batch_rows, body_events) = (cfg.batch_rows, cfg.body_events);
+                let body_events = cfg.body_events;
+                let batch_rows = if cfg.event_rate.is_some() { body_events } else { cfg.batch_rows };
                 let set = &stream_sets[i];
                 s.spawn(move || generate(events, set, rows, batch_rows, body_events))
             })
@@ -189,32 +283,66 @@ pub fn run(cfg: &BaselineConfig) -> Result<Value, String> {
     let stop = Arc::new(AtomicBool::new(false));
     let rows_done = Arc::new(AtomicU64::new(0));
     let finished = Arc::new(AtomicUsize::new(0));
+    let copy_sql = format!("COPY {table} ({COLUMNS}) FROM STDIN (FORMAT binary)");
     let mut handles = Vec::new();
-    for (mut client, batches) in clients.into_iter().zip(per_conn) {
-        let (barrier, stop, rows_done, finished) = (barrier.clone(), stop.clone(), rows_done.clone(), finished.clone());
-        let copy_sql = format!("COPY {table} ({COLUMNS}) FROM STDIN (FORMAT binary)");
-        handles.push(std::thread::spawn(move || -> Result<(hdrhistogram::Histogram<u64>, u64, Instant), String> {
-            let mut hist = new_hist();
-            let mut n = 0u64;
-            barrier.wait();
-            let result = (|| {
-                for (bytes, rows) in &batches {
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    let t = Instant::now();
-                    copy_rows(&mut client, &copy_sql, bytes).map_err(|e| format!("COPY failed: {e}"))?;
-                    let us = (t.elapsed().as_micros() as u64).clamp(1, hist.high());
-                    hist.record(us).expect("clamped");
-                    n += 1;
-                    rows_done.fetch_add(*rows, Ordering::Relaxed);
-                }
-                Ok(())
-            })();
-            let end = Instant::now();
-            finished.fetch_add(1, Ordering::Relaxed);
-            result.map(|()| (hist, n, end))
-        }));
+    match cfg.event_rate {
+        None => {
+            for (mut client, batches) in clients.into_iter().zip(per_conn) {
+                let (barrier, stop, rows_done, finished) =
+                    (barrier.clone(), stop.clone(), rows_done.clone(), finished.clone());
+                let copy_sql = copy_sql.clone();
+                handles.push(std::thread::spawn(move || -> Result<CopyThread, String> {
+                    let mut hist = new_hist();
+                    let mut n = 0u64;
+                    barrier.wait();
+                    let result = (|| {
+                        for (bytes, rows) in &batches {
+                            if stop.load(Ordering::Relaxed) {
+                                break;
+                            }
+                            let t = Instant::now();
+                            copy_rows(&mut client, &copy_sql, bytes).map_err(|e| format!("COPY failed: {e}"))?;
+                            record(&mut hist, t.elapsed());
+                            n += 1;
+                            rows_done.fetch_add(*rows, Ordering::Relaxed);
+                        }
+                        Ok(())
+                    })();
+                    let end = Instant::now();
+                    finished.fetch_add(1, Ordering::Relaxed);
+                    result.map(|()| CopyThread { batch: hist, ack: new_hist(), batches: n, end })
+                }));
+            }
+        }
+        Some(event_rate) => {
+            // One arrival schedule for all connections: body k arrives at
+            // start + k / rate, taken in turn from every connection's share.
+            let longest = per_conn.iter().map(Vec::len).max().unwrap_or(0);
+            let mut bodies = Vec::with_capacity(per_conn.iter().map(Vec::len).sum());
+            let mut lists: Vec<_> = per_conn.into_iter().map(Vec::into_iter).collect();
+            for _ in 0..longest {
+                bodies.extend(lists.iter_mut().filter_map(Iterator::next));
+            }
+            let schedule = Arc::new(Schedule {
+                bodies,
+                per_s: event_rate / cfg.body_events as f64,
+                taken: AtomicU64::new(0),
+                max_bodies: cfg.batch_rows.div_ceil(cfg.body_events).max(1) as u64,
+                warmup: Duration::from_secs(cfg.warmup_s),
+            });
+            for mut client in clients {
+                let (barrier, stop, rows_done, finished, schedule) =
+                    (barrier.clone(), stop.clone(), rows_done.clone(), finished.clone(), schedule.clone());
+                let copy_sql = copy_sql.clone();
+                handles.push(std::thread::spawn(move || -> Result<CopyThread, String> {
+                    barrier.wait();
+                    let start = Instant::now();
+                    let result = schedule.run(&mut client, &copy_sql, start, &stop, &rows_done);
+                    finished.fetch_add(1, Ordering::Relaxed);
+                    result
+                }));
+            }
+        }
     }
 
     let mut watch = cfg.watch.clone();
@@ -275,13 +403,15 @@ pub fn run(cfg: &BaselineConfig) -> Result<Value, String> {
         prev_t = now;
     }
     let mut hist = new_hist();
+    let mut ack = new_hist();
     let mut batches = 0;
     let mut last_end = start;
     for h in handles {
-        let (hh, n, end) = h.join().map_err(|_| "a COPY thread panicked".to_string())??;
-        hist.add(&hh).expect("same bounds");
-        batches += n;
-        last_end = last_end.max(end);
+        let t = h.join().map_err(|_| "a COPY thread panicked".to_string())??;
+        hist.add(&t.batch).expect("same bounds");
+        ack.add(&t.ack).expect("same bounds");
+        batches += t.batches;
+        last_end = last_end.max(t.end);
     }
     let end_readings = watch.iter().map(Watched::read).collect::<Vec<_>>();
     let rows = rows_done.load(Ordering::Relaxed);
@@ -344,6 +474,17 @@ pub fn run(cfg: &BaselineConfig) -> Result<Value, String> {
         hist.max() as f64 / 1000.0,
         fmt_int(counted as f64)
     );
+    if let Some(rate) = cfg.event_rate {
+        println!(
+            "  open loop at {} events/s: latency from arrival to COMMIT p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms; {:.0} rows per COPY on average",
+            fmt_int(rate),
+            q_ms(&ack, 0.5),
+            q_ms(&ack, 0.99),
+            q_ms(&ack, 0.999),
+            ack.max() as f64 / 1000.0,
+            rows as f64 / batches.max(1) as f64
+        );
+    }
     println!("  processes: {}", cpu_text.join("; "));
     if counted as u64 != rows {
         println!("  WARNING: count(*) {counted} differs from the rows copied ({rows})");
@@ -367,6 +508,9 @@ pub fn run(cfg: &BaselineConfig) -> Result<Value, String> {
         }),
     );
     m.insert("batch_latency_ms".into(), latency_json(&hist));
+    if cfg.event_rate.is_some() {
+        m.insert("ack_latency_ms".into(), latency_json(&ack));
+    }
     m.insert("processes".into(), Value::Object(processes));
     m.insert("timeline".into(), Value::Array(timeline));
     m.insert("note".into(), json!(report::two_core_note()));
