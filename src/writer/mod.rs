@@ -146,7 +146,8 @@ impl Batch {
     fn classify(&mut self, recent: Option<&RecentIds>, seen: &mut Vec<bool>) -> u64 {
         let mut repeats = Vec::new();
         if self.events > 1 {
-            let mut ids: HashSet<&[u8]> = HashSet::with_capacity(self.events);
+            let mut ids: HashSet<&[u8], foldhash::fast::RandomState> =
+                HashSet::with_capacity_and_hasher(self.events, foldhash::fast::RandomState::default());
             for (j, job) in self.jobs.iter().enumerate() {
                 for r in 0..job.rows.len() {
                     if !ids.insert(job.rows.event_id(r)) {
