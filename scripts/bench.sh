@@ -27,7 +27,9 @@
 #         (expects exit code 0) and SELECT count(*) against the acknowledged
 #         events
 #   5. with --sweep: a new ingestd on a fresh table, open-loop steps at
-#      fractions of the median closed-loop rate (throughput vs latency curve)
+#      fractions of the median closed-loop rate (throughput vs latency curve),
+#      then the latency floor at 50 %: raw COPY, open loop at the same rate
+#      (`copy-baseline --event-rate`), latency from arrival to COMMIT
 #   6. stops PostgreSQL, removes the temporary directory, and prints a summary
 #      (medians over the repetitions) plus a markdown snippet for BENCHMARKS.md
 #
@@ -44,7 +46,9 @@
 #   --repeat N             raw COPY / ingestd pairs (default 3) [BENCH_REPEAT]
 #   --duration S           measured seconds of each phase (default 10) [BENCH_DURATION]
 #   --warmup S             unmeasured seconds before each phase (default 2) [BENCH_WARMUP]
-#   --concurrency C        closed-loop connections (default 64) [BENCH_CONCURRENCY]
+#   --concurrency C        closed-loop connections (default 128: 12,800 events in
+#                          flight give the two writers batches near raw COPY's
+#                          5,000 rows; 64 gives ~2,000-row batches) [BENCH_CONCURRENCY]
 #   --batch-size N         events per request (default 100) [BENCH_BATCH_SIZE]
 #   --duplicates P         percent of deliberate duplicate event_ids (default 0) [BENCH_DUPLICATES]
 #   --dup-mode M           spread | resend (default spread) [BENCH_DUP_MODE]
@@ -75,7 +79,7 @@ profile=${BENCH_PROFILE:-default}
 repeat=${BENCH_REPEAT:-3}
 duration=${BENCH_DURATION:-10}
 warmup=${BENCH_WARMUP:-2}
-concurrency=${BENCH_CONCURRENCY:-64}
+concurrency=${BENCH_CONCURRENCY:-128}
 batch=${BENCH_BATCH_SIZE:-100}
 dups=${BENCH_DUPLICATES:-0}
 dup_mode=${BENCH_DUP_MODE:-spread}
@@ -370,7 +374,7 @@ for ((r = 1; r <= repeat; r++)); do
     [[ ${I_rc[r]} == 0 ]] || rc_ok=""
 done
 
-sweep_rc="" sweep_check=""
+sweep_rc="" sweep_check="" floor_text=""
 if [[ -n $sweep ]]; then
     pg_psql "$url" -c CHECKPOINT
     wait_quiet
@@ -395,6 +399,20 @@ if [[ -n $sweep ]]; then
         counts_ok=""
     fi
     [[ $sweep_rc == 0 ]] || rc_ok=""
+
+    # The latency floor at half load: raw COPY, open loop at the same rate,
+    # taking every body that has arrived into one transaction the way
+    # ingestd's writers do, but with no HTTP, parsing or ingestd CPU.
+    half=$(awk -v e="$eps_med" 'BEGIN { printf "%d", e / 2 }')
+    pg_psql "$url" -c CHECKPOINT
+    wait_quiet
+    step "latency floor: raw COPY open loop at $(fmt "$half") events/s (50 %), $writers connections"
+    "$LOAD" copy-baseline --database-url "$url" --table bench_copy_floor --rows $(((sweep_duration + 3) * half)) \
+        --connections "$writers" --batch-rows 10000 --streams $((concurrency * 2)) --body-events "$batch" --ids "$ids" \
+        --event-rate "$half" --warmup 2 --duration "$sweep_duration" --watch-tree "postgres=$postmaster" \
+        --out "$out/copy-floor" | tee "$out/copy-floor.txt"
+    F=$out/copy-floor/result.json
+    floor_text="raw COPY open loop at $(fmt "$half") events/s, $writers connections, latency from arrival to COMMIT: p50 $(get "$F" ack_latency_ms.p50) / p99 $(get "$F" ack_latency_ms.p99) / p99.9 $(get "$F" ack_latency_ms.p999) / max $(get "$F" ack_latency_ms.max) ms"
 fi
 
 L=$out/load-1/result.json
@@ -444,6 +462,8 @@ if [[ -n $counts_ok ]]; then count_text="every run: count(*) = events acknowledg
         echo "Open-loop sweep (fractions of $(fmt "$eps_med") events/s, ${sweep_duration}s per step after 2s warm-up, $((concurrency * 2)) connections, latency from the intended send time; $sweep_check; ingestd exit code $sweep_rc):"
         echo
         grep '^|' "$out/sweep.txt" || true
+        echo
+        echo "Latency floor at 50 %: $floor_text."
     fi
     echo
     echo "Plots: \`$rel/load-1/latency.svg\`, \`$rel/load-1/throughput.svg\`${sweep:+, \`$rel/sweep/sweep.svg\`}."
@@ -459,7 +479,8 @@ ack latency         p50 $(median "${I_p50[@]}") ms  p99 $(median "${I_p99[@]}") 
 CPU (cores)         ingestd $(median "${I_cpu[@]}")  PostgreSQL $(median "${I_pg[@]}")  load generator $(median "${I_load[@]}")  other processes $(median "${I_other[@]}")   (machine: $nproc cores, shared by all)
 ingestd memory      idle RSS $((idle_rss_first / 1024)) MiB, peak VmHWM $(maxof "${I_hwm[@]}") MiB
 committed           $count_text
-exit codes          ${I_rc[*]}${sweep:+ (sweep instance: $sweep_rc; $sweep_check)}
+exit codes          ${I_rc[*]}${sweep:+ (sweep instance: $sweep_rc; $sweep_check)}${sweep:+
+latency floor       $floor_text}
 results             $out
 
 --- markdown for BENCHMARKS.md ($out/summary.md) ---

@@ -142,7 +142,8 @@ pub enum AckMode {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PipelineConfig {
-    /// Requests waiting for a writer, per writer ring; a full ring answers 503 at once.
+    /// Requests waiting for a writer, per writer: the writers share one ring
+    /// of writers × ring_capacity; a full ring answers 503 at once.
     /// Memory bound: writers × ring_capacity × the encoded size of one request.
     pub ring_capacity: usize,
 }
@@ -157,7 +158,7 @@ impl Default for PipelineConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WriterConfig {
-    /// Writer threads, each with its own ring and its own PostgreSQL connection.
+    /// Writer threads, each with its own PostgreSQL connection; they share one ring.
     pub writers: usize,
     /// Most events in one COPY transaction.
     pub max_batch_events: usize,

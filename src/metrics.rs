@@ -82,7 +82,7 @@ pub struct ShardStats {
     pub responses: [Counter; STATUS_CODES.len()],
     pub events_accepted: Counter,
     pub events_rejected: [Counter; RejectKind::ALL.len()],
-    /// 503s because every ring was full.
+    /// 503s because the writers' ring was full.
     pub overload_rejections: Counter,
     pub connections_accepted: Counter,
     /// Connections closed at once because the shard was at its cap.
@@ -391,7 +391,7 @@ impl Metrics {
             self,
             "ingestd_overload_rejections_total",
             "counter",
-            "Requests answered 503 because every ring was full.",
+            "Requests answered 503 because the writers' ring was full.",
             |s| s.overload_rejections.get(),
         );
         per_shard(o, self, "ingestd_connections_accepted_total", "counter", "TCP connections accepted.", |s| {

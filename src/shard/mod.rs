@@ -3,7 +3,7 @@
 //!
 //! A shard shares nothing mutable with other shards. What its connections
 //! share lives in one `Rc<ShardCtx>`: the parser and its buffers, the senders
-//! to the writer rings, the shard's own counters. Nothing here blocks: ring
+//! to the writers' ring, the shard's own counters. Nothing here blocks: ring
 //! hand-offs are `try_send`, and commit reports arrive through oneshots that
 //! wake the runtime from the writer thread.
 //!

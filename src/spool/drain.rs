@@ -1,4 +1,4 @@
-//! The `spool-drain` thread: spool records → writer rings → PostgreSQL, and
+//! The `spool-drain` thread: spool records → the writers' ring → PostgreSQL, and
 //! the spool's checkpoint moved only past what PostgreSQL has committed.
 //!
 //! Records are dispatched in sequence order (from the last checkpoint at
