@@ -57,6 +57,11 @@
 #   --sweep-points LIST    fractions in percent (default 10,25,50,75,90,100) [BENCH_SWEEP_POINTS]
 #   --sweep-duration S     measured seconds per step, after 2 s of warm-up (default 8) [BENCH_SWEEP_DURATION]
 #   --single-shard         run ingestd with server.shards=1 (scaling figure) [BENCH_SINGLE_SHARD=1]
+#   --split-cores          PostgreSQL on the upper half of the cores, everything else
+#                          (ingestd, the load generator, the raw COPY client) on the
+#                          lower half (taskset): the database as if on its own machine,
+#                          so the ratio shows whether ingestd keeps it busy instead of
+#                          how much CPU ingestd takes from it [BENCH_SPLIT_CORES=1]
 #   --baseline-rows N      rows pre-generated for each raw COPY phase (default
 #                          320000 per second of warm-up + duration; ≈ 280 bytes of RAM each) [BENCH_BASELINE_ROWS]
 #   --warmup-rows N        rows of the cluster warm-up (default 1000000) [BENCH_WARMUP_ROWS]
@@ -88,6 +93,7 @@ sweep=${BENCH_SWEEP:-}
 sweep_points=${BENCH_SWEEP_POINTS:-10,25,50,75,90,100}
 sweep_duration=${BENCH_SWEEP_DURATION:-8}
 single_shard=${BENCH_SINGLE_SHARD:-}
+split_cores=${BENCH_SPLIT_CORES:-}
 baseline_rows=${BENCH_BASELINE_ROWS:-}
 warmup_rows=${BENCH_WARMUP_ROWS:-1000000}
 out=${BENCH_OUT:-}
@@ -112,6 +118,7 @@ while (($#)); do
         --sweep-points) need "$@"; sweep_points=$2; sweep=1; shift ;;
         --sweep-duration) need "$@"; sweep_duration=$2; shift ;;
         --single-shard) single_shard=1 ;;
+        --split-cores) split_cores=1 ;;
         --baseline-rows) need "$@"; baseline_rows=$2; shift ;;
         --warmup-rows) need "$@"; warmup_rows=$2; shift ;;
         --set) need "$@"; sets+=(--set "$2"); shift ;;
@@ -131,6 +138,15 @@ done
 config=tuning/$profile.toml
 [[ -f $config ]] || { echo "bench.sh: no profile $config (have: $(cd tuning && printf '%s ' *.toml))" >&2; exit 64; }
 [[ -n $single_shard ]] && sets+=(--set server.shards=1)
+# app: the prefix that confines ingestd and the load tools to their cores.
+app=() pg_cpus="" app_cpus=""
+if [[ -n $split_cores ]]; then
+    ncpu=$(nproc)
+    ((ncpu >= 2)) || { echo "bench.sh: --split-cores needs at least 2 cores" >&2; exit 64; }
+    command -v taskset >/dev/null || { echo "bench.sh: --split-cores needs taskset (util-linux)" >&2; exit 64; }
+    app_cpus="0-$((ncpu - ncpu / 2 - 1))" pg_cpus="$((ncpu - ncpu / 2))-$((ncpu - 1))"
+    app=(taskset -c "$app_cpus")
+fi
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
 out=${out:-bench-results/$stamp}
 mkdir -p "$out"
@@ -186,7 +202,7 @@ maxof() { printf '%s\n' "$@" | sort -g | tail -n 1; }
 div() { awk -v a="$1" -v b="$2" -v d="${3:-2}" 'BEGIN { printf "%.*f", d, (b > 0 ? a / b : 0) }'; }
 
 # (--check-config wants a URL; the real one is not known yet and is not used.)
-effective=$("$INGESTD" --check-config --config "$config" --database-url postgres://bench@127.0.0.1:1/bench "${sets[@]}")
+effective=$("${app[@]}" "$INGESTD" --check-config --config "$config" --database-url postgres://bench@127.0.0.1:1/bench "${sets[@]}")
 printf '%s\n' "$effective" >"$out/ingestd-effective-config.toml"
 # toml_get SECTION KEY: a value of the effective config.
 toml_get() {
@@ -198,7 +214,8 @@ writers=$(toml_get writer writers)
 shards=$(toml_get server shards)
 ack=$(toml_get ingest ack)
 nproc=$(nproc)
-if [[ $shards == 0 || -z $shards ]]; then shards_eff=$nproc; else shards_eff=$shards; fi
+if [[ -n $split_cores ]]; then app_nproc=$("${app[@]}" nproc); else app_nproc=$nproc; fi
+if [[ $shards == 0 || -z $shards ]]; then shards_eff=$app_nproc; else shards_eff=$shards; fi
 [[ $writers =~ ^[0-9]+$ ]] || { echo "bench.sh: cannot read writer.writers from $config" >&2; exit 1; }
 log "profile $config: writers=$writers shards=$shards (effective $shards_eff) ack=$ack; results in $out"
 
@@ -218,6 +235,11 @@ pg_psql "$url" -c "ALTER SYSTEM SET shared_buffers = '1GB'" \
 pg_stop "$pgtmp/data"
 url=$(pg_start "$pgtmp/data" "$port")
 postmaster=$(head -n 1 "$pgtmp/data/postmaster.pid")
+if [[ -n $split_cores ]]; then
+    # Backends fork from the postmaster and inherit its CPU set.
+    for pid in "$postmaster" $(pgrep -P "$postmaster"); do taskset -a -c -p "$pg_cpus" "$pid" >/dev/null; done
+    log "split cores: PostgreSQL on CPU $pg_cpus; ingestd, the load generator and the raw COPY client on CPU $app_cpus"
+fi
 pg_version=$(pg_psql "$url" -tAc "SHOW server_version")
 pg_settings=$(pg_psql "$url" -tAc "SELECT string_agg(name || '=' || setting || coalesce(unit, ''), ', ' ORDER BY name) FROM pg_settings WHERE name IN ('fsync','synchronous_commit','full_page_writes','shared_buffers','max_wal_size','min_wal_size','checkpoint_timeout','autovacuum')")
 log "PostgreSQL $pg_version at $url (postmaster pid $postmaster): $pg_settings"
@@ -242,7 +264,7 @@ if [[ -z $baseline_rows ]]; then baseline_rows=$(((warmup + duration) * 320000))
 addr="" idle_rss_kib=0 stopped_rc=""
 # start_ingestd TABLE NAME: start ingestd writing TABLE; its output in $out/NAME.*
 start_ingestd() {
-    "$INGESTD" --config "$config" --listen 127.0.0.1:0 --database-url "$url" \
+    "${app[@]}" "$INGESTD" --config "$config" --listen 127.0.0.1:0 --database-url "$url" \
         --set "database.table=$1" "${sets[@]}" >"$out/$2.stdout" 2>"$out/$2.log" &
     ingestd_pid=$!
     addr=""
@@ -313,7 +335,7 @@ for ((r = 1; r <= repeat; r++)); do
     pg_psql "$url" -c CHECKPOINT
     wait_quiet
     m=$(log_mark)
-    "$LOAD" copy-baseline --database-url "$url" --table bench_copy_baseline --rows "$baseline_rows" \
+    "${app[@]}" "$LOAD" copy-baseline --database-url "$url" --table bench_copy_baseline --rows "$baseline_rows" \
         --connections "$writers" --batch-rows 5000 --streams "$concurrency" --body-events "$batch" --ids "$ids" \
         --warmup "$warmup" --duration "$duration" --watch-tree "postgres=$postmaster" \
         --out "$out/copy-baseline-$r" | tee "$out/copy-baseline-$r.txt"
@@ -333,7 +355,7 @@ for ((r = 1; r <= repeat; r++)); do
     start_ingestd bench_events "ingestd-$r"
     [[ -n $idle_rss_first ]] || idle_rss_first=$idle_rss_kib
     m=$(log_mark)
-    "$LOAD" http --url "$addr" "${load_common[@]}" --watch "ingestd=$ingestd_pid" \
+    "${app[@]}" "$LOAD" http --url "$addr" "${load_common[@]}" --watch "ingestd=$ingestd_pid" \
         --concurrency "$concurrency" --duration "$duration" --warmup "$warmup" \
         --out "$out/load-$r" | tee "$out/load-$r.txt"
     I_ck[r]=$(log_count "$m" 'checkpoint starting')
@@ -380,7 +402,7 @@ if [[ -n $sweep ]]; then
     wait_quiet
     step "open-loop sweep at $sweep_points % of $(fmt "$eps_med") events/s (new ingestd, fresh table bench_sweep)"
     start_ingestd bench_sweep ingestd-sweep
-    "$LOAD" http --url "$addr" "${load_common[@]}" --watch "ingestd=$ingestd_pid" \
+    "${app[@]}" "$LOAD" http --url "$addr" "${load_common[@]}" --watch "ingestd=$ingestd_pid" \
         --sweep "$sweep_points" --max-event-rate "$eps_med" --connections $((concurrency * 2)) \
         --duration "$sweep_duration" --warmup 2 --out "$out/sweep" | tee "$out/sweep.txt"
     http_get /stats >"$out/ingestd-sweep-stats.json" 2>/dev/null || true
@@ -407,7 +429,7 @@ if [[ -n $sweep ]]; then
     pg_psql "$url" -c CHECKPOINT
     wait_quiet
     step "latency floor: raw COPY open loop at $(fmt "$half") events/s (50 %), $writers connections"
-    "$LOAD" copy-baseline --database-url "$url" --table bench_copy_floor --rows $(((sweep_duration + 3) * half)) \
+    "${app[@]}" "$LOAD" copy-baseline --database-url "$url" --table bench_copy_floor --rows $(((sweep_duration + 3) * half)) \
         --connections "$writers" --batch-rows 10000 --streams $((concurrency * 2)) --body-events "$batch" --ids "$ids" \
         --event-rate "$half" --warmup 2 --duration "$sweep_duration" --watch-tree "postgres=$postmaster" \
         --out "$out/copy-floor" | tee "$out/copy-floor.txt"
@@ -424,7 +446,7 @@ git_dirty=""
 if git rev-parse --git-dir >/dev/null 2>&1 && [[ -n $(git status --porcelain --untracked-files=no 2>/dev/null) ]]; then
     git_dirty=" + uncommitted changes"
 fi
-cmd="scripts/bench.sh --profile $profile --repeat $repeat --duration $duration --warmup $warmup --concurrency $concurrency --batch-size $batch --duplicates $dups --dup-mode $dup_mode --ids $ids${sweep:+ --sweep}${single_shard:+ --single-shard}${sets[*]:+ ${sets[*]}}"
+cmd="scripts/bench.sh --profile $profile --repeat $repeat --duration $duration --warmup $warmup --concurrency $concurrency --batch-size $batch --duplicates $dups --dup-mode $dup_mode --ids $ids${sweep:+ --sweep}${single_shard:+ --single-shard}${split_cores:+ --split-cores}${sets[*]:+ ${sets[*]}}"
 rel=${out#"$ROOT"/}
 if [[ -n $counts_ok ]]; then count_text="every run: count(*) = events acknowledged (new ids)"; else count_text="MISMATCH, see the table"; fi
 
@@ -456,7 +478,11 @@ if [[ -n $counts_ok ]]; then count_text="every run: count(*) = events acknowledg
     echo
     echo "Each phase: ${warmup}s warm-up, then ${duration}s measured, on a fresh table right after a CHECKPOINT; raw COPY and ingestd alternate."
     echo "\"Other processes' CPU\" is the whole machine's busy time minus ingestd, PostgreSQL and the load generator: anything else running disturbs the figures."
-    echo "The load generator, ingestd and PostgreSQL share the machine's $nproc cores."
+    if [[ -n $split_cores ]]; then
+        echo "Split cores: PostgreSQL ran on CPU $pg_cpus; ingestd, the load generator and the raw COPY client on CPU $app_cpus."
+    else
+        echo "The load generator, ingestd and PostgreSQL share the machine's $nproc cores."
+    fi
     if [[ -n $sweep ]]; then
         echo
         echo "Open-loop sweep (fractions of $(fmt "$eps_med") events/s, ${sweep_duration}s per step after 2s warm-up, $((concurrency * 2)) connections, latency from the intended send time; $sweep_check; ingestd exit code $sweep_rc):"
