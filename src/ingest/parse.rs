@@ -395,14 +395,17 @@ fn check_payload(
     let nodes = &doc.nodes[nodes];
     let mut control = false;
     let (mut numbers, mut astral) = (false, false);
+    // Nesting depth is at most the number of nodes: most payloads are far
+    // too small to need the depth tracked at all.
+    let track_depth = nodes.len() > max_depth;
     // Tape index where each open container ends; its length is the depth.
     let mut open: Vec<usize> = Vec::new();
     for (i, node) in nodes.iter().enumerate() {
-        while open.last().is_some_and(|&end| end <= i) {
-            open.pop();
-        }
         match *node {
-            Node::Object { count, .. } | Node::Array { count, .. } => {
+            Node::Object { count, .. } | Node::Array { count, .. } if track_depth => {
+                while open.last().is_some_and(|&end| end <= i) {
+                    open.pop();
+                }
                 open.push(i + count + 1);
                 if open.len() > max_depth {
                     return Err(Reason::new(
@@ -411,8 +414,10 @@ fn check_payload(
                     ));
                 }
             }
-            // One pass in the common case: no control character, nothing past U+FFFF.
-            Node::String(s) if s.bytes().any(|b| !(0x20..0xf0).contains(&b)) => {
+            // One pass in the common case: no control character, nothing
+            // past U+FFFF. (A fold without early exit: branch-free, and
+            // vectorised for long strings.)
+            Node::String(s) if s.bytes().fold(false, |odd, b| odd | (b < 0x20) | (b >= 0xf0)) => {
                 control |= event::check_payload_string(s)?;
                 astral |= s.bytes().any(|b| b >= 0xf0);
             }
@@ -566,6 +571,16 @@ mod tests {
         let siblings =
             r#"{"device_id":"d","type":"t","ts":1767225600000,"payload":[[[[]]],[[[]]],[[[[[[[1]]]]]]],{"a":[[{}]]}]}"#;
         assert_eq!(run(siblings, BodyKind::Single).unwrap().rows.len(), 1, "depth counts nesting, not siblings");
+        // At the bound exactly, with as few nodes as the depth (the depth is not tracked then).
+        let empty = |d: usize| {
+            format!(
+                r#"{{"device_id":"d","type":"t","ts":1767225600000,"payload":{}{}}}"#,
+                "[".repeat(d),
+                "]".repeat(d)
+            )
+        };
+        assert_eq!(run(&empty(8), BodyKind::Single).unwrap().rows.len(), 1);
+        assert_eq!(run(&empty(9), BodyKind::Single).unwrap().rejected[0].error.kind, RejectKind::PayloadTooDeep);
     }
 
     #[test]
