@@ -99,13 +99,7 @@ pub fn run(config: Config, sources: Sources) -> Result<Ended, RunError> {
     let ws = &config.websocket;
     let (hub, publisher, published) = Hub::new(shards, ws.max_subscribers, ws.max_per_ip, ws.broadcast_ring);
     let (inbox_senders, inboxes) = broadcast::inboxes(shards, ws.inbox_batches);
-    let metrics = Arc::new(Metrics::new(
-        shards,
-        writers,
-        RingGauge::new(&receivers),
-        hub.clone(),
-        breaker_view,
-    ));
+    let metrics = Arc::new(Metrics::new(shards, writers, RingGauge::new(&receivers), hub.clone(), breaker_view));
     metrics.database_up.store(table_ready.load(Ordering::Relaxed), Ordering::Relaxed);
     let _ = metrics.pool.set(pool.clone());
     let broadcaster = {

@@ -505,7 +505,12 @@ impl Metrics {
 
         family(o, "ingestd_ring_depth", "gauge", "Requests waiting for a writer.");
         let _ = writeln!(o, "ingestd_ring_depth {}", self.rings.depth());
-        family(o, "ingestd_ring_capacity", "gauge", "Requests the writers' ring holds (writers × pipeline.ring_capacity).");
+        family(
+            o,
+            "ingestd_ring_capacity",
+            "gauge",
+            "Requests the writers' ring holds (writers × pipeline.ring_capacity).",
+        );
         let _ = writeln!(o, "ingestd_ring_capacity {}", self.rings.capacity());
 
         summary(

@@ -305,7 +305,10 @@ fn cmd_baseline(mut args: Args) -> Result<(), String> {
     let streams: usize = args.get("streams", 0)?;
     let body_events: usize = args.get("body-events", 100)?;
     let rows: u64 = args.get("rows", 1_000_000)?;
-    let event_rate: Option<f64> = args.opt_str("event-rate")?.map(|r| r.parse().map_err(|_| format!("--event-rate {r}: not a number"))).transpose()?;
+    let event_rate: Option<f64> = args
+        .opt_str("event-rate")?
+        .map(|r| r.parse().map_err(|_| format!("--event-rate {r}: not a number")))
+        .transpose()?;
     let duration_s = args.opt_str("duration")?.map(|d| args::seconds(&d)).transpose()?;
     let warmup_s = opt_seconds(&mut args, "warmup", 0.0)?.round() as u64;
     let drop_after = args.flag("drop-after");

@@ -573,11 +573,7 @@ mod tests {
         assert_eq!(run(siblings, BodyKind::Single).unwrap().rows.len(), 1, "depth counts nesting, not siblings");
         // At the bound exactly, with as few nodes as the depth (the depth is not tracked then).
         let empty = |d: usize| {
-            format!(
-                r#"{{"device_id":"d","type":"t","ts":1767225600000,"payload":{}{}}}"#,
-                "[".repeat(d),
-                "]".repeat(d)
-            )
+            format!(r#"{{"device_id":"d","type":"t","ts":1767225600000,"payload":{}{}}}"#, "[".repeat(d), "]".repeat(d))
         };
         assert_eq!(run(&empty(8), BodyKind::Single).unwrap().rows.len(), 1);
         assert_eq!(run(&empty(9), BodyKind::Single).unwrap().rejected[0].error.kind, RejectKind::PayloadTooDeep);

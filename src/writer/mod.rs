@@ -11,9 +11,11 @@
 //! so nobody waits for a linger; under high load jobs pile up while the
 //! previous COPY runs, commits are long, and a short linger makes the next
 //! batch larger for a few percent of its latency. (A fixed 2 ms linger at half
-//! load measured ack p50 13 ms against 3.6 ms without it.) Repeated `event_id`s inside a batch are dropped before the COPY, and
-//! rows whose id was committed lately ([`recent`]) are sent through staging,
-//! so that re-sent events rarely force a whole batch through the fallback.
+//! load measured ack p50 13 ms against 3.6 ms without it.)
+//!
+//! Repeated `event_id`s inside a batch are dropped before the COPY, and rows
+//! whose id was committed lately ([`recent`]) are sent through staging, so
+//! that re-sent events rarely force a whole batch through the fallback.
 //!
 //! - [`copy`]: binary COPY encoding (pure; used by shards).
 //! - [`db`]: pool, table, idempotent COPY of a batch.

@@ -1240,7 +1240,8 @@ pub type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
 
 /// Connects to `addr` over TLS, verifying the server as `127.0.0.1`.
 pub fn tls_connect(addr: SocketAddr, cert: &TestCert) -> TlsStream {
-    let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    let tcp =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
     tcp.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
     tcp.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
     tcp.set_nodelay(true).unwrap();
