@@ -100,10 +100,13 @@ const STRIPES: usize = 64;
 /// and a rested rate when a connection closes.
 const SWEEP_ABOVE: usize = 256;
 
+/// One stripe of the per-IP table.
+type Stripe = Mutex<HashMap<IpAddr, Arc<IpState>>>;
+
 /// The process-wide table of client IPs.
 pub struct Limits {
     epoch: Instant,
-    stripes: Box<[Mutex<HashMap<IpAddr, Arc<IpState>>>]>,
+    stripes: Box<[Stripe]>,
 }
 
 /// Why a connection is refused.

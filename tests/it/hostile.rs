@@ -112,12 +112,10 @@ enum Want {
 }
 
 fn check_outcome(label: &str, got: &Outcome, want: Want) {
-    let ok = match (want, got) {
-        (Want::Either, _) => true,
-        (Want::Rejected, Outcome::Rejected(_)) => true,
-        (Want::Refused, Outcome::Refused(..)) => true,
-        _ => false,
-    };
+    let ok = matches!(
+        (want, got),
+        (Want::Either, _) | (Want::Rejected, Outcome::Rejected(_)) | (Want::Refused, Outcome::Refused(..))
+    );
     assert!(ok, "{label}: want {want:?}, got {got:?}");
 }
 
