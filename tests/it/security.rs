@@ -136,33 +136,6 @@ fn ws_ok(s: &Server, query: &str, bearer: Option<&str>) -> Ws {
     ws_upgrade(s, query, bearer).unwrap_or_else(|status| panic!("upgrade {query} refused with {status}"))
 }
 
-fn next_json<S: Read + Write>(ws: &mut WebSocket<S>) -> Value {
-    loop {
-        match ws.read().expect("read WebSocket message") {
-            Message::Text(t) => return serde_json::from_str(t.as_str()).expect("JSON text frame"),
-            Message::Close(c) => panic!("closed by the server: {c:?}"),
-            _ => {}
-        }
-    }
-}
-
-/// Text messages until `quiet` passes without one.
-fn drain_json(ws: &mut Ws, quiet: Duration) -> Vec<Value> {
-    ws.get_mut().set_read_timeout(Some(quiet)).unwrap();
-    let mut out = Vec::new();
-    loop {
-        match ws.read() {
-            Ok(Message::Text(t)) => out.push(serde_json::from_str(t.as_str()).unwrap()),
-            Ok(Message::Close(c)) => panic!("closed by the server: {c:?}"),
-            Ok(_) => {}
-            Err(tungstenite::Error::Io(e)) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => break,
-            Err(e) => panic!("read: {e}"),
-        }
-    }
-    ws.get_mut().set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    out
-}
-
 // ---------------------------------------------------------------------------
 // Tokens and scopes
 // ---------------------------------------------------------------------------
@@ -551,7 +524,7 @@ fn tls_and_plain_listeners_serve_side_by_side() {
     assert_ne!(tls, s.addr);
 
     // Keep-alive over TLS: several requests on one connection.
-    let mut c = TlsConn::open(tls, &cert);
+    let mut c = TlsConn::connect(tls, &cert);
     let (id1, id2) = (unique("tls"), unique("tls"));
     assert_ingest(&c.roundtrip(&Req::post("/events").json(&ev(&id1, "d"))), 200, 1, &[]);
     assert_ingest(&c.roundtrip(&Req::post("/events/batch").json(&json!([ev(&id2, "d")]))), 200, 1, &[]);
@@ -629,7 +602,7 @@ fn plain_http_and_garbage_on_the_tls_port_are_closed_cleanly() {
     // A client that connects and says nothing does not hold up others.
     let silent: Vec<TcpStream> = (0..20).map(|_| TcpStream::connect(tls).unwrap()).collect();
     let t0 = Instant::now();
-    let mut c = TlsConn::open(tls, &cert);
+    let mut c = TlsConn::connect(tls, &cert);
     assert_eq!(c.roundtrip(&Req::get("/health")).status, 200);
     assert!(t0.elapsed() < Duration::from_secs(1), "a TLS request took {:?} next to silent clients", t0.elapsed());
     drop(silent);

@@ -806,9 +806,10 @@ impl fmt::Debug for Response {
     }
 }
 
-/// One client connection, with its unread bytes.
-pub struct Conn {
-    pub stream: TcpStream,
+/// One client connection, with its unread bytes: plain TCP, or TLS
+/// ([`TlsConn`]) with the same request and response handling.
+pub struct Conn<S = TcpStream> {
+    pub stream: S,
     buf: Vec<u8>,
 }
 
@@ -829,6 +830,23 @@ impl Conn {
         self.stream.set_read_timeout(Some(t)).unwrap();
     }
 
+    /// Reads until the peer closes; true if it closed cleanly (EOF) with no
+    /// further bytes, false on timeout.
+    pub fn closed_by_peer(&mut self, timeout: Duration) -> bool {
+        self.set_read_timeout(timeout);
+        let mut b = [0u8; 256];
+        loop {
+            match self.stream.read(&mut b) {
+                Ok(0) => return self.buf.is_empty(),
+                Ok(n) => self.buf.extend_from_slice(&b[..n]),
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return self.buf.is_empty(),
+                Err(_) => return false,
+            }
+        }
+    }
+}
+
+impl<S: Read + Write> Conn<S> {
     /// Writes exact bytes; panics on error.
     pub fn write(&mut self, bytes: &[u8]) {
         self.try_write(bytes).unwrap_or_else(|e| panic!("write {} bytes: {e}", bytes.len()));
@@ -852,21 +870,6 @@ impl Conn {
 
     pub fn read_response(&mut self) -> Response {
         self.try_read_response().unwrap_or_else(|e| panic!("read response: {e}"))
-    }
-
-    /// Reads until the peer closes; true if it closed cleanly (EOF) with no
-    /// further bytes, false on timeout.
-    pub fn closed_by_peer(&mut self, timeout: Duration) -> bool {
-        self.set_read_timeout(timeout);
-        let mut b = [0u8; 256];
-        loop {
-            match self.stream.read(&mut b) {
-                Ok(0) => return self.buf.is_empty(),
-                Ok(n) => self.buf.extend_from_slice(&b[..n]),
-                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return self.buf.is_empty(),
-                Err(_) => return false,
-            }
-        }
     }
 
     fn fill(&mut self) -> io::Result<usize> {
@@ -1254,68 +1257,46 @@ pub fn tls_connect(addr: SocketAddr, cert: &TestCert) -> TlsStream {
     stream
 }
 
-/// An HTTP/1.1 connection over TLS. Responses must carry Content-Length
-/// (ingestd's always do).
-pub struct TlsConn {
-    pub stream: TlsStream,
-    buf: Vec<u8>,
-}
+/// An HTTP/1.1 connection over TLS.
+pub type TlsConn = Conn<TlsStream>;
 
 impl TlsConn {
-    pub fn open(addr: SocketAddr, cert: &TestCert) -> TlsConn {
-        TlsConn { stream: tls_connect(addr, cert), buf: Vec::new() }
+    pub fn connect(addr: SocketAddr, cert: &TestCert) -> TlsConn {
+        Conn { stream: tls_connect(addr, cert), buf: Vec::new() }
     }
+}
 
-    pub fn roundtrip(&mut self, req: &Req) -> Response {
-        self.try_roundtrip(req).unwrap_or_else(|e| panic!("TLS request {} {}: {e}", req.method, req.path))
-    }
-
-    pub fn try_roundtrip(&mut self, req: &Req) -> io::Result<Response> {
-        self.stream.write_all(&req.to_bytes())?;
-        self.stream.flush()?;
-        self.read_response()
-    }
-
-    fn fill(&mut self) -> io::Result<usize> {
-        let mut b = [0u8; 16384];
-        let n = self.stream.read(&mut b)?;
-        self.buf.extend_from_slice(&b[..n]);
-        Ok(n)
-    }
-
-    pub fn read_response(&mut self) -> io::Result<Response> {
-        let head_end = loop {
-            if let Some(p) = find(&self.buf, b"\r\n\r\n") {
-                break p;
-            }
-            if self.fill()? == 0 {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "TLS connection closed before a response"));
-            }
-        };
-        let head = String::from_utf8_lossy(&self.buf[..head_end]).into_owned();
-        self.buf.drain(..head_end + 4);
-        let mut lines = head.split("\r\n");
-        let status_line = lines.next().unwrap_or_default().to_string();
-        let mut parts = status_line.splitn(3, ' ');
-        let version = parts.next().unwrap_or_default().to_string();
-        let status: u16 = parts
-            .next()
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("bad status line {status_line:?}")))?;
-        let reason = parts.next().unwrap_or_default().to_string();
-        let headers: Vec<(String, String)> = lines
-            .filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_string(), v.trim().to_string())))
-            .collect();
-        let mut resp = Response { version, status, reason, headers, body: Vec::new() };
-        let n: usize = resp.header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
-        while self.buf.len() < n {
-            if self.fill()? == 0 {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "TLS connection closed inside a body"));
-            }
+/// The next text message of a WebSocket as JSON (pings are answered by
+/// tungstenite); panics on a close or an error.
+pub fn next_json<S: Read + Write>(ws: &mut tungstenite::WebSocket<S>) -> Value {
+    loop {
+        match ws.read().expect("read WebSocket message") {
+            tungstenite::Message::Text(t) => return serde_json::from_str(t.as_str()).expect("JSON text frame"),
+            tungstenite::Message::Close(c) => panic!("closed by the server: {c:?}"),
+            _ => {}
         }
-        resp.body = self.buf.drain(..n).collect();
-        Ok(resp)
     }
+}
+
+/// Text messages of a WebSocket, as JSON, until `quiet` passes without one.
+pub fn drain_json(ws: &mut tungstenite::WebSocket<TcpStream>, quiet: Duration) -> Vec<Value> {
+    ws.get_mut().set_read_timeout(Some(quiet)).expect("set read timeout");
+    let mut out = Vec::new();
+    loop {
+        match ws.read() {
+            Ok(tungstenite::Message::Text(t)) => out.push(serde_json::from_str(t.as_str()).expect("JSON text frame")),
+            Ok(tungstenite::Message::Close(c)) => panic!("closed by the server: {c:?}"),
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) =>
+            {
+                break;
+            }
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+    ws.get_mut().set_read_timeout(Some(Duration::from_secs(10))).expect("set read timeout");
+    out
 }
 
 /// A field of `/proc/<pid>/status` in KiB (e.g. "VmRSS", "VmHWM").

@@ -3,7 +3,6 @@
 //! a socket (in-order answers, bad frames, close handshake), with a real
 //! WebSocket client (`tungstenite`) over real sockets.
 
-use std::io::ErrorKind;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
@@ -27,34 +26,6 @@ fn try_connect(server: &Server, query: &str) -> Result<Client, tungstenite::Erro
         tungstenite::HandshakeError::Failure(e) => e,
         tungstenite::HandshakeError::Interrupted(_) => tungstenite::Error::ConnectionClosed,
     })
-}
-
-/// The next text message as JSON (pings are answered by tungstenite).
-fn next_json(ws: &mut Client) -> Value {
-    loop {
-        match ws.read().expect("read message") {
-            Message::Text(t) => return serde_json::from_str(t.as_str()).expect("JSON text frame"),
-            Message::Close(c) => panic!("closed by server: {c:?}"),
-            _ => {}
-        }
-    }
-}
-
-/// Reads text messages until `quiet` passes without one.
-fn drain_json(ws: &mut Client, quiet: Duration) -> Vec<Value> {
-    ws.get_mut().set_read_timeout(Some(quiet)).expect("timeout");
-    let mut out = Vec::new();
-    loop {
-        match ws.read() {
-            Ok(Message::Text(t)) => out.push(serde_json::from_str(t.as_str()).expect("JSON")),
-            Ok(Message::Close(c)) => panic!("closed by server: {c:?}"),
-            Ok(_) => {}
-            Err(tungstenite::Error::Io(e)) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => break,
-            Err(e) => panic!("read: {e}"),
-        }
-    }
-    ws.get_mut().set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-    out
 }
 
 fn ev(id: &str, device: &str, kind: &str) -> Value {
