@@ -1,9 +1,10 @@
 //! Wires the threads together and owns the shutdown order.
 //!
-//! Start-up, in order: database reachable and table ready → rings → writer
+//! Start-up, in order: database reachable and table ready (or unreachable:
+//! start not ready; refused: exit) → memory budgets and the ring → writer
 //! threads → listeners bound (SO_REUSEPORT, one per shard) → shard threads →
-//! signal handler → the readiness line on stdout. Nothing is announced
-//! before it can be served.
+//! the database probe → signal handler → the readiness line on stdout.
+//! Nothing is announced before it can be served.
 //!
 //! Shutdown cascades through ownership, never through a polled flag:
 //! SIGTERM/SIGINT → each shard's trigger fires → shards stop accepting,
@@ -19,14 +20,17 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use crate::broadcast::{self, Hub};
+use crate::budget::Budget;
 use crate::config::{AckMode, Config, LiveConfig, Sources};
-use crate::metrics::Metrics;
-use crate::pipeline::{self, RingGauge};
+use crate::health::DbStatus;
+use crate::metrics::{Metrics, MetricsParts};
+use crate::pipeline::{self, CostModel, RingGauge};
 use crate::shard::{self, ShardSetup};
 use crate::spool::Spool;
 use crate::spool::drain::Drainer;
 use crate::writer::breaker::Breaker;
-use crate::writer::db::{self, Statements, WriteError};
+use crate::writer::db::{self, Statements};
+use crate::writer::probe::{self, Probe, Verdict};
 use crate::writer::recent::RecentIds;
 use crate::writer::{Writer, WriterReport};
 
@@ -75,32 +79,45 @@ pub fn run(config: Config, sources: Sources) -> Result<Ended, RunError> {
 
     let sql = Arc::new(Statements::new(&config.database.table, &config.dead_letter_table()));
     let pool = db::pool(&config.database, config.pool_size()).map_err(|e| RunError::Database(e.to_string()))?;
-    // A database that refuses us (auth, missing table) stops start-up; one
-    // that is unreachable does not: ingestd starts not ready, answers 503,
-    // and makes the table on first contact.
-    let prepared = pool
-        .get()
-        .map_err(WriteError::from)
-        .and_then(|mut client| db::prepare_table(&mut client, &sql, config.database.create_table));
-    let table_ready = match prepared {
-        Ok(()) => true,
-        Err(e) if e.is_transient() && config.database.create_table => {
-            crate::warn!("database unreachable at start-up; starting not ready", error = e);
-            false
+    // A database that refuses us (credentials, TLS, pg_hba.conf, a missing
+    // table with create_table = false) stops start-up: that is configuration.
+    // One that is unreachable does not: ingestd starts not ready, answers
+    // 503, and the probe makes the table when it first gets through.
+    let database = match probe::check(&config.database, &sql, config.database.create_table) {
+        Verdict::Up => DbStatus::Up,
+        Verdict::Unreachable(why) => {
+            crate::warn!("database unreachable at start-up; starting not ready", error = why);
+            DbStatus::Unreachable
         }
-        Err(e) => return Err(RunError::Database(format!("table {}: {e}", config.database.table))),
+        Verdict::Refused(why) => {
+            return Err(RunError::Database(format!(
+                "PostgreSQL refused ingestd (check database.url, database.table and create_table): {why}"
+            )));
+        }
     };
-    let table_ready = Arc::new(std::sync::atomic::AtomicBool::new(table_ready));
+    let table_ready = Arc::new(std::sync::atomic::AtomicBool::new(database == DbStatus::Up));
     let breaker = Breaker::new(config.breaker, Instant::now());
     let breaker_view = breaker.view();
     let breaker = Arc::new(parking_lot::Mutex::new(breaker));
 
-    let (ring_set, receivers) = pipeline::rings(writers, config.pipeline.ring_capacity);
+    // What requests, and the live feed, may hold in memory (crate::budget).
+    let budget = Budget::new("limits.memory_budget_bytes", config.limits.memory_budget_bytes);
+    let fanout_budget = Budget::new("websocket.fanout_budget_bytes", config.websocket.fanout_budget_bytes);
+    let (ring_sender, receivers, backlog) = pipeline::ring(writers, config.pipeline.ring_capacity);
     let ws = &config.websocket;
-    let (hub, publisher, published) = Hub::new(shards, ws.max_subscribers, ws.max_per_ip, ws.broadcast_ring);
+    let (hub, publisher, published) =
+        Hub::new(shards, ws.max_subscribers, ws.max_per_ip, ws.broadcast_ring, fanout_budget);
     let (inbox_senders, inboxes) = broadcast::inboxes(shards, ws.inbox_batches);
-    let metrics = Arc::new(Metrics::new(shards, writers, RingGauge::new(&receivers), hub.clone(), breaker_view));
-    metrics.database_up.store(table_ready.load(Ordering::Relaxed), Ordering::Relaxed);
+    let metrics = Arc::new(Metrics::new(MetricsParts {
+        shards,
+        writers,
+        rings: RingGauge::new(&receivers),
+        backlog,
+        budget: budget.clone(),
+        hub: hub.clone(),
+        breaker: breaker_view,
+        database,
+    }));
     let _ = metrics.pool.set(pool.clone());
     let broadcaster = {
         let hub = hub.clone();
@@ -129,6 +146,7 @@ pub fn run(config: Config, sources: Sources) -> Result<Ended, RunError> {
             breaker: breaker.clone(),
             table_ready: table_ready.clone(),
             last_commit: std::cell::Cell::new(std::time::Duration::ZERO),
+            cost: std::cell::Cell::new(CostModel::default()),
         };
         let handle = std::thread::Builder::new()
             .name(format!("writer-{id}"))
@@ -167,7 +185,8 @@ pub fn run(config: Config, sources: Sources) -> Result<Ended, RunError> {
             appender.spawn().map_err(|e| RunError::Internal(format!("cannot start spool appender: {e}")))?;
         let drainer = Drainer {
             spool,
-            rings: ring_set.clone(),
+            rings: ring_sender.clone(),
+            budget: budget.clone(),
             max_in_flight: (config.pipeline.ring_capacity * writers).max(1),
             deadline: drain_deadline.clone(),
         };
@@ -219,7 +238,8 @@ pub fn run(config: Config, sources: Sources) -> Result<Ended, RunError> {
             core: (!cores.is_empty()).then(|| cores[id % cores.len()]),
             listener,
             tls,
-            rings: ring_set.clone(),
+            rings: ring_sender.clone(),
+            budget: budget.clone(),
             config: live.clone(),
             metrics: metrics.clone(),
             shutdown,
@@ -234,8 +254,23 @@ pub fn run(config: Config, sources: Sources) -> Result<Ended, RunError> {
     }
     // Only shards (and the spool drainer) hold ring senders now, and only
     // shards hold spool senders: their exit is what closes the rings.
-    drop(ring_set);
+    drop(ring_sender);
     drop(spool_sender);
+
+    // The probe keeps /health and the breaker current with no client traffic.
+    let (probe_stop, probe_stopped) = crossbeam_channel::bounded::<()>(0);
+    let probe = Probe {
+        config: live.clone(),
+        sql: sql.clone(),
+        table_ready: table_ready.clone(),
+        breaker: breaker.clone(),
+        metrics: metrics.clone(),
+        stop: probe_stopped,
+    };
+    let probe_thread = std::thread::Builder::new()
+        .name("db-probe".into())
+        .spawn(move || probe.run())
+        .map_err(|e| RunError::Internal(format!("cannot start probe thread: {e}")))?;
 
     let signals = signal_channel()?;
     crate::info!(
@@ -256,7 +291,7 @@ pub fn run(config: Config, sources: Sources) -> Result<Ended, RunError> {
 
     let signal = loop {
         match signals.recv() {
-            Ok(signal_hook::consts::SIGHUP) => reload(&live, &sources, &tokens, &metrics),
+            Ok(signal_hook::consts::SIGHUP) => reload(&live, &sources, &tokens, &metrics, &hub),
             Ok(signal) => break signal,
             Err(_) => break signal_hook::consts::SIGTERM,
         }
@@ -272,6 +307,7 @@ pub fn run(config: Config, sources: Sources) -> Result<Ended, RunError> {
     for trigger in triggers {
         let _ = trigger.send(());
     }
+    drop(probe_stop);
 
     // Join on a helper thread so that the deadline and a second signal can
     // still end the wait.
@@ -307,6 +343,7 @@ pub fn run(config: Config, sources: Sources) -> Result<Ended, RunError> {
             }
             // Writers are gone, so the broadcaster's ring has closed.
             let _ = broadcaster.join();
+            let _ = probe_thread.join();
             let _ = done_tx.send((total, left_in_spool));
         })
         .map_err(|e| RunError::Internal(format!("cannot start joiner thread: {e}")))?;
@@ -380,7 +417,13 @@ fn bind_one(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 /// Re-reads the configuration's sources (and the token file); applies live
 /// keys, keeps the rest (naming them), and keeps everything when the new
 /// configuration is bad.
-fn reload(live: &LiveConfig, sources: &Sources, tokens: &arc_swap::ArcSwap<crate::auth::Tokens>, metrics: &Metrics) {
+fn reload(
+    live: &LiveConfig,
+    sources: &Sources,
+    tokens: &arc_swap::ArcSwap<crate::auth::Tokens>,
+    metrics: &Metrics,
+    hub: &Hub,
+) {
     let mut sources = sources.clone();
     sources.env = Sources::env_overrides(std::env::vars());
     match Config::load(&sources).and_then(|new| live.load().reloaded(&new)) {
@@ -400,6 +443,8 @@ fn reload(live: &LiveConfig, sources: &Sources, tokens: &arc_swap::ArcSwap<crate
                     return;
                 }
             }
+            metrics.budget.set_limit(merged.limits.memory_budget_bytes);
+            hub.budget.set_limit(merged.websocket.fanout_budget_bytes);
             live.store(Arc::new(merged));
             for key in &report.need_restart {
                 crate::warn!("SIGHUP: changed, but needs a restart to take effect", key = key);

@@ -20,6 +20,13 @@
 //! inbox is full, events are not queued without bound: the count of events
 //! missed is recorded ([`Hub`]'s lag counters) and every affected subscriber
 //! is told, by its overflow policy (close 1013, or a `{"dropped": N}` notice).
+//!
+//! Counts alone do not bound memory (1,024 batches of up to 16 MiB each), so
+//! every hop also holds a lease in the live feed's byte budget
+//! (`websocket.fanout_budget_bytes`, [`Hub::budget`]): the published rows,
+//! the serialised batch until its last shard lets it go, and each
+//! subscriber's queue. A hop that cannot get its bytes counts the events as
+//! missed, exactly like a full ring.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -32,6 +39,7 @@ use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use parking_lot::Mutex;
 
+use crate::budget::{Budget, Lease};
 use crate::writer::copy::{PG_EPOCH_UNIX_SECS, RowBuf};
 
 /// One committed batch, serialised once and shared by every shard.
@@ -43,6 +51,8 @@ pub struct CommittedBatch {
     events: Vec<EventIndex>,
     /// When the writer committed it, for the commit → frame latency.
     pub committed_at: Instant,
+    /// Its bytes in the live feed's budget, released with the last `Arc`.
+    lease: Lease,
 }
 
 #[derive(Debug, Clone)]
@@ -75,6 +85,16 @@ impl CommittedBatch {
             event_type: &self.keys[e.kind.start as usize..e.kind.end as usize],
             json: &self.text[e.json.start as usize..e.json.end as usize],
         })
+    }
+
+    /// Bytes [`CommittedBatch::build`] will need for `published`, at most.
+    fn estimate(published: &Published) -> usize {
+        published.rows.iter().map(|r| r.bytes().len() + 160 * r.len()).sum()
+    }
+
+    /// Heap bytes this batch holds.
+    fn memory_bytes(&self) -> usize {
+        self.text.len() + self.keys.capacity() + self.events.capacity() * std::mem::size_of::<EventIndex>()
     }
 
     /// Serialises the rows of `published` that were inserted.
@@ -117,7 +137,13 @@ impl CommittedBatch {
                 events.push(EventIndex { json: start..text.len() as u32, device: d..k, kind: k..keys.len() as u32 });
             }
         }
-        CommittedBatch { text: Bytes::from(text), keys, events, committed_at: published.committed_at }
+        CommittedBatch {
+            text: Bytes::from(text),
+            keys,
+            events,
+            committed_at: published.committed_at,
+            lease: Lease::detached(),
+        }
     }
 }
 
@@ -142,6 +168,8 @@ pub struct Published {
     /// Per request, per row: inserted now (publish) or already stored (skip).
     pub mask: Option<Vec<Vec<bool>>>,
     pub committed_at: Instant,
+    /// The rows' bytes in the live feed's budget (taken by [`Publisher::publish`]).
+    pub lease: Lease,
 }
 
 impl Published {
@@ -166,6 +194,8 @@ pub struct ShardSlot {
 /// Shared subscription state: counts, limits and lag.
 pub struct Hub {
     pub slots: Box<[ShardSlot]>,
+    /// Bytes the live feed may hold: `websocket.fanout_budget_bytes`.
+    pub budget: Budget,
     total: AtomicUsize,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     max_total: usize,
@@ -187,15 +217,17 @@ impl Clone for Publisher {
 
 impl Publisher {
     /// Called by a writer after a commit, before answering. Never blocks.
-    pub fn publish(&self, published: Published) {
+    pub fn publish(&self, mut published: Published) {
         if self.hub.subscribers() == 0 {
             return;
         }
+        let bytes = published.rows.iter().map(RowBuf::memory_bytes).sum();
+        match self.hub.budget.try_lease(bytes) {
+            Ok(lease) => published.lease = lease,
+            Err(_) => return self.hub.missed(published.events()),
+        }
         if let Err(e) = self.ring.try_send(published) {
-            let missed = e.into_inner().events();
-            for slot in self.hub.slots.iter().filter(|s| s.subscribers.load(Ordering::Relaxed) > 0) {
-                slot.lagged.fetch_add(missed, Ordering::Relaxed);
-            }
+            self.hub.missed(e.into_inner().events());
         }
     }
 }
@@ -237,16 +269,26 @@ impl Hub {
         max_total: usize,
         max_per_ip: usize,
         ring_capacity: usize,
+        budget: Budget,
     ) -> (Arc<Hub>, Publisher, Receiver<Published>) {
         let (ring, rx) = crossbeam_channel::bounded(ring_capacity);
         let hub = Arc::new(Hub {
             slots: (0..shards).map(|_| ShardSlot::default()).collect(),
+            budget,
             total: AtomicUsize::new(0),
             per_ip: Mutex::new(HashMap::new()),
             max_total,
             max_per_ip,
         });
         (hub.clone(), Publisher { hub, ring }, rx)
+    }
+
+    /// Records `events` that no subscriber will get, for every shard with
+    /// subscribers (each tells its own by their overflow policy).
+    pub fn missed(&self, events: u64) {
+        for slot in self.slots.iter().filter(|s| s.subscribers.load(Ordering::Relaxed) > 0) {
+            slot.lagged.fetch_add(events, Ordering::Relaxed);
+        }
     }
 
     /// Subscribers across all shards.
@@ -296,10 +338,20 @@ pub fn run(hub: Arc<Hub>, ring: Receiver<Published>, mut inboxes: Vec<InboxSende
             Err(RecvTimeoutError::Timeout) => continue,
             Err(RecvTimeoutError::Disconnected) => break,
         };
-        let batch = Arc::new(CommittedBatch::build(&published));
+        // The serialised batch is leased before it is built (then trued up);
+        // the published rows are let go right after.
+        let Ok(lease) = hub.budget.try_lease(CommittedBatch::estimate(&published)) else {
+            hub.missed(published.events());
+            continue;
+        };
+        let mut batch = CommittedBatch::build(&published);
+        drop(published);
         if batch.is_empty() {
             continue;
         }
+        batch.lease = lease;
+        batch.lease.set(batch.memory_bytes());
+        let batch = Arc::new(batch);
         for (shard, inbox) in inboxes.iter_mut().enumerate() {
             let slot = &hub.slots[shard];
             if slot.subscribers.load(Ordering::Relaxed) == 0 {
@@ -340,7 +392,7 @@ mod tests {
 
     #[test]
     fn events_serialise_once_as_json() {
-        let p = Published { rows: vec![rows()], mask: None, committed_at: Instant::now() };
+        let p = Published { rows: vec![rows()], mask: None, committed_at: Instant::now(), lease: Lease::detached() };
         let batch = CommittedBatch::build(&p);
         let events: Vec<_> = batch.events().collect();
         assert_eq!(events.len(), 2);
@@ -356,7 +408,12 @@ mod tests {
 
     #[test]
     fn mask_skips_rows_already_stored() {
-        let p = Published { rows: vec![rows()], mask: Some(vec![vec![false, true]]), committed_at: Instant::now() };
+        let p = Published {
+            rows: vec![rows()],
+            mask: Some(vec![vec![false, true]]),
+            committed_at: Instant::now(),
+            lease: Lease::detached(),
+        };
         assert_eq!(p.events(), 1);
         let batch = CommittedBatch::build(&p);
         assert_eq!(batch.events().map(|e| e.device_id).collect::<Vec<_>>(), ["d2"]);
@@ -364,7 +421,7 @@ mod tests {
 
     #[test]
     fn admission_limits_and_release() {
-        let (hub, _publisher, _rx) = Hub::new(2, 3, 2, 4);
+        let (hub, _publisher, _rx) = Hub::new(2, 3, 2, 4, Budget::unlimited());
         let ip: IpAddr = "127.0.0.1".parse().unwrap();
         let other: IpAddr = "127.0.0.2".parse().unwrap();
         let a = hub.admit(0, ip, 10).unwrap();
@@ -380,13 +437,53 @@ mod tests {
 
     #[test]
     fn publish_without_subscribers_is_free_and_overflow_is_counted() {
-        let (hub, publisher, rx) = Hub::new(1, 10, 10, 1);
-        publisher.publish(Published { rows: vec![rows()], mask: None, committed_at: Instant::now() });
+        let (hub, publisher, rx) = Hub::new(1, 10, 10, 1, Budget::unlimited());
+        publisher.publish(Published {
+            rows: vec![rows()],
+            mask: None,
+            committed_at: Instant::now(),
+            lease: Lease::detached(),
+        });
         assert!(rx.is_empty(), "nobody listens: nothing sent");
         let _sub = hub.admit(0, "127.0.0.1".parse().unwrap(), 10).unwrap();
-        publisher.publish(Published { rows: vec![rows()], mask: None, committed_at: Instant::now() });
-        publisher.publish(Published { rows: vec![rows()], mask: None, committed_at: Instant::now() });
+        publisher.publish(Published {
+            rows: vec![rows()],
+            mask: None,
+            committed_at: Instant::now(),
+            lease: Lease::detached(),
+        });
+        publisher.publish(Published {
+            rows: vec![rows()],
+            mask: None,
+            committed_at: Instant::now(),
+            lease: Lease::detached(),
+        });
         assert_eq!(rx.len(), 1);
         assert_eq!(hub.slots[0].lagged.load(Ordering::Relaxed), 2, "overflowed events are counted for the shard");
+    }
+
+    #[test]
+    fn publishing_past_the_byte_budget_counts_the_events_as_missed() {
+        let budget = Budget::new("websocket.fanout_budget_bytes", 1);
+        let (hub, publisher, rx) = Hub::new(1, 10, 10, 8, budget.clone());
+        let _sub = hub.admit(0, "127.0.0.1".parse().unwrap(), 10).unwrap();
+        publisher.publish(Published {
+            rows: vec![rows()],
+            mask: None,
+            committed_at: Instant::now(),
+            lease: Lease::detached(),
+        });
+        assert!(rx.is_empty(), "no room in the budget: nothing queued");
+        assert_eq!(hub.slots[0].lagged.load(Ordering::Relaxed), 2);
+        budget.set_limit(1 << 20);
+        publisher.publish(Published {
+            rows: vec![rows()],
+            mask: None,
+            committed_at: Instant::now(),
+            lease: Lease::detached(),
+        });
+        assert!(budget.used() > 0, "queued rows hold their bytes");
+        drop(rx.recv().unwrap());
+        assert_eq!(budget.used(), 0, "and give them back when dropped");
     }
 }

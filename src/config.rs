@@ -111,6 +111,11 @@ pub struct IngestConfig {
     pub max_future_skew_ms: u64,
     /// Ignore unknown top-level event fields instead of rejecting the event.
     pub allow_unknown_fields: bool,
+    /// Longest a request waits for a writer before its COPY starts. A request
+    /// that would wait longer (judged at admission from the queue and the
+    /// writers' recent cost per event) is answered 503 at once; one whose
+    /// wait passes anyway is answered 503 then, never written.
+    pub max_wait_ms: u64,
 }
 
 impl Default for IngestConfig {
@@ -122,6 +127,7 @@ impl Default for IngestConfig {
             max_payload_depth: 256,
             max_future_skew_ms: 5 * 60 * 1000,
             allow_unknown_fields: false,
+            max_wait_ms: 1_000,
         }
     }
 }
@@ -175,6 +181,10 @@ pub struct WriterConfig {
     /// Most fingerprints remembered (≈ 16 bytes each); past it the window
     /// shrinks.
     pub dedup_max_ids: usize,
+    /// A batch is sized to commit in about this long, from the writers'
+    /// recent cost per event: a database that slows down gets smaller
+    /// batches, not longer commits.
+    pub target_commit_ms: u64,
 }
 
 impl Default for WriterConfig {
@@ -186,6 +196,7 @@ impl Default for WriterConfig {
             max_linger_ms: 2,
             dedup_window_ms: 60_000,
             dedup_max_ids: 4_000_000,
+            target_commit_ms: 250,
         }
     }
 }
@@ -209,6 +220,12 @@ pub struct DatabaseConfig {
     /// Where events PostgreSQL refuses (e.g. an operator's CHECK constraint)
     /// are kept with its error; empty means `<table>_dead_letter`.
     pub dead_letter_table: String,
+    /// How often the database is probed (`SELECT 1` on a connection of the
+    /// probe's own) while no writer has reached it lately; the probe moves
+    /// `/health` and the breaker without any client traffic.
+    pub probe_interval_ms: u64,
+    /// Time a probe may take (connect and query) before it counts as failed.
+    pub probe_timeout_ms: u64,
 }
 
 impl Default for DatabaseConfig {
@@ -218,9 +235,11 @@ impl Default for DatabaseConfig {
             table: "events".into(),
             pool_size: 0,
             connect_timeout_ms: 5_000,
-            statement_timeout_ms: 30_000,
+            statement_timeout_ms: 5_000,
             create_table: true,
             dead_letter_table: String::new(),
+            probe_interval_ms: 1_000,
+            probe_timeout_ms: 2_000,
         }
     }
 }
@@ -253,6 +272,10 @@ pub struct WebSocketConfig {
     pub inbox_batches: usize,
     /// Committed batches waiting for the broadcaster thread.
     pub broadcast_ring: usize,
+    /// Bytes the live feed may hold in all: committed batches waiting for
+    /// the broadcaster and the shards, and every subscriber's queue. Past it
+    /// subscribers are told they missed events (per `overflow`).
+    pub fanout_budget_bytes: usize,
 }
 
 impl Default for WebSocketConfig {
@@ -269,6 +292,7 @@ impl Default for WebSocketConfig {
             max_message_bytes: 1024 * 1024,
             inbox_batches: 256,
             broadcast_ring: 1024,
+            fanout_budget_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -346,9 +370,11 @@ pub const LIVE_KEYS: &[&str] = &[
     "ingest.max_payload_depth",
     "ingest.max_future_skew_ms",
     "ingest.allow_unknown_fields",
+    "ingest.max_wait_ms",
     "writer.max_batch_events",
     "writer.max_batch_bytes",
     "writer.max_linger_ms",
+    "writer.target_commit_ms",
     "websocket.queue_messages",
     "websocket.queue_bytes",
     "websocket.overflow",
@@ -356,6 +382,7 @@ pub const LIVE_KEYS: &[&str] = &[
     "websocket.idle_timeout_ms",
     "websocket.max_message_bytes",
     "websocket.max_subscribers_per_shard",
+    "websocket.fanout_budget_bytes",
     "auth.mode",
     "auth.token_file",
     "auth.tokens",
@@ -364,6 +391,7 @@ pub const LIVE_KEYS: &[&str] = &[
     "limits.ip_burst",
     "limits.token_requests_per_s",
     "limits.token_burst",
+    "limits.memory_budget_bytes",
     "log.level",
     "log.format",
 ];
@@ -565,6 +593,14 @@ impl Config {
         check(self.writer.max_batch_bytes >= 1024, "writer.max_batch_bytes", "must be at least 1024");
         check(self.writer.max_linger_ms <= 10_000, "writer.max_linger_ms", "must be at most 10000");
         check(
+            (10..=60_000).contains(&self.writer.target_commit_ms),
+            "writer.target_commit_ms",
+            "must be between 10 and 60000",
+        );
+        check((1..=600_000).contains(&self.ingest.max_wait_ms), "ingest.max_wait_ms", "must be between 1 and 600000");
+        check(self.database.probe_interval_ms >= 100, "database.probe_interval_ms", "must be at least 100");
+        check(self.database.probe_timeout_ms >= 10, "database.probe_timeout_ms", "must be at least 10");
+        check(
             !self.database.url.trim().is_empty(),
             "database.url",
             "is required (or --database-url / INGESTD_DATABASE_URL)",
@@ -602,6 +638,11 @@ impl Config {
         check(ws.max_message_bytes >= 1024, "websocket.max_message_bytes", "must be at least 1024");
         check(ws.inbox_batches >= 1, "websocket.inbox_batches", "must be at least 1");
         check(ws.broadcast_ring >= 1, "websocket.broadcast_ring", "must be at least 1");
+        check(
+            ws.fanout_budget_bytes >= ws.queue_bytes.max(1024 * 1024),
+            "websocket.fanout_budget_bytes",
+            "must be at least websocket.queue_bytes and at least 1 MiB",
+        );
         if self.tls.enabled() {
             check(
                 self.tls.listen_addr().is_ok(),
@@ -613,6 +654,16 @@ impl Config {
                 "tls.listen",
                 "must differ from server.listen",
             );
+        }
+        let smallest_budget = self.server.max_body_bytes.saturating_mul(4);
+        if self.limits.memory_budget_bytes < smallest_budget {
+            problems.push((
+                "limits.memory_budget_bytes".to_string(),
+                format!(
+                    "must be at least 4 x server.max_body_bytes ({smallest_budget} bytes), so that a body at the \
+                     limit can be read and encoded within it"
+                ),
+            ));
         }
         for (key, why) in self.breaker.problems() {
             problems.push((format!("breaker.{key}"), why.to_string()));

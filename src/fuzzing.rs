@@ -182,16 +182,24 @@ fn decode_chunks_in_pieces(input: &[u8], piece: usize) -> Result<(Chunked, Vec<u
 
 /// gunzip never exceeds its bound, and the bound is exact.
 fn check_gunzip(body: &[u8]) {
-    match http::gunzip(body, MAX_DECOMPRESSED_BYTES) {
+    match http::gunzip(body, MAX_DECOMPRESSED_BYTES, &mut crate::budget::Lease::detached()) {
         Ok(out) => {
             assert!(out.len() <= MAX_DECOMPRESSED_BYTES);
-            assert_eq!(http::gunzip(body, out.len()).as_ref(), Ok(&out), "a bound of exactly its size refuses it");
+            assert_eq!(
+                http::gunzip(body, out.len(), &mut crate::budget::Lease::detached()).as_ref(),
+                Ok(&out),
+                "a bound of exactly its size refuses it"
+            );
             if !out.is_empty() {
-                assert_eq!(http::gunzip(body, out.len() - 1), Err(GunzipError::TooLarge));
+                assert_eq!(
+                    http::gunzip(body, out.len() - 1, &mut crate::budget::Lease::detached()),
+                    Err(GunzipError::TooLarge)
+                );
             }
         }
         Err(GunzipError::TooLarge) => {}
         Err(GunzipError::Invalid) => {}
+        Err(GunzipError::OverBudget(e)) => panic!("a detached lease has no budget to exceed: {e}"),
     }
 }
 

@@ -32,9 +32,11 @@
 pub mod app;
 pub mod auth;
 pub mod broadcast;
+pub mod budget;
 pub mod config;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod health;
 pub mod ingest;
 pub mod limits;
 pub mod log;

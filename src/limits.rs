@@ -23,7 +23,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 /// `[limits]`: every key may change on SIGHUP.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     /// Open connections from one client IP (all shards together). Over it a
@@ -38,6 +38,25 @@ pub struct LimitsConfig {
     pub token_requests_per_s: u32,
     /// Burst per token; 0 = `token_requests_per_s`.
     pub token_burst: u32,
+    /// Bytes that requests may hold in memory at once, all shards and
+    /// writers together: bodies being read, gzip output, parse scratch,
+    /// encoded rows waiting in the ring and in writer batches, spool appends,
+    /// WebSocket ingest frames (see [`crate::budget`]). A request that does
+    /// not fit is answered 503 + `Retry-After` at once.
+    pub memory_budget_bytes: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_connections_per_ip: 0,
+            ip_requests_per_s: 0,
+            ip_burst: 0,
+            token_requests_per_s: 0,
+            token_burst: 0,
+            memory_budget_bytes: 256 * 1024 * 1024,
+        }
+    }
 }
 
 impl LimitsConfig {

@@ -15,6 +15,25 @@ use ingestd::config::{Config, Sources};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `mi_option_purge_delay`'s index in mimalloc.h (v2 and v3 alike; the
+/// sys crate names no constant for it).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Makes mimalloc give freed memory back to the OS at once instead of after
+/// its purge delay (1 s in v3), which only elapses when some thread later
+/// frees again: after a burst of large requests into an idle process, RSS
+/// stayed at ~840 MiB of freed pages, and went to 66-78 MiB with this set
+/// (same throughput within noise). An operator's `MIMALLOC_PURGE_DELAY`
+/// still wins.
+fn return_freed_memory_at_once() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: sets one integer option before any other thread exists;
+        // mimalloc reads options atomically and allows changing this one at
+        // run time.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+    }
+}
+
 const USAGE: &str = "\
 usage: ingestd [--config FILE] [--listen ADDR] [--database-url URL]
                [--set section.key=value]... [--check-config]
@@ -59,6 +78,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Args>, String
 }
 
 fn main() -> ExitCode {
+    return_freed_memory_at_once();
     let args = match parse_args(std::env::args().skip(1)) {
         Ok(Some(args)) => args,
         Ok(None) => {

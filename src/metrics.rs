@@ -16,8 +16,10 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use parking_lot::Mutex;
 
+use crate::budget::Budget;
+use crate::health::{DatabaseHealth, DbStatus};
 use crate::ingest::event::RejectKind;
-use crate::pipeline::RingGauge;
+use crate::pipeline::{Backlog, RingGauge};
 
 /// A counter written by one thread only.
 #[derive(Debug, Default)]
@@ -66,6 +68,51 @@ impl Route {
     }
 }
 
+/// Why a request was answered 503 without being stored: the label set of
+/// `ingestd_requests_shed_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shed {
+    /// The writers' ring was full.
+    RingFull,
+    /// The database circuit breaker was open.
+    BreakerOpen,
+    /// The request did not fit in `limits.memory_budget_bytes`.
+    MemoryBudget,
+    /// Admission estimated a wait past `ingest.max_wait_ms`.
+    WaitEstimate,
+    /// It waited past `ingest.max_wait_ms` without a writer starting its COPY.
+    WaitExpired,
+    /// The disk spool could not take it (full, busy, failed, or slower than
+    /// `ingest.max_wait_ms`).
+    Spool,
+    /// Shutting down.
+    ShuttingDown,
+}
+
+impl Shed {
+    pub const ALL: [Shed; 7] = [
+        Shed::RingFull,
+        Shed::BreakerOpen,
+        Shed::MemoryBudget,
+        Shed::WaitEstimate,
+        Shed::WaitExpired,
+        Shed::Spool,
+        Shed::ShuttingDown,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Shed::RingFull => "ring_full",
+            Shed::BreakerOpen => "breaker_open",
+            Shed::MemoryBudget => "memory_budget",
+            Shed::WaitEstimate => "wait_estimate",
+            Shed::WaitExpired => "wait_expired",
+            Shed::Spool => "spool",
+            Shed::ShuttingDown => "shutting_down",
+        }
+    }
+}
+
 /// Status codes counted; anything else is counted as `other`.
 pub const STATUS_CODES: [u16; 18] =
     [101, 200, 202, 400, 401, 403, 404, 405, 408, 411, 413, 415, 426, 429, 431, 500, 503, 0];
@@ -82,8 +129,10 @@ pub struct ShardStats {
     pub responses: [Counter; STATUS_CODES.len()],
     pub events_accepted: Counter,
     pub events_rejected: [Counter; RejectKind::ALL.len()],
-    /// 503s because the writers' ring was full.
+    /// Requests answered 503 without being stored, for any reason in [`Shed`].
     pub overload_rejections: Counter,
+    /// The same, by reason.
+    pub shed: [Counter; Shed::ALL.len()],
     pub connections_accepted: Counter,
     /// Connections closed at once because the shard was at its cap.
     pub connections_refused: Counter,
@@ -116,6 +165,11 @@ impl ShardStats {
     }
     pub fn rejected(&self, kind: RejectKind) {
         self.events_rejected[kind as usize].inc();
+    }
+    /// A request answered 503 without being stored.
+    pub fn shed(&self, why: Shed) {
+        self.overload_rejections.inc();
+        self.shed[why as usize].inc();
     }
 }
 
@@ -159,6 +213,9 @@ pub struct WriterStats {
     pub events_dead_lettered: Counter,
     /// `ack = "queue"` events that could not be committed before shutdown.
     pub events_lost: Counter,
+    /// Requests a writer took from the ring after they had waited past
+    /// `ingest.max_wait_ms`, and answered 503 instead of writing.
+    pub jobs_expired: Counter,
     /// COPY + commit time per batch, µs.
     pub commit_us: Distribution,
     /// From ring hand-off to commit, per request, µs.
@@ -167,18 +224,39 @@ pub struct WriterStats {
     pub batch_events: Distribution,
 }
 
+/// What [`Metrics::new`] is built from.
+pub struct MetricsParts {
+    pub shards: usize,
+    pub writers: usize,
+    pub rings: RingGauge,
+    pub backlog: Arc<Backlog>,
+    pub budget: Budget,
+    pub hub: Arc<crate::broadcast::Hub>,
+    pub breaker: crate::writer::breaker::BreakerView,
+    /// The database's status at start-up.
+    pub database: DbStatus,
+}
+
 /// Everything observable, shared by all threads behind an `Arc`.
 pub struct Metrics {
     pub shards: Box<[ShardStats]>,
     pub writers: Box<[WriterStats]>,
     pub rings: RingGauge,
+    /// What waits in the ring and how fast the writers drain it.
+    pub backlog: Arc<Backlog>,
+    /// What requests hold in memory (`limits.memory_budget_bytes`).
+    pub budget: Budget,
     /// Subscriber counts per shard.
     pub hub: Arc<crate::broadcast::Hub>,
     /// The database breaker's state, read without a lock.
     pub breaker: crate::writer::breaker::BreakerView,
     pub started: Instant,
-    /// Set by writers after each database round trip, and at start-up.
-    pub database_up: AtomicBool,
+    /// The database as last seen by a writer or the probe.
+    pub database: DatabaseHealth,
+    /// Probes by verdict (indexed by [`DbStatus`]); written by the probe only.
+    pub probes: [Counter; 3],
+    /// How long each probe took, µs.
+    pub probe_us: Distribution,
     pub shutting_down: AtomicBool,
     /// `auth.mode = "tokens"` is in force (shown by /health).
     pub auth_tokens: AtomicBool,
@@ -191,21 +269,20 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(
-        shards: usize,
-        writers: usize,
-        rings: RingGauge,
-        hub: Arc<crate::broadcast::Hub>,
-        breaker: crate::writer::breaker::BreakerView,
-    ) -> Self {
+    pub fn new(parts: MetricsParts) -> Self {
+        let MetricsParts { shards, writers, rings, backlog, budget, hub, breaker, database } = parts;
         Self {
             breaker,
             shards: (0..shards).map(|_| ShardStats::default()).collect(),
             writers: (0..writers).map(|_| WriterStats::default()).collect(),
             rings,
+            backlog,
+            budget,
             hub,
             started: Instant::now(),
-            database_up: AtomicBool::new(true),
+            database: DatabaseHealth::new(database),
+            probes: Default::default(),
+            probe_us: Distribution::default(),
             auth_tokens: AtomicBool::new(false),
             tls: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
@@ -216,7 +293,8 @@ impl Metrics {
 
     /// Ready means accepting work: not shutting down, and either the spool
     /// can take appends (`ack = "spool"`, which rides out database outages)
-    /// or the database answered last time and the breaker is not open.
+    /// or the database answered the last writer or probe and the breaker is
+    /// not open. The probe keeps this current with no client traffic.
     pub fn ready(&self) -> bool {
         if self.shutting_down.load(Ordering::Relaxed) {
             return false;
@@ -225,7 +303,7 @@ impl Metrics {
             let st = spool.stats();
             return !st.failed && st.used_bytes < st.max_bytes;
         }
-        self.database_up.load(Ordering::Relaxed) && self.breaker.state() != crate::writer::breaker::BreakerState::Open
+        self.database.is_up() && self.breaker.state() != crate::writer::breaker::BreakerState::Open
     }
 
     fn sum_shards(&self, f: impl Fn(&ShardStats) -> u64) -> u64 {
@@ -246,20 +324,30 @@ impl Metrics {
 
     /// The `/health` body.
     pub fn health_json(&self) -> String {
+        let ready = self.ready();
+        let database = self.database.status();
         let status = if self.shutting_down.load(Ordering::Relaxed) {
             "shutting_down"
-        } else if !self.ready() && self.spool.get().is_some() {
+        } else if !ready && self.spool.get().is_some() {
             "spool_unavailable"
-        } else if !self.ready() {
+        } else if !ready && database == DbStatus::Refused {
+            "database_refused"
+        } else if !ready {
             "database_unavailable"
         } else {
             "ready"
         };
+        let now = Instant::now();
         serde_json::json!({
             "status": status,
-            "ready": self.ready(),
-            "database_up": self.database_up.load(Ordering::Relaxed),
+            "ready": ready,
+            "database": database.as_str(),
+            "database_for_s": self.database.for_how_long(now).as_secs(),
+            "database_up": database == DbStatus::Up,
             "breaker": self.breaker.state().as_str(),
+            "queue_wait_ms": self.backlog.wait_estimate(now).as_millis() as u64,
+            "memory_used_bytes": self.budget.used(),
+            "memory_budget_bytes": self.budget.limit(),
             "uptime_s": self.started.elapsed().as_secs(),
             "auth": if self.auth_tokens.load(Ordering::Relaxed) { "tokens" } else { "off" },
             "tls": self.tls.load(Ordering::Relaxed),
@@ -269,6 +357,10 @@ impl Metrics {
 
     /// The `/stats` body: totals, plus per-reason rejections and latencies.
     pub fn stats_json(&self) -> String {
+        let shed_by_reason: serde_json::Map<String, serde_json::Value> = Shed::ALL
+            .iter()
+            .map(|k| (k.label().to_string(), self.sum_shards(|s| s.shed[*k as usize].get()).into()))
+            .collect();
         let rejected_by_reason: serde_json::Map<String, serde_json::Value> = RejectKind::ALL
             .iter()
             .map(|k| (k.label().to_string(), self.sum_shards(|s| s.events_rejected[*k as usize].get()).into()))
@@ -300,9 +392,23 @@ impl Metrics {
             "spool": spool,
             "uptime_s": self.started.elapsed().as_secs_f64(),
             "ready": self.ready(),
-            "database_up": self.database_up.load(Ordering::Relaxed),
+            "database": self.database.status().as_str(),
+            "database_up": self.database.is_up(),
             "breaker": self.breaker.state().as_str(),
             "breaker_opens": self.breaker.opens(),
+            "memory": {
+                "used_bytes": self.budget.used(),
+                "peak_bytes": self.budget.peak(),
+                "budget_bytes": self.budget.limit(),
+                "refused": self.budget.refused(),
+                "fanout_used_bytes": self.hub.budget.used(),
+                "fanout_budget_bytes": self.hub.budget.limit(),
+                "fanout_refused": self.hub.budget.refused(),
+            },
+            "queued_events": self.backlog.queued_events(),
+            "queue_wait_ms": self.backlog.wait_estimate(Instant::now()).as_millis() as u64,
+            "shed_by_reason": shed_by_reason,
+            "jobs_expired": self.sum_writers(|w| w.jobs_expired.get()),
             "events_accepted": self.sum_shards(|s| s.events_accepted.get()),
             "events_rejected": self.sum_shards(|s| s.events_rejected.iter().map(Counter::get).sum()),
             "events_rejected_by_reason": rejected_by_reason,
@@ -344,8 +450,51 @@ impl Metrics {
         let _ = writeln!(o, "ingestd_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
         family(o, "ingestd_up", "gauge", "1 when ready to accept work (not shutting down, database reachable).");
         let _ = writeln!(o, "ingestd_up {}", u8::from(self.ready()));
-        family(o, "ingestd_database_up", "gauge", "1 when the last database round trip succeeded.");
-        let _ = writeln!(o, "ingestd_database_up {}", u8::from(self.database_up.load(Ordering::Relaxed)));
+        family(
+            o,
+            "ingestd_database_up",
+            "gauge",
+            "1 when the last database round trip (a write or a probe) succeeded.",
+        );
+        let _ = writeln!(o, "ingestd_database_up {}", u8::from(self.database.is_up()));
+        family(o, "ingestd_database_state", "gauge", "The database as last seen: 0 up, 1 unreachable, 2 refused us.");
+        let _ = writeln!(o, "ingestd_database_state {}", self.database.status().as_gauge());
+        family(o, "ingestd_db_probes_total", "counter", "Database probes (while no writer reached it), by verdict.");
+        for status in [DbStatus::Up, DbStatus::Unreachable, DbStatus::Refused] {
+            let _ = writeln!(
+                o,
+                "ingestd_db_probes_total{{result=\"{}\"}} {}",
+                status.as_str(),
+                self.probes[status as usize].get()
+            );
+        }
+        let budgets = [("requests", &self.budget), ("fanout", &self.hub.budget)];
+        family(
+            o,
+            "ingestd_memory_budget_bytes",
+            "gauge",
+            "Memory budgets: requests (limits.memory_budget_bytes) and the live feed (websocket.fanout_budget_bytes).",
+        );
+        for (name, b) in budgets {
+            let _ = writeln!(o, "ingestd_memory_budget_bytes{{budget=\"{name}\"}} {}", b.limit());
+        }
+        family(o, "ingestd_memory_used_bytes", "gauge", "Bytes leased from each memory budget now.");
+        for (name, b) in budgets {
+            let _ = writeln!(o, "ingestd_memory_used_bytes{{budget=\"{name}\"}} {}", b.used());
+        }
+        family(o, "ingestd_memory_peak_bytes", "gauge", "Most bytes ever leased at once from each memory budget.");
+        for (name, b) in budgets {
+            let _ = writeln!(o, "ingestd_memory_peak_bytes{{budget=\"{name}\"}} {}", b.peak());
+        }
+        family(
+            o,
+            "ingestd_memory_refusals_total",
+            "counter",
+            "Leases each memory budget refused (503s for requests, missed events for the live feed).",
+        );
+        for (name, b) in budgets {
+            let _ = writeln!(o, "ingestd_memory_refusals_total{{budget=\"{name}\"}} {}", b.refused());
+        }
 
         family(o, "ingestd_breaker_state", "gauge", "Database circuit breaker: 0 closed, 1 open, 2 half-open.");
         let _ = writeln!(o, "ingestd_breaker_state {}", self.breaker.state().as_gauge());
@@ -391,9 +540,20 @@ impl Metrics {
             self,
             "ingestd_overload_rejections_total",
             "counter",
-            "Requests answered 503 because the writers' ring was full.",
+            "Requests answered 503 without being stored (any reason; see ingestd_requests_shed_total).",
             |s| s.overload_rejections.get(),
         );
+        family(o, "ingestd_requests_shed_total", "counter", "Requests answered 503 without being stored, by reason.");
+        for (i, s) in self.shards.iter().enumerate() {
+            for k in Shed::ALL {
+                let _ = writeln!(
+                    o,
+                    "ingestd_requests_shed_total{{shard=\"{i}\",reason=\"{}\"}} {}",
+                    k.label(),
+                    s.shed[k as usize].get()
+                );
+            }
+        }
         per_shard(o, self, "ingestd_connections_accepted_total", "counter", "TCP connections accepted.", |s| {
             s.connections_accepted.get()
         });
@@ -503,8 +663,44 @@ impl Metrics {
             |w| w.dedup_suspects.get(),
         );
 
+        per_writer(
+            o,
+            self,
+            "ingestd_jobs_expired_total",
+            "counter",
+            "Requests a writer answered 503 because they had waited past ingest.max_wait_ms.",
+            |w| w.jobs_expired.get(),
+        );
         family(o, "ingestd_ring_depth", "gauge", "Requests waiting for a writer.");
         let _ = writeln!(o, "ingestd_ring_depth {}", self.rings.depth());
+        family(o, "ingestd_queued_events", "gauge", "Events waiting for a writer.");
+        let _ = writeln!(o, "ingestd_queued_events {}", self.backlog.queued_events());
+        let now = Instant::now();
+        family(
+            o,
+            "ingestd_queue_wait_estimate_seconds",
+            "gauge",
+            "How long a request handed over now would wait for its COPY to start (admission refuses past ingest.max_wait_ms).",
+        );
+        let _ = writeln!(o, "ingestd_queue_wait_estimate_seconds {}", self.backlog.wait_estimate(now).as_secs_f64());
+        family(
+            o,
+            "ingestd_writer_batch_cost_seconds",
+            "gauge",
+            "Each writer's fitted commit cost: fixed per batch, and per event.",
+        );
+        for (i, load) in self.backlog.loads(now).enumerate() {
+            let _ = writeln!(
+                o,
+                "ingestd_writer_batch_cost_seconds{{writer=\"{i}\",part=\"batch\"}} {}",
+                load.model.overhead_us * 1e-6
+            );
+            let _ = writeln!(
+                o,
+                "ingestd_writer_batch_cost_seconds{{writer=\"{i}\",part=\"event\"}} {}",
+                load.model.per_event_us * 1e-6
+            );
+        }
         family(
             o,
             "ingestd_ring_capacity",
@@ -643,10 +839,19 @@ mod tests {
     use super::*;
 
     fn metrics() -> Metrics {
-        let (_set, receivers) = crate::pipeline::rings(2, 8);
-        let (hub, _publisher, _rx) = crate::broadcast::Hub::new(2, 10, 10, 4);
+        let (_set, receivers, backlog) = crate::pipeline::ring(2, 8);
+        let (hub, _publisher, _rx) = crate::broadcast::Hub::new(2, 10, 10, 4, Budget::unlimited());
         let breaker = crate::writer::breaker::Breaker::new(Default::default(), Instant::now()).view();
-        Metrics::new(2, 2, RingGauge::new(&receivers), hub, breaker)
+        Metrics::new(MetricsParts {
+            shards: 2,
+            writers: 2,
+            rings: RingGauge::new(&receivers),
+            backlog,
+            budget: Budget::new("limits.memory_budget_bytes", 1000),
+            hub,
+            breaker,
+            database: DbStatus::Up,
+        })
     }
 
     #[test]

@@ -94,6 +94,51 @@ impl std::fmt::Display for BodyError {
     }
 }
 
+/// Bytes of tape and structural index one structural character can cost:
+/// a `u32` index and a tape node.
+const BYTES_PER_STRUCTURAL: usize = 4 + std::mem::size_of::<Node<'static>>();
+
+/// Scratch kept between requests; buffers that grew past it for one large
+/// body are released after it (see [`Parser::shed`]).
+pub const KEPT_SCRATCH_BYTES: usize = 1024 * 1024;
+
+/// An upper bound on the memory that parsing `body` takes, rows included:
+/// what the memory budget is asked for before the parse starts.
+///
+/// simd-json copies the document twice (its aligned input and string
+/// buffers) besides our scratch copy, and keeps a `u32` index and a tape
+/// node per structural character; a structural character is at most one of
+/// `{ [ , : "` (a string's two quotes over-count it), so counting those bytes
+/// bounds it. NDJSON is parsed one line at a time, so only its longest line
+/// needs scratch. An encoded row is at most [`ROW_GROWTH_BYTES`] longer than
+/// its event's JSON, and there are no more events than `{`. The count is one
+/// vectorised pass over the body.
+pub fn working_bytes(body: &[u8], kind: BodyKind) -> usize {
+    let count = |doc: &[u8]| {
+        let structurals = doc.iter().filter(|&&b| matches!(b, b'{' | b'[' | b',' | b':' | b'"')).count() + 1;
+        let objects = doc.iter().filter(|&&b| b == b'{').count();
+        (structurals, objects)
+    };
+    let (scratch, objects) = match kind {
+        BodyKind::Single | BodyKind::JsonArray => {
+            let (structurals, objects) = count(body);
+            (3 * body.len() + BYTES_PER_STRUCTURAL * structurals, objects)
+        }
+        BodyKind::Ndjson => body.split(|&b| b == b'\n').fold((0, 0), |(scratch, objects), line| {
+            let (structurals, o) = count(line);
+            (scratch.max(3 * line.len() + BYTES_PER_STRUCTURAL * structurals), objects + o)
+        }),
+    };
+    scratch + body.len() + ROW_GROWTH_BYTES * objects + 64 * 1024
+}
+
+/// How much longer an encoded row can be than its event's JSON: the tuple's
+/// field count and six lengths (26), binary `ts` and `received_at` (16), the
+/// jsonb version byte, and a 36-byte UUID when ingestd assigns the id, less
+/// the keys and punctuation the JSON must have had (`"device_id":""`,
+/// `"type":""`, `"ts":0`, braces, commas: 33).
+pub const ROW_GROWTH_BYTES: usize = 26 + 16 + 1 + 36 - 33;
+
 /// A shard's parser: rules plus buffers reused from one request to the next.
 pub struct Parser {
     rules: Rules,
@@ -128,6 +173,18 @@ impl Parser {
     /// Replaces the rules (a configuration reload).
     pub fn set_rules(&mut self, rules: Rules) {
         self.rules = rules;
+    }
+
+    /// Releases buffers that grew past [`KEPT_SCRATCH_BYTES`] for one large
+    /// body, so that a burst of large requests does not leave every shard
+    /// holding the largest one's scratch for ever. Ordinary bodies keep
+    /// reusing theirs.
+    pub fn shed(&mut self) {
+        if self.scratch.capacity() > KEPT_SCRATCH_BYTES {
+            self.scratch = Vec::new();
+            self.buffers = Buffers::new(64 * 1024);
+            self.tape = Tape::null();
+        }
     }
 
     /// Parses and validates a whole body.
@@ -706,5 +763,25 @@ mod tests {
         let body = r#"{"device_id":"d","x":{"y":[1,2]},"type":"t","ts":1767225600000}"#;
         let parsed = p.parse(body.as_bytes(), BodyKind::Single, Clock { now_unix_us: NOW }).unwrap();
         assert_eq!(parsed.rows.len(), 1, "{:?}", parsed.rejected);
+    }
+
+    #[test]
+    fn the_working_bound_covers_the_rows_of_the_smallest_events() {
+        // The smallest valid events, ids assigned by ingestd: rows outgrow the JSON most.
+        for (kind, sep, open, close) in [(BodyKind::JsonArray, ",", "[", "]"), (BodyKind::Ndjson, "\n", "", "")] {
+            let ts = NOW / 1000;
+            let events: Vec<String> =
+                (0..2000).map(|_| format!(r#"{{"device_id":"d","type":"t","ts":{ts}}}"#)).collect();
+            let body = format!("{open}{}{close}", events.join(sep));
+            let mut p = parser();
+            p.set_rules(Rules { max_events: 10_000, ..*p.rules() });
+            let parsed = p.parse(body.as_bytes(), kind, Clock { now_unix_us: NOW }).unwrap();
+            assert_eq!(parsed.rows.len(), 2000);
+            let rows = parsed.rows.bytes().len();
+            let bound = working_bytes(body.as_bytes(), kind);
+            assert!(rows > body.len(), "rows outgrow this JSON: {rows} vs {}", body.len());
+            // The body itself is already leased when this is asked for.
+            assert!(bound >= rows + 64 * 1024, "{kind:?}: bound {bound} < rows {rows} + scratch");
+        }
     }
 }

@@ -7,6 +7,17 @@
 //! byte to the last one of the body (408). A read that loses to its deadline
 //! or to shutdown is cancelled explicitly (`Canceller`) and awaited, so no
 //! io_uring operation outlives its buffer's owner and no buffer is leaked.
+//!
+//! Memory: a body is leased from the memory budget (`limits.memory_budget_bytes`)
+//! by its `Content-Length` before a byte of it is read, and read straight into
+//! a buffer of its own size; a chunked body is leased as it grows, and a head
+//! past the idle buffer's size the same way. A request that does not fit, or
+//! that the writers could not start within `ingest.max_wait_ms`, is answered
+//! 503 + `Retry-After` at once. The client must see that 503, not a reset: a
+//! body already on its way is read and dropped through a small fixed buffer
+//! (bounded by `max_body_bytes` and the request's deadline) and the
+//! connection stays open; with `Expect: 100-continue` the 503 goes instead
+//! of the 100 and the connection closes (the client has not sent the body).
 
 use std::rc::Rc;
 use std::sync::Arc;
@@ -17,6 +28,7 @@ use super::io::{IDLE_READ_BYTES, READ_CHUNK_BYTES, ReadOutcome};
 use super::transport::Transport;
 use super::{ShardCtx, routes, ws};
 use crate::auth::Grant;
+use crate::budget::Lease;
 use crate::limits::IpPass;
 
 /// Response buffer kept between requests; a larger one is released.
@@ -26,9 +38,15 @@ const KEPT_OUT_BYTES: usize = 4 * 1024;
 enum Next {
     /// A whole request: head, body (de-chunked, not yet decompressed), and
     /// the token's grant when authentication is on.
-    Request(RequestHead, Vec<u8>, Option<Arc<Grant>>),
-    /// A request refused before any body; the connection stays usable.
+    Request(RequestHead, Body, Option<Arc<Grant>>),
+    /// A request refused before its body was used; the connection stays usable.
     Answer(Response),
+}
+
+/// A request body and its bytes in the memory budget.
+pub struct Body {
+    pub bytes: Vec<u8>,
+    pub lease: Lease,
 }
 
 /// Why the loop stops reading requests.
@@ -45,6 +63,8 @@ pub struct Conn {
     ip: IpPass,
     /// Unconsumed request bytes, starting at index 0.
     buf: Vec<u8>,
+    /// `buf`'s bytes in the memory budget once it outgrows the idle size.
+    buf_lease: Lease,
     /// Response bytes, reused.
     out: Vec<u8>,
     ctx: Rc<ShardCtx>,
@@ -52,14 +72,15 @@ pub struct Conn {
 
 impl Conn {
     pub fn new(stream: Transport, ip: IpPass, ctx: Rc<ShardCtx>) -> Self {
-        Self { stream, ip, buf: Vec::new(), out: Vec::new(), ctx }
+        let buf_lease = ctx.budget.lease();
+        Self { stream, ip, buf: Vec::new(), buf_lease, out: Vec::new(), ctx }
     }
 
     pub async fn run(mut self) {
         loop {
             let (response, head_only) = match self.next_request().await {
                 Ok(Next::Answer(response)) => (response, false),
-                Ok(Next::Request(head, _, grant)) if head.target == Target::Ws => {
+                Ok(Next::Request(head, _body, grant)) if head.target == Target::Ws => {
                     match routes::upgrade(&self.ctx, &head, self.ip.ip(), grant.as_deref()) {
                         Ok((accept, request, admission)) => {
                             self.ctx.stats().response(101);
@@ -91,6 +112,7 @@ impl Conn {
             if self.buf.is_empty() && self.buf.capacity() > IDLE_READ_BYTES {
                 self.buf = Vec::new();
             }
+            self.true_up_buf_lease();
         }
     }
 
@@ -117,7 +139,14 @@ impl Conn {
             }
             let idle = self.buf.is_empty();
             let want = if idle { IDLE_READ_BYTES } else { READ_CHUNK_BYTES.min(max_head) };
-            match self.read_more(deadline.unwrap_or(idle_deadline), idle, want).await {
+            if !idle && self.buf_lease.try_resize(self.buf.len() + want).is_err() {
+                // A head cannot be skipped to keep the connection: answer and close.
+                let refusal = routes::over_budget(&self.ctx, self.ctx.budget.key());
+                return Err(Stop::Respond(refusal));
+            }
+            let outcome = self.read_more(deadline.unwrap_or(idle_deadline), idle, want).await;
+            self.true_up_buf_lease();
+            match outcome {
                 ReadOutcome::Data => {
                     deadline.get_or_insert_with(|| Instant::now() + request_timeout);
                 }
@@ -141,7 +170,13 @@ impl Conn {
             // A body is on the wire and will not be read: close after answering.
             return Err(Stop::Respond(refusal));
         }
-        let body = match head.body {
+        // Load: the database breaker, the wait for a writer. Decided before
+        // the body is read, so that a flood costs a head each, not a body.
+        if let Some(refusal) = routes::refuse_for_load(&self.ctx, &head) {
+            return self.shed(&head, refusal, deadline, max_body).await;
+        }
+        let mut lease = self.ctx.budget.lease();
+        let bytes = match head.body {
             BodyFraming::None => {
                 self.buf.drain(..head.len);
                 Vec::new()
@@ -151,19 +186,28 @@ impl Conn {
                 if n > max_body {
                     return Err(Stop::Respond(routes::too_large_body(max_body)));
                 }
+                if lease.try_resize(n).is_err() {
+                    let refusal = routes::over_budget(&self.ctx, self.ctx.budget.key());
+                    return self.shed(&head, refusal, deadline, max_body).await;
+                }
                 let total = head.len + n;
                 if head.expect_continue && self.buf.len() < total {
                     self.send_continue().await?;
                 }
-                while self.buf.len() < total {
-                    match self.read_more(deadline, false, total - self.buf.len()).await {
+                // What came with the head moves into a buffer of the body's
+                // own size; the rest is read straight into it.
+                let here = self.buf.len().min(total);
+                let mut body = Vec::with_capacity(n);
+                body.extend_from_slice(&self.buf[head.len..here]);
+                self.buf.drain(..here);
+                while body.len() < n {
+                    let want = (n - body.len()).min(READ_CHUNK_BYTES * 4);
+                    match self.stream.read_more(&mut body, want, deadline, std::future::pending::<()>()).await {
                         ReadOutcome::Data => {}
                         ReadOutcome::TimedOut => return Err(Stop::Respond(timeout_response())),
                         _ => return Err(Stop::Close),
                     }
                 }
-                let body = self.buf[head.len..total].to_vec();
-                self.buf.drain(..total);
                 body
             }
             BodyFraming::Chunked => {
@@ -173,7 +217,25 @@ impl Conn {
                 self.buf.drain(..head.len);
                 let mut body = Vec::new();
                 loop {
-                    match http::decode_chunks(&self.buf, &mut body, max_body) {
+                    let decoded = http::decode_chunks(&self.buf, &mut body, max_body);
+                    if lease.try_resize(body.capacity()).is_err() {
+                        // Over budget part-way: drop what we have and read the rest away.
+                        let refusal = routes::over_budget(&self.ctx, self.ctx.budget.key());
+                        let consumed = match decoded {
+                            Ok(Chunked::Done { consumed } | Chunked::Partial { consumed }) => consumed,
+                            Err(_) => 0,
+                        };
+                        let seen = body.len();
+                        drop(body);
+                        drop(lease);
+                        if let Ok(Chunked::Done { .. }) = decoded {
+                            self.buf.drain(..consumed);
+                            return Ok(Next::Answer(keep_alive_if(&head, refusal)));
+                        }
+                        self.buf.drain(..consumed);
+                        return self.discard_chunks(&head, refusal, deadline, max_body.saturating_sub(seen)).await;
+                    }
+                    match decoded {
                         Ok(Chunked::Done { consumed }) => {
                             self.buf.drain(..consumed);
                             break body;
@@ -194,7 +256,93 @@ impl Conn {
                 }
             }
         };
-        Ok(Next::Request(head, body, admitted.ok().flatten()))
+        lease.set(bytes.capacity());
+        Ok(Next::Request(head, Body { bytes, lease }, admitted.ok().flatten()))
+    }
+
+    /// Answers `refusal` (a 503) to a request whose body will not be used,
+    /// keeping the connection: a body already on its way is read and dropped
+    /// through a small buffer, within the request's deadline and
+    /// `max_body_bytes`. With `Expect: 100-continue` and nothing of the body
+    /// sent yet, the 503 goes instead of the 100 and the connection closes.
+    async fn shed(
+        &mut self,
+        head: &RequestHead,
+        refusal: Response,
+        deadline: Instant,
+        max_body: usize,
+    ) -> Result<Next, Stop> {
+        let body_started = self.buf.len() > head.len;
+        match head.body {
+            BodyFraming::None | BodyFraming::Length(0) => {
+                self.buf.drain(..head.len);
+                Ok(Next::Answer(keep_alive_if(head, refusal)))
+            }
+            _ if head.expect_continue && !body_started => Err(Stop::Respond(refusal.closing())),
+            BodyFraming::Length(n) => {
+                let total = head.len.saturating_add(usize::try_from(n).unwrap_or(usize::MAX));
+                if total - head.len > max_body {
+                    return Err(Stop::Respond(refusal.closing()));
+                }
+                let here = self.buf.len().min(total);
+                self.buf.drain(..here);
+                let mut left = total - here;
+                while left > 0 {
+                    debug_assert!(self.buf.is_empty());
+                    match self.read_more(deadline, false, left.min(READ_CHUNK_BYTES)).await {
+                        ReadOutcome::Data => {
+                            left -= self.buf.len();
+                            self.buf.clear();
+                        }
+                        ReadOutcome::TimedOut => return Err(Stop::Respond(timeout_response())),
+                        _ => return Err(Stop::Close),
+                    }
+                }
+                Ok(Next::Answer(keep_alive_if(head, refusal)))
+            }
+            BodyFraming::Chunked => {
+                self.buf.drain(..head.len);
+                self.discard_chunks(head, refusal, deadline, max_body).await
+            }
+        }
+    }
+
+    /// Reads the rest of a chunked body (the buffer starts inside it) and
+    /// drops it, then answers `refusal` keeping the connection.
+    async fn discard_chunks(
+        &mut self,
+        head: &RequestHead,
+        refusal: Response,
+        deadline: Instant,
+        mut allowed: usize,
+    ) -> Result<Next, Stop> {
+        let mut sink = Vec::new();
+        loop {
+            match http::decode_chunks(&self.buf, &mut sink, allowed) {
+                Ok(Chunked::Done { consumed }) => {
+                    self.buf.drain(..consumed);
+                    return Ok(Next::Answer(keep_alive_if(head, refusal)));
+                }
+                Ok(Chunked::Partial { consumed }) => {
+                    self.buf.drain(..consumed);
+                    allowed -= sink.len();
+                    sink.clear();
+                }
+                Err(ChunkError::Bad) => return Err(Stop::Respond(Response::error(400, "malformed chunked body"))),
+                Err(ChunkError::TooLarge) => return Err(Stop::Respond(refusal.closing())),
+            }
+            match self.read_more(deadline, false, READ_CHUNK_BYTES).await {
+                ReadOutcome::Data => {}
+                ReadOutcome::TimedOut => return Err(Stop::Respond(timeout_response())),
+                _ => return Err(Stop::Close),
+            }
+        }
+    }
+
+    /// Holds `buf`'s bytes beyond the idle size in the memory budget.
+    fn true_up_buf_lease(&mut self) {
+        let cap = self.buf.capacity();
+        self.buf_lease.set(if cap > IDLE_READ_BYTES { cap } else { 0 });
     }
 
     async fn send_continue(&mut self) -> Result<(), Stop> {
@@ -246,6 +394,13 @@ pub async fn refuse_per_ip(mut stream: Transport, ctx: &ShardCtx) {
     let mut out = Vec::new();
     response.write_to(&mut out, false);
     let _ = stream.write_all_by(out, Instant::now() + write_timeout).await;
+}
+
+/// `refusal` for a request whose bytes were all consumed: the connection
+/// stays open unless the client asked to close it.
+fn keep_alive_if(head: &RequestHead, mut refusal: Response) -> Response {
+    refusal.close |= !head.keep_alive;
+    refusal
 }
 
 fn timeout_response() -> Response {

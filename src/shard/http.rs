@@ -393,13 +393,37 @@ pub enum GunzipError {
     Invalid,
     /// 413: more than the limit once decompressed.
     TooLarge,
+    /// 503: the output does not fit in the memory budget now.
+    OverBudget(crate::budget::OverBudget),
 }
 
+/// Decompressed output grows by at least this much at a time.
+const GUNZIP_STEP: usize = 64 * 1024;
+
 /// Decompresses a gzip body, refusing to produce more than `limit` bytes.
-pub fn gunzip(body: &[u8], limit: usize) -> Result<Vec<u8>, GunzipError> {
-    let mut out = Vec::with_capacity((body.len() * 4).min(limit));
+/// The output is leased from the memory budget as it grows (`lease` already
+/// holds the compressed body), so a bomb within `limit` still cannot take
+/// more than the budget allows.
+pub fn gunzip(body: &[u8], limit: usize, lease: &mut crate::budget::Lease) -> Result<Vec<u8>, GunzipError> {
+    let base = lease.bytes();
+    let mut out: Vec<u8> = Vec::new();
     let mut decoder = flate2::read::MultiGzDecoder::new(body).take(limit as u64 + 1);
-    decoder.read_to_end(&mut out).map_err(|_| GunzipError::Invalid)?;
+    loop {
+        if out.capacity() == out.len() {
+            let grow = GUNZIP_STEP.max(out.len() / 2).min(limit + 1 - out.len().min(limit));
+            lease.try_resize(base + out.len() + grow).map_err(GunzipError::OverBudget)?;
+            out.reserve_exact(grow.max(1));
+        }
+        let room = (out.capacity() - out.len()) as u64;
+        match (&mut decoder).take(room).read_to_end(&mut out) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(_) => return Err(GunzipError::Invalid),
+        }
+        if out.len() > limit {
+            return Err(GunzipError::TooLarge);
+        }
+    }
     if out.len() > limit {
         return Err(GunzipError::TooLarge);
     }
@@ -647,9 +671,17 @@ mod tests {
         let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         enc.write_all(&vec![b'a'; 10_000]).unwrap();
         let gz = enc.finish().unwrap();
-        assert_eq!(gunzip(&gz, 10_000).unwrap().len(), 10_000);
-        assert_eq!(gunzip(&gz, 9_999), Err(GunzipError::TooLarge));
-        assert_eq!(gunzip(b"not gzip", 100), Err(GunzipError::Invalid));
+        let lease = &mut crate::budget::Lease::detached();
+        assert_eq!(gunzip(&gz, 10_000, lease).unwrap().len(), 10_000);
+        assert_eq!(gunzip(&gz, 9_999, lease), Err(GunzipError::TooLarge));
+        assert_eq!(gunzip(b"not gzip", 100, lease), Err(GunzipError::Invalid));
+        let budget = crate::budget::Budget::new("limits.memory_budget_bytes", 5_000);
+        let mut small = budget.lease();
+        assert!(matches!(gunzip(&gz, 10_000, &mut small), Err(GunzipError::OverBudget(_))));
+        let big = crate::budget::Budget::new("limits.memory_budget_bytes", 1 << 20);
+        let mut lease = big.lease();
+        let out = gunzip(&gz, 10_000, &mut lease).unwrap();
+        assert!(lease.bytes() >= out.len(), "the output is leased as it grows");
     }
 
     #[test]

@@ -38,8 +38,9 @@ pub const READ_CHUNK_BYTES: usize = 16 * 1024;
 /// an appliance holds tens of thousands of idle keep-alive connections.
 pub const IDLE_READ_BYTES: usize = 1024;
 
-/// Appends whatever the socket has to `buf`, making room for at least `want`
-/// more bytes first, unless `deadline` passes or `interrupt` completes first.
+/// Appends what the socket has to `buf`, at most `want` bytes (so that a
+/// body read never takes the next pipelined request's bytes), unless
+/// `deadline` passes or `interrupt` completes first.
 pub async fn read_more<R, I>(
     reader: &mut R,
     buf: &mut Vec<u8>,
@@ -51,11 +52,12 @@ where
     R: CancelableAsyncReadRent,
     I: Future<Output = ()>,
 {
+    let want = want.max(1);
     if buf.capacity() - buf.len() < want {
         buf.reserve(want);
     }
-    let (len, cap) = (buf.len(), buf.capacity());
-    let slice = std::mem::take(buf).slice_mut(len..cap);
+    let len = buf.len();
+    let slice = std::mem::take(buf).slice_mut(len..len + want);
     let canceller = Canceller::new();
     let mut read = pin!(reader.cancelable_read(slice, canceller.handle()));
     let timer = monoio::time::sleep(deadline.saturating_duration_since(Instant::now()));

@@ -38,10 +38,11 @@ use futures_util::future::Shared;
 use monoio::io::Canceller;
 
 use crate::broadcast::{Hub, Inbox};
+use crate::budget::Budget;
 use crate::config::LiveConfig;
 use crate::ingest::Parser;
 use crate::metrics::{Metrics, ShardStats};
-use crate::pipeline::RingSet;
+use crate::pipeline::RingSender;
 
 /// Fires (or is dropped) to start a shard's shutdown.
 pub type ShutdownTrigger = oneshot::Sender<()>;
@@ -56,7 +57,9 @@ pub struct ShardSetup {
     pub listener: std::net::TcpListener,
     /// The `[tls]` listener, bound the same way, and its rustls config.
     pub tls: Option<(std::net::TcpListener, Arc<rustls::ServerConfig>)>,
-    pub rings: RingSet,
+    pub rings: RingSender,
+    /// What requests may hold in memory (`limits.memory_budget_bytes`).
+    pub budget: Budget,
     pub config: Arc<LiveConfig>,
     pub metrics: Arc<Metrics>,
     pub shutdown: oneshot::Receiver<()>,
@@ -78,7 +81,9 @@ pub struct ShardCtx {
     live: Arc<LiveConfig>,
     pub metrics: Arc<Metrics>,
     pub parser: RefCell<Parser>,
-    pub rings: RingSet,
+    pub rings: RingSender,
+    /// What requests may hold in memory, shared by every shard and writer.
+    pub budget: Budget,
     pub shutdown: ShutdownSignal,
     pub hub: Arc<Hub>,
     /// The WebSocket subscribers this shard owns.
@@ -150,6 +155,7 @@ async fn run(setup: ShardSetup) {
         id,
         parser: RefCell::new(Parser::new(rules)),
         rings: setup.rings,
+        budget: setup.budget,
         shutdown: setup.shutdown.shared(),
         hub: setup.hub,
         ws: ws::Subscribers::default(),

@@ -4,22 +4,29 @@
 //! ring without blocking (a full ring is 503 at once), and with
 //! `ack = "commit"` await the writer's commit report before answering 200.
 //! WebSocket ingest frames go through the same [`ingest_events`].
+//!
+//! Every step that would make a client wait or hold memory has a bound and
+//! answers 503 + `Retry-After` past it ([`crate::metrics::Shed`] names
+//! which): the breaker, the estimated wait for a writer, the memory budget,
+//! the wait itself (`ingest.max_wait_ms`), the spool.
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use super::conn::Body;
 use super::http::{self, BodyFraming, GunzipError, HeadError, Media, Method, RequestHead, Response, Target};
 use super::{ShardCtx, ws};
 use crate::auth::{Denied, Grant, Scope, Secret};
 use crate::broadcast::{Admission, Refusal};
+use crate::budget::Lease;
 use crate::config::AckMode;
 use crate::ingest::event::{Reason, RejectKind};
 use crate::ingest::{BodyError, BodyKind, Clock, Rejection};
 use crate::limits::{IpPass, retry_after_secs};
-use crate::metrics::Route;
-use crate::pipeline::{self, CommitOutcome, HandOffError, Job, Reply};
+use crate::metrics::{Route, Shed};
+use crate::pipeline::{self, CommitOutcome, HandOffError, Job, Reply, Ticket};
 
 /// The metrics label of a request.
 pub fn route(head: &RequestHead) -> Route {
@@ -141,9 +148,63 @@ pub fn refuse_before_body(ctx: &ShardCtx, head: &RequestHead) -> Option<Response
     Some(refusal)
 }
 
+/// 503 + `Retry-After` for a request that does not fit in the memory budget.
+pub fn over_budget(ctx: &ShardCtx, key: &str) -> Response {
+    ctx.stats().shed(Shed::MemoryBudget);
+    unavailable(ctx, &format!("server is over its memory budget ({key}); nothing was stored, retry later"))
+}
+
+fn unavailable(ctx: &ShardCtx, message: &str) -> Response {
+    Response::error(503, message).retry_after(ctx.config().server.retry_after_s)
+}
+
+/// Refuses (503) an ingest request that could not be served in time, before
+/// its body is read: the breaker is open, or the writers could not start
+/// its COPY within `ingest.max_wait_ms`. With `ack = "spool"` the spool
+/// rides these out, so only the spool's own bounds apply.
+pub fn refuse_for_load(ctx: &ShardCtx, head: &RequestHead) -> Option<Response> {
+    if !matches!(head.target, Target::Events | Target::Batch) {
+        return None;
+    }
+    load_refusal(ctx).map(|(why, message)| {
+        ctx.stats().shed(why);
+        unavailable(ctx, &message)
+    })
+}
+
+/// Whether the writers can take a request now; `Some` says why not.
+fn load_refusal(ctx: &ShardCtx) -> Option<(Shed, String)> {
+    if ctx.spool.is_some() {
+        return None;
+    }
+    let now = Instant::now();
+    if let crate::writer::breaker::Admission::Rejected { retry_after } = ctx.metrics.breaker.admit(now) {
+        return Some((
+            Shed::BreakerOpen,
+            format!(
+                "database unavailable (circuit breaker open); nothing was stored, retry in {} ms",
+                retry_after.as_millis().max(1)
+            ),
+        ));
+    }
+    let max_wait = Duration::from_millis(ctx.config().ingest.max_wait_ms);
+    let wait = ctx.rings.backlog().wait_estimate(now);
+    (wait > max_wait).then(|| {
+        (
+            Shed::WaitEstimate,
+            format!(
+                "the writers are behind: this request would wait about {} ms for one, more than \
+                 ingest.max_wait_ms ({} ms); nothing was stored, retry later or elsewhere",
+                wait.as_millis(),
+                max_wait.as_millis()
+            ),
+        )
+    })
+}
+
 /// Answers a request whose head passed [`refuse_before_body`] and whose body
 /// has been read.
-pub async fn handle(ctx: &ShardCtx, head: &RequestHead, body: Vec<u8>, grant: Option<&Grant>) -> Response {
+pub async fn handle(ctx: &ShardCtx, head: &RequestHead, body: Body, grant: Option<&Grant>) -> Response {
     match head.target {
         Target::Events => ingest(ctx, head, body, BodyKind::Single, grant).await,
         Target::Batch if head.media == Media::Ndjson => ingest(ctx, head, body, BodyKind::Ndjson, grant).await,
@@ -163,14 +224,20 @@ pub async fn handle(ctx: &ShardCtx, head: &RequestHead, body: Vec<u8>, grant: Op
     }
 }
 
-async fn ingest(ctx: &ShardCtx, head: &RequestHead, body: Vec<u8>, kind: BodyKind, grant: Option<&Grant>) -> Response {
+async fn ingest(ctx: &ShardCtx, head: &RequestHead, body: Body, kind: BodyKind, grant: Option<&Grant>) -> Response {
     let (max_decompressed, retry_after) = {
         let c = ctx.config();
         (c.server.max_decompressed_bytes, c.server.retry_after_s)
     };
-    let body = if head.gzip {
-        match http::gunzip(&body, max_decompressed) {
-            Ok(b) => b,
+    let Body { bytes, mut lease } = body;
+    let bytes = if head.gzip {
+        match http::gunzip(&bytes, max_decompressed, &mut lease) {
+            Ok(b) => {
+                // The compressed body goes; its bytes leave the lease.
+                drop(bytes);
+                lease.set(b.capacity());
+                b
+            }
             Err(GunzipError::Invalid) => return Response::error(400, "body is not valid gzip"),
             Err(GunzipError::TooLarge) => {
                 return Response::error(
@@ -178,11 +245,12 @@ async fn ingest(ctx: &ShardCtx, head: &RequestHead, body: Vec<u8>, kind: BodyKin
                     &format!("gzip body inflates past server.max_decompressed_bytes ({max_decompressed})"),
                 );
             }
+            Err(GunzipError::OverBudget(e)) => return over_budget(ctx, e.key),
         }
     } else {
-        body
+        bytes
     };
-    match ingest_events(ctx, &body, kind, grant).await {
+    match ingest_events(ctx, bytes, lease, kind, grant).await {
         Ingested::Answer { status, accepted, rejected } => Response::json(status, ingest_json(accepted, &rejected)),
         Ingested::BodyRefused { status, message } => {
             Response::json(status, serde_json::json!({"error": message, "accepted": 0, "rejected": []}).to_string())
@@ -207,35 +275,66 @@ pub enum Ingested {
 /// Validates a body on this shard, hands its rows to a writer without
 /// blocking, and with `ack = "commit"` waits for the commit report. A
 /// `grant` with a device prefix refuses (403) a body with any event outside it.
-pub async fn ingest_events(ctx: &ShardCtx, body: &[u8], kind: BodyKind, grant: Option<&Grant>) -> Ingested {
-    // While the database breaker is open, say so at once instead of queueing
-    // (with ack = spool the spool absorbs the outage instead).
-    if ctx.spool.is_none()
-        && let crate::writer::breaker::Admission::Rejected { retry_after } = ctx.metrics.breaker.admit(Instant::now())
-    {
-        ctx.stats().overload_rejections.inc();
-        return Ingested::Failed {
-            status: 503,
-            message: format!(
-                "database unavailable (circuit breaker open); nothing was stored, retry in {} ms",
-                retry_after.as_millis()
-            ),
-            retry: true,
-        };
+///
+/// `lease` holds the body's bytes in the memory budget; it grows for the
+/// parse, shrinks to the encoded rows, and travels with them to the writer.
+/// The body itself is dropped as soon as it is parsed.
+pub async fn ingest_events<B: AsRef<[u8]>>(
+    ctx: &ShardCtx,
+    body: B,
+    mut lease: Lease,
+    kind: BodyKind,
+    grant: Option<&Grant>,
+) -> Ingested {
+    let stats = ctx.stats();
+    let failed = |status, message: &str, retry| Ingested::Failed { status, message: message.to_string(), retry };
+    // The breaker and the writers' backlog, again: a WebSocket frame comes
+    // straight here, and time has passed while an HTTP body was read.
+    if let Some((why, message)) = load_refusal(ctx) {
+        stats.shed(why);
+        return failed(503, &message, true);
     }
     let now_unix_us = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
-    let (rules, ack, shutdown_timeout) = {
+    let (rules, ack, shutdown_timeout, max_wait) = {
         let c = ctx.config();
-        (crate::ingest::Rules::from_config(&c.ingest), c.ingest.ack, c.server.shutdown_timeout())
+        (
+            crate::ingest::Rules::from_config(&c.ingest),
+            c.ingest.ack,
+            c.server.shutdown_timeout(),
+            Duration::from_millis(c.ingest.max_wait_ms),
+        )
     };
+    // Parsing takes scratch and rows besides the body: leased first.
+    let working = crate::ingest::parse::working_bytes(body.as_ref(), kind);
+    if let Err(e) = lease.try_grow(working) {
+        if lease.bytes() + working > e.limit {
+            return failed(
+                413,
+                &format!(
+                    "this body needs about {} bytes to parse, more than {} allows in all; send smaller batches",
+                    lease.bytes() + working,
+                    e.key
+                ),
+                false,
+            );
+        }
+        stats.shed(Shed::MemoryBudget);
+        return failed(
+            503,
+            &format!("server is over its memory budget ({}); nothing was stored, retry later", e.key),
+            true,
+        );
+    }
     // The parser is borrowed only for this synchronous call, never across an await.
     let parsed = {
         let mut parser = ctx.parser.borrow_mut();
         parser.set_rules(rules);
-        parser.parse(body, kind, Clock { now_unix_us })
+        let parsed = parser.parse(body.as_ref(), kind, Clock { now_unix_us });
+        parser.shed();
+        parsed
     };
-    let stats = ctx.stats();
-    let parsed = match parsed {
+    drop(body);
+    let mut parsed = match parsed {
         Ok(p) => p,
         Err(e) => {
             let status = if matches!(e, BodyError::TooManyEvents { .. }) { 413 } else { 400 };
@@ -245,6 +344,8 @@ pub async fn ingest_events(ctx: &ShardCtx, body: &[u8], kind: BodyKind, grant: O
             return Ingested::BodyRefused { status, message: e.to_string() };
         }
     };
+    parsed.rows.shrink();
+    lease.set(parsed.rows.memory_bytes() + parsed.rejected.len() * REJECTION_BYTES);
     if let Some(grant) = grant.filter(|g| !g.device_prefix.is_empty())
         && let Some(row) =
             (0..parsed.rows.len()).find(|&i| parsed.rows.view(i).is_none_or(|v| !grant.owns_device(v.device_id)))
@@ -268,42 +369,31 @@ pub async fn ingest_events(ctx: &ShardCtx, body: &[u8], kind: BodyKind, grant: O
     if accepted == 0 {
         return Ingested::Answer { status: 400, accepted: 0, rejected: parsed.rejected };
     }
-    let failed = |status, message: &str, retry| Ingested::Failed { status, message: message.to_string(), retry };
     if let Some(spool) = &ctx.spool {
-        // ack = spool: durable on local disk is the promise; the drainer
-        // takes it to PostgreSQL from there.
-        let appended = match spool.try_append(parsed.rows.to_spool_record()) {
-            Ok(wait) => wait.await,
-            Err(e) => Err(e),
-        };
-        return match appended {
-            Ok(_seq) => Ingested::Answer { status: 200, accepted, rejected: parsed.rejected },
-            Err(crate::spool::SpoolError::TooLarge { .. }) => {
-                failed(413, "request too large for one spool record (spool.segment_bytes)", false)
-            }
-            Err(e) => {
-                stats.overload_rejections.inc();
-                failed(503, &format!("spool cannot take these events, nothing was stored: {e}"), true)
-            }
-        };
+        return spool_append(ctx, spool, parsed, lease, max_wait).await;
     }
     let (reply, wait) = match ack {
         AckMode::Commit => {
             let (tx, rx) = pipeline::commit_channel();
-            (Reply::Shard(tx), Some(rx))
+            let ticket = Ticket::new();
+            (Reply::Shard { tx, ticket: ticket.clone() }, Some((rx, ticket)))
         }
         AckMode::Queue | AckMode::Spool => (Reply::None, None),
     };
-    let job = Job { rows: parsed.rows, reply, enqueued: Instant::now() };
+    let enqueued = Instant::now();
+    let job = Job { rows: parsed.rows, reply, enqueued, lease };
     match ctx.rings.try_send(job) {
         Ok(()) => {}
         Err(HandOffError::Full(_)) => {
-            stats.overload_rejections.inc();
+            stats.shed(Shed::RingFull);
             return failed(503, "ingest rings are full; retry later", true);
         }
-        Err(HandOffError::Closed(_)) => return failed(503, "shutting down; retry on another instance or later", true),
+        Err(HandOffError::Closed(_)) => {
+            stats.shed(Shed::ShuttingDown);
+            return failed(503, "shutting down; retry on another instance or later", true);
+        }
     }
-    let Some(wait) = wait else {
+    let Some((mut wait, ticket)) = wait else {
         return Ingested::Answer { status: 202, accepted, rejected: parsed.rejected };
     };
     // At shutdown, a commit that is not reported in time is answered 503
@@ -312,9 +402,32 @@ pub async fn ingest_events(ctx: &ShardCtx, body: &[u8], kind: BodyKind, grant: O
         let _ = ctx.shutdown.clone().await;
         monoio::time::sleep(shutdown_timeout.mul_f64(0.9)).await;
     };
+    let mut give_up = std::pin::pin!(give_up);
+    // Until a writer claims it, the request may be given up after `max_wait`.
     let outcome = monoio::select! {
-        r = wait => Some(r),
-        _ = give_up => None,
+        r = &mut wait => Some(r),
+        _ = monoio::time::sleep(max_wait.saturating_sub(enqueued.elapsed())) => None,
+        _ = &mut give_up => Some(Err(futures_channel::oneshot::Canceled)),
+    };
+    let outcome = match outcome {
+        Some(r) => Some(r),
+        None if ticket.cancel() => {
+            stats.shed(Shed::WaitExpired);
+            return failed(
+                503,
+                &format!(
+                    "no writer could start this request within ingest.max_wait_ms ({} ms); nothing was stored, \
+                     retry later or elsewhere",
+                    max_wait.as_millis()
+                ),
+                true,
+            );
+        }
+        // A writer claimed it: its COPY has started; wait for the commit.
+        None => monoio::select! {
+            r = &mut wait => Some(r),
+            _ = &mut give_up => None,
+        },
     };
     let Some(outcome) = outcome else {
         return failed(503, "shutting down before this batch was committed; it may or may not be stored: retry", true);
@@ -345,6 +458,10 @@ pub async fn ingest_events(ctx: &ShardCtx, body: &[u8], kind: BodyKind, grant: O
             let accepted = accepted - refused;
             Ingested::Answer { status: if accepted > 0 { 200 } else { 400 }, accepted, rejected }
         }
+        Ok(CommitOutcome::Expired(why)) => {
+            stats.shed(Shed::WaitExpired);
+            failed(503, &why, true)
+        }
         Ok(CommitOutcome::Unavailable(why)) => {
             failed(503, &format!("database unavailable, nothing was stored: {why}"), true)
         }
@@ -352,6 +469,57 @@ pub async fn ingest_events(ctx: &ShardCtx, body: &[u8], kind: BodyKind, grant: O
             failed(500, &format!("PostgreSQL refused these events, nothing was stored: {why}"), false)
         }
         Err(_canceled) => failed(503, "writer stopped before commit; retry", true),
+    }
+}
+
+/// Heap bytes one rejection holds (its reason's text), for the lease.
+const REJECTION_BYTES: usize = 128;
+
+/// `ack = "spool"`: durable on local disk is the promise; the drainer takes
+/// the rows to PostgreSQL from there. The fsync is awaited at most
+/// `max_wait`: past it the client gets a 503 (the record may still become
+/// durable and be stored; a retry is idempotent).
+async fn spool_append(
+    ctx: &ShardCtx,
+    spool: &crate::spool::SpoolSender,
+    parsed: crate::ingest::Parsed,
+    mut lease: Lease,
+    max_wait: Duration,
+) -> Ingested {
+    let stats = ctx.stats();
+    let failed = |status, message: &str, retry| Ingested::Failed { status, message: message.to_string(), retry };
+    let accepted = parsed.rows.len();
+    let record = parsed.rows.to_spool_record();
+    drop(parsed.rows);
+    lease.set(record.capacity() + parsed.rejected.len() * REJECTION_BYTES);
+    let appended = match spool.try_append_leased(record, lease) {
+        Ok(wait) => monoio::select! {
+            r = wait => Some(r),
+            _ = monoio::time::sleep(max_wait) => None,
+        },
+        Err(e) => Some(Err(e)),
+    };
+    match appended {
+        Some(Ok(_seq)) => Ingested::Answer { status: 200, accepted, rejected: parsed.rejected },
+        Some(Err(crate::spool::SpoolError::TooLarge { .. })) => {
+            failed(413, "request too large for one spool record (spool.segment_bytes)", false)
+        }
+        Some(Err(e)) => {
+            stats.shed(Shed::Spool);
+            failed(503, &format!("spool cannot take these events, nothing was stored: {e}"), true)
+        }
+        None => {
+            stats.shed(Shed::Spool);
+            failed(
+                503,
+                &format!(
+                    "the spool did not confirm these events within ingest.max_wait_ms ({} ms); they may or may \
+                     not be stored: retry (idempotent)",
+                    max_wait.as_millis()
+                ),
+                true,
+            )
+        }
     }
 }
 

@@ -147,7 +147,8 @@ impl TlsSession {
             // Plaintext first: rustls stops accepting ciphertext while its
             // plaintext buffer is full.
             let len = buf.len();
-            buf.resize(len + want.max(1024), 0);
+            // At most `want`: a body read must not take the next request's bytes.
+            buf.resize(len + want.max(1), 0);
             let read = self.conn.reader().read(&mut buf[len..]);
             match read {
                 Ok(0) => {

@@ -38,6 +38,7 @@ use super::routes::{self, Ingested};
 use super::transport::{ReadHalf, Transport, WriteHalf};
 use crate::auth::{Grant, Scope};
 use crate::broadcast::{Admission, CommittedBatch, EventRef};
+use crate::budget::Lease;
 use crate::config::{Overflow, WebSocketConfig as WsConfig};
 use crate::ingest::BodyKind;
 use crate::limits::IpPass;
@@ -53,6 +54,14 @@ const MAX_PENDING_OUTPUT_BYTES: usize = 64 * 1024;
 
 /// Most bytes of queued events encoded into one socket write.
 const WRITE_CHUNK_BYTES: usize = 64 * 1024;
+
+/// What a queued event costs besides its text: its queue slot and the
+/// `Bytes` header (charged to the live feed's budget with the text).
+const QUEUED_EVENT_OVERHEAD: usize = 64;
+/// A subscriber's lease grows a quarter (and at least this much) ahead of
+/// its queue, so that queueing an event is rarely an atomic operation on the
+/// shared counter, while 100,000 idle subscribers still hold nothing.
+const LEASE_SLACK_BYTES: usize = 512;
 
 /// What a subscriber asked for in its `GET /ws` query.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -145,6 +154,10 @@ pub struct Subscriber {
     request: WsRequest,
     queue: RefCell<VecDeque<Queued>>,
     queued_bytes: Cell<usize>,
+    /// Bytes its queued and coalesced events cost, overhead included.
+    held: Cell<usize>,
+    /// `held`'s share of the live feed's budget, taken in steps.
+    lease: RefCell<Lease>,
     /// Coalescing: the latest event per device since the last tick.
     latest: RefCell<HashMap<Box<str>, Queued>>,
     /// Events dropped and not yet reported (`drop_oldest`).
@@ -155,11 +168,13 @@ pub struct Subscriber {
 }
 
 impl Subscriber {
-    fn new(request: WsRequest) -> Self {
+    fn new(request: WsRequest, lease: Lease) -> Self {
         Self {
             request,
             queue: RefCell::new(VecDeque::new()),
             queued_bytes: Cell::new(0),
+            held: Cell::new(0),
+            lease: RefCell::new(lease),
             latest: RefCell::new(HashMap::new()),
             dropped: Cell::new(0),
             overflowed: Cell::new(false),
@@ -179,11 +194,15 @@ impl Subscriber {
             let item = Queued { json: Bytes::copy_from_slice(e.json), committed_at: batch.committed_at };
             if self.request.coalesce.is_some() {
                 let mut latest = self.latest.borrow_mut();
-                if latest.len() >= limits.queue_messages && !latest.contains_key(e.device_id) {
+                let replaced = latest.get(e.device_id).map_or(0, |q| q.json.len() + QUEUED_EVENT_OVERHEAD);
+                if (latest.len() >= limits.queue_messages && replaced == 0)
+                    || !self.charge(self.held.get() - replaced + item.json.len() + QUEUED_EVENT_OVERHEAD)
+                {
                     drop(latest);
                     lost += self.missed(1, limits);
                     continue;
                 }
+                self.held.set(self.held.get() - replaced + item.json.len() + QUEUED_EVENT_OVERHEAD);
                 latest.insert(e.device_id.into(), item);
             } else {
                 lost += self.push(item, limits);
@@ -200,26 +219,60 @@ impl Subscriber {
     }
 
     fn push(&self, item: Queued, limits: &WsLimits) -> u64 {
+        let cost = item.json.len() + QUEUED_EVENT_OVERHEAD;
         let mut queue = self.queue.borrow_mut();
         let mut lost = 0;
-        while queue.len() >= limits.queue_messages || self.queued_bytes.get() + item.json.len() > limits.queue_bytes {
+        loop {
+            let fits = queue.len() < limits.queue_messages
+                && self.queued_bytes.get() + item.json.len() <= limits.queue_bytes
+                && self.charge(self.held.get() + cost);
+            if fits {
+                break;
+            }
             if limits.overflow == Overflow::Close {
                 drop(queue);
                 // The queued events and this one are lost with the close.
                 return lost + self.trip() + 1;
             }
             let Some(old) = queue.pop_front() else {
-                // A single event larger than the whole queue.
+                // A single event larger than the whole queue (or the budget).
                 self.dropped.set(self.dropped.get() + 1);
                 return lost + 1;
             };
             self.queued_bytes.set(self.queued_bytes.get() - old.json.len());
+            self.held.set(self.held.get() - old.json.len() - QUEUED_EVENT_OVERHEAD);
             self.dropped.set(self.dropped.get() + 1);
             lost += 1;
         }
         self.queued_bytes.set(self.queued_bytes.get() + item.json.len());
+        self.held.set(self.held.get() + cost);
         queue.push_back(item);
         lost
+    }
+
+    /// Makes sure the lease covers `needed` bytes, growing it a quarter
+    /// ahead; false when the live feed's budget has no room.
+    fn charge(&self, needed: usize) -> bool {
+        let mut lease = self.lease.borrow_mut();
+        lease.try_reserve(needed, needed + needed / 4 + LEASE_SLACK_BYTES).is_ok()
+    }
+
+    /// Gives back what the lease holds well beyond `held` (a drained queue
+    /// holds nothing).
+    fn give_back(&self) {
+        let mut lease = self.lease.borrow_mut();
+        let held = self.held.get();
+        if lease.bytes() > 2 * held + 8 * LEASE_SLACK_BYTES {
+            lease.set(if held == 0 { 0 } else { held + held / 4 + LEASE_SLACK_BYTES });
+        }
+    }
+
+    /// Takes the oldest queued event.
+    fn pop(&self) -> Option<Queued> {
+        let q = self.queue.borrow_mut().pop_front()?;
+        self.queued_bytes.set(self.queued_bytes.get() - q.json.len());
+        self.held.set(self.held.get() - q.json.len() - QUEUED_EVENT_OVERHEAD);
+        Some(q)
     }
 
     /// Events this subscriber will never get (upstream overflow).
@@ -241,6 +294,8 @@ impl Subscriber {
         self.queue.borrow_mut().clear();
         self.latest.borrow_mut().clear();
         self.queued_bytes.set(0);
+        self.held.set(0);
+        self.lease.borrow_mut().set(0);
         self.wake.notify();
         pending
     }
@@ -400,7 +455,7 @@ pub async fn serve(
         .max_message_size(Some(limits.max_message_bytes))
         .max_frame_size(Some(limits.max_message_bytes));
     let ingest_only = request.ingest_only;
-    let sub = Rc::new(Subscriber::new(request));
+    let sub = Rc::new(Subscriber::new(request, ctx.hub.budget.lease()));
     // An ingest-only socket is not offered committed events.
     let id = (!ingest_only).then(|| ctx.ws.register(sub.clone()));
     let session = Rc::new(Session {
@@ -450,6 +505,13 @@ async fn read_loop(mut reader: ReadHalf, session: Rc<Session>, ctx: Rc<ShardCtx>
     let mut seq = 0u64;
     // Bytes that arrived with the upgrade request are processed first.
     let mut fresh = !session.protocol.borrow().input.is_empty();
+    // Bytes fed to tungstenite since its last complete message (a partial
+    // frame it holds), in the memory budget. Once a message completes,
+    // tungstenite holds at most the rest of the last read; a text message
+    // then gets a lease of its own while it is ingested.
+    let mut partial = ctx.budget.lease();
+    let mut last_read = session.protocol.borrow().input.len();
+    partial.set(last_read);
     loop {
         if !fresh {
             let deadline = session.last_heard.get() + limits.idle_timeout;
@@ -466,6 +528,11 @@ async fn read_loop(mut reader: ReadHalf, session: Rc<Session>, ctx: Rc<ShardCtx>
                 }
             }
             session.last_heard.set(Instant::now());
+            if partial.try_grow(buf.len()).is_err() {
+                session.request_close(1013, "server over its memory budget (limits.memory_budget_bytes); retry later");
+                return;
+            }
+            last_read = buf.len();
             let mut p = session.protocol.borrow_mut();
             if p.pos == p.input.len() {
                 p.input.clear();
@@ -494,11 +561,17 @@ async fn read_loop(mut reader: ReadHalf, session: Rc<Session>, ctx: Rc<ShardCtx>
                 }
             }
             let message = session.protocol.borrow_mut().with(|ws, mem| ws.read(mem));
+            if message.is_ok() {
+                // A message is complete; tungstenite holds at most the rest of the last read.
+                let held = partial.bytes().min(last_read);
+                partial.set(held);
+            }
             match message {
                 Ok(Message::Text(text)) => {
                     seq += 1;
                     ctx.stats().ws_ingest_frames.inc();
-                    let answer = ingest_frame(&ctx, text.as_bytes(), seq, &client).await;
+                    let frame = ctx.budget.lease();
+                    let answer = ingest_frame(&ctx, text, frame, seq, &client).await;
                     session.control.borrow_mut().push_back(answer);
                     session.sub.wake.notify();
                 }
@@ -557,7 +630,7 @@ async fn read_loop(mut reader: ReadHalf, session: Rc<Session>, ctx: Rc<ShardCtx>
 /// Ingests one text frame and renders its in-order answer.
 /// Answers one ingest frame. Each frame counts against the client's IP and
 /// token rates like an HTTP request, and needs the `ingest` scope.
-async fn ingest_frame(ctx: &ShardCtx, body: &[u8], seq: u64, client: &Client) -> String {
+async fn ingest_frame(ctx: &ShardCtx, body: Utf8Bytes, mut lease: Lease, seq: u64, client: &Client) -> String {
     let refused = |status: u16, message: &str| {
         serde_json::json!({"seq": seq, "status": status, "error": message, "accepted": 0, "rejected": []}).to_string()
     };
@@ -576,11 +649,15 @@ async fn ingest_frame(ctx: &ShardCtx, body: &[u8], seq: u64, client: &Client) ->
             return refused(429, &format!("too many requests with {} (limits.token_requests_per_s)", grant.label()));
         }
     }
-    let kind = match body.iter().find(|b| !b.is_ascii_whitespace()) {
+    let kind = match body.as_bytes().iter().find(|b| !b.is_ascii_whitespace()) {
         Some(b'[') => BodyKind::JsonArray,
         _ => BodyKind::Single,
     };
-    match routes::ingest_events(ctx, body, kind, client.grant.as_deref()).await {
+    if let Err(e) = lease.try_resize(body.len()) {
+        ctx.stats().shed(crate::metrics::Shed::MemoryBudget);
+        return refused(503, &format!("server is over its memory budget ({}); nothing was stored, retry later", e.key));
+    }
+    match routes::ingest_events(ctx, Bytes::from(body), lease, kind, client.grant.as_deref()).await {
         Ingested::Answer { status: _, accepted, rejected } => {
             let body = routes::ingest_json(accepted, &rejected);
             format!("{{\"seq\":{seq},{}", &body[1..])
@@ -622,6 +699,7 @@ async fn write_loop(mut writer: WriteHalf, session: &Session, ctx: &ShardCtx) {
             next_tick = sub.request.coalesce.map(|every| tick.max(now - every) + every);
             let latest: Vec<_> = sub.latest.borrow_mut().drain().map(|(_, q)| q).collect();
             for q in latest {
+                sub.held.set(sub.held.get() - q.json.len() - QUEUED_EVENT_OVERHEAD);
                 let _ = sub.push(q, &limits);
             }
         }
@@ -642,11 +720,9 @@ async fn write_loop(mut writer: WriteHalf, session: &Session, ctx: &ShardCtx) {
                 if dropped > 0 {
                     let _ = ws.write(mem, Message::Text(format!("{{\"dropped\":{dropped}}}").into()));
                 }
-                let mut queue = sub.queue.borrow_mut();
                 let mut budget = WRITE_CHUNK_BYTES;
                 while budget > 0 {
-                    let Some(q) = queue.pop_front() else { break };
-                    sub.queued_bytes.set(sub.queued_bytes.get() - q.json.len());
+                    let Some(q) = sub.pop() else { break };
                     budget = budget.saturating_sub(q.json.len());
                     stats.ws_fanout_us.record_duration(q.committed_at.elapsed());
                     if let Ok(text) = Utf8Bytes::try_from(q.json) {
@@ -654,6 +730,7 @@ async fn write_loop(mut writer: WriteHalf, session: &Session, ctx: &ShardCtx) {
                         sent_events += 1;
                     }
                 }
+                sub.give_back();
                 if mem.output.is_empty() && now.duration_since(last_sent) >= limits.ping_interval {
                     let _ = ws.write(mem, Message::Ping(Bytes::new()));
                 }
@@ -707,7 +784,12 @@ mod tests {
                 payload: Some(b"{}"),
             });
         }
-        CommittedBatch::build(&Published { rows: vec![rows], mask: None, committed_at: Instant::now() })
+        CommittedBatch::build(&Published {
+            rows: vec![rows],
+            mask: None,
+            committed_at: Instant::now(),
+            lease: crate::budget::Lease::detached(),
+        })
     }
 
     fn limits(overflow: Overflow, messages: usize) -> WsLimits {
@@ -738,14 +820,14 @@ mod tests {
 
     #[test]
     fn filters_select_events() {
-        let s = Subscriber::new(WsRequest { device_id: Some("b".into()), ..Default::default() });
+        let s = Subscriber::new(WsRequest { device_id: Some("b".into()), ..Default::default() }, Lease::detached());
         s.offer(&batch(&["a", "b", "c", "b"]), &limits(Overflow::Close, 10));
         assert_eq!(s.queue.borrow().len(), 2);
     }
 
     #[test]
     fn close_policy_trips_and_empties() {
-        let s = Subscriber::new(WsRequest::default());
+        let s = Subscriber::new(WsRequest::default(), Lease::detached());
         let lost = s.offer(&batch(&["a", "b", "c"]), &limits(Overflow::Close, 2));
         assert!(s.overflowed.get());
         assert_eq!(s.queue.borrow().len(), 0);
@@ -754,7 +836,7 @@ mod tests {
 
     #[test]
     fn drop_oldest_keeps_the_newest_and_counts() {
-        let s = Subscriber::new(WsRequest::default());
+        let s = Subscriber::new(WsRequest::default(), Lease::detached());
         let lost = s.offer(&batch(&["a", "b", "c", "d", "e"]), &limits(Overflow::DropOldest, 2));
         assert_eq!((lost, s.dropped.get(), s.queue.borrow().len()), (3, 3, 2));
         let kept: Vec<_> = s.queue.borrow().iter().map(|q| String::from_utf8(q.json.to_vec()).unwrap()).collect();
@@ -762,8 +844,32 @@ mod tests {
     }
 
     #[test]
+    fn the_live_feeds_budget_bounds_every_queue_together() {
+        let budget = crate::budget::Budget::new("websocket.fanout_budget_bytes", 200 * 1024);
+        let a = Subscriber::new(WsRequest::default(), budget.lease());
+        let b = Subscriber::new(WsRequest::default(), budget.lease());
+        let roomy = limits(Overflow::DropOldest, 1_000_000);
+        let events: Vec<String> = (0..2000).map(|i| format!("d{i}")).collect();
+        let names: Vec<&str> = events.iter().map(String::as_str).collect();
+        // `a` never reads: it fills the budget, then drops its oldest.
+        let lost = a.offer(&batch(&names), &roomy);
+        assert!(lost > 0 && budget.used() <= budget.limit(), "lost {lost}, used {}", budget.used());
+        // `b` gets what is left; `a` closes under the close policy and frees its share.
+        let tight = limits(Overflow::Close, 1_000_000);
+        assert!(a.offer(&batch(&names), &tight) > 0 && a.overflowed.get());
+        assert_eq!(a.lease.borrow().bytes(), 0);
+        assert_eq!(b.offer(&batch(&names[..100]), &tight), 0, "room again for the others");
+        while b.pop().is_some() {}
+        b.give_back();
+        assert_eq!(budget.used(), 0, "a reader that caught up holds nothing");
+    }
+
+    #[test]
     fn coalescing_keeps_latest_per_device() {
-        let s = Subscriber::new(WsRequest { coalesce: Some(Duration::from_millis(10)), ..Default::default() });
+        let s = Subscriber::new(
+            WsRequest { coalesce: Some(Duration::from_millis(10)), ..Default::default() },
+            Lease::detached(),
+        );
         s.offer(&batch(&["a", "b", "a", "a"]), &limits(Overflow::Close, 10));
         assert_eq!(s.latest.borrow().len(), 2);
         assert!(s.queue.borrow().is_empty());

@@ -56,6 +56,8 @@ pub struct AppenderReport {
 pub(super) struct AppendRequest {
     payload: Vec<u8>,
     reply: oneshot::Sender<Result<Seq, SpoolError>>,
+    /// The payload's bytes in the memory budget, released once it is written.
+    _lease: crate::budget::Lease,
 }
 
 impl Appender {
@@ -258,13 +260,20 @@ impl SpoolSender {
     /// spool is full, the queue is full, the payload is too large, the spool
     /// has failed, or the appender has stopped.
     pub fn try_append(&self, payload: Vec<u8>) -> Result<AppendWait, SpoolError> {
+        self.try_append_leased(payload, crate::budget::Lease::detached())
+    }
+
+    /// [`SpoolSender::try_append`], with the payload's bytes held in the
+    /// memory budget until the appender has written it (a client that stops
+    /// waiting does not free them early).
+    pub fn try_append_leased(&self, payload: Vec<u8>, lease: crate::budget::Lease) -> Result<AppendWait, SpoolError> {
         if let Some(why) = self.shared.failed.get() {
             return Err(SpoolError::Failed(why.clone()));
         }
         let bytes = framed_bytes(&self.shared, payload.len())?;
         self.shared.reserve(bytes)?;
         let (reply, wait) = oneshot::channel();
-        match self.tx.try_send(AppendRequest { payload, reply }) {
+        match self.tx.try_send(AppendRequest { payload, reply, _lease: lease }) {
             Ok(()) => Ok(AppendWait(wait)),
             Err(e) => {
                 self.shared.release(bytes);

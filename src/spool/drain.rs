@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Receiver;
 
 use super::{Seq, Spool};
-use crate::pipeline::{HandOffError, Job, Reply, RingSet};
+use crate::budget::Lease;
+use crate::pipeline::{HandOffError, Job, Reply, RingSender};
 use crate::writer::copy::RowBuf;
 
 /// How often the checkpoint is written while it moves (two fsyncs each).
@@ -51,7 +52,9 @@ impl DrainReport {
 
 pub struct Drainer {
     pub spool: Spool,
-    pub rings: RingSet,
+    pub rings: RingSender,
+    /// Records in flight hold their rows in the memory budget, like requests.
+    pub budget: crate::budget::Budget,
     /// Most records dispatched and not yet reported back.
     pub max_in_flight: usize,
     /// Set when shutdown starts: its deadline.
@@ -117,6 +120,7 @@ impl Drainer {
                         rows,
                         reply: Reply::Spool { seq: record.seq, done: done_tx.clone() },
                         enqueued: Instant::now(),
+                        lease: Lease::detached(),
                     };
                     if !self.dispatch(job, &done_rx, &mut state) {
                         break;
@@ -153,8 +157,32 @@ impl Drainer {
     }
 
     /// Hands a job to a writer ring, waiting (this is not a shard) while the
-    /// rings are full. False when the writers are gone.
+    /// memory budget has no room for its rows or the ring is full: writers'
+    /// reports free both. False when the writers are gone or the shutdown
+    /// deadline passed.
     fn dispatch(&self, mut job: Job, done: &Receiver<(Seq, bool)>, state: &mut State) -> bool {
+        let bytes = job.rows.memory_bytes();
+        loop {
+            match self.budget.try_lease(bytes) {
+                Ok(lease) => {
+                    job.lease = lease;
+                    break;
+                }
+                // A record larger than the whole budget (lowered by SIGHUP
+                // since it was written) goes alone rather than never.
+                Err(_) if bytes > self.budget.limit() && self.budget.used() == 0 => {
+                    job.lease = self.budget.lease();
+                    job.lease.set(bytes);
+                    break;
+                }
+                Err(_) => {
+                    state.collect(done, Duration::from_millis(5));
+                    if self.deadline.get().is_some_and(|d| Instant::now() >= *d) {
+                        return false;
+                    }
+                }
+            }
+        }
         loop {
             match self.rings.try_send(job) {
                 Ok(()) => return true,

@@ -18,8 +18,20 @@
 //!                                            (one probe at a time)
 //! ```
 //!
+//! The breaker follows the database by itself, without client traffic: the
+//! probe thread (`writer::probe`) reports a cheap query every
+//! `database.probe_interval_ms` while no writer is reaching the database
+//! ([`Breaker::on_probe`]). A failed probe counts like a failed batch; once
+//! the open time has passed, a successful probe half-opens the breaker, so
+//! the next client batch is the trial and `/health` turns ready. Probe
+//! failures never double the open time: only a failed trial *batch* does
+//! (the database answers a `SELECT 1` but not our COPYs), which is the
+//! flapping the doubling is for. Before the probe, an open breaker stayed
+//! open until a client's batch happened to come and be the probe, and a
+//! load balancer that gates on `/health` never sent one.
+//!
 //! Ownership: one [`Breaker`] is owned by one thread (a writer, or several
-//! writers behind one lock taken once per batch). It never reads the clock:
+//! writers and the probe behind one lock taken once per round trip). It never reads the clock:
 //! every method takes `now`, so tests drive it through every transition
 //! without sleeping. Other threads read a [`BreakerView`]: two atomics behind
 //! an `Arc`, so a shard can refuse a request without locking anything.
@@ -202,6 +214,23 @@ impl Breaker {
         }
     }
 
+    /// The probe's verdict: whether a cheap query reached the database.
+    pub fn on_probe(&mut self, now: Instant, reached: bool) {
+        match (self.state, reached) {
+            // While closed, writers' batches decide; a failed probe is one
+            // more failure in a row (nothing else is trying).
+            (BreakerState::Closed, true) | (BreakerState::HalfOpen, true) => {}
+            (BreakerState::Closed, false) => self.on_failure(now),
+            (BreakerState::Open, true) if now >= self.open_until => {
+                self.probing = false;
+                self.set_state(BreakerState::HalfOpen);
+            }
+            (BreakerState::Open, _) => {}
+            // Unreachable again before a trial batch came: open, not doubled.
+            (BreakerState::HalfOpen, false) => self.open(now),
+        }
+    }
+
     /// Reports a database call's result: failures that say the database is
     /// unavailable count; successes, data errors and conflicts between
     /// transactions (deadlocks) count as the database answering.
@@ -265,17 +294,16 @@ impl BreakerView {
 
     /// Whether a shard should take a request that needs the database now.
     ///
-    /// Closed and half-open admit (the writer's own breaker lets one probe
-    /// batch through). Open rejects until its open time has passed, and then
-    /// admits even though the owner has not turned half-open yet: the owner
-    /// only turns when it next asks, and it may be waiting for that very
-    /// request, so refusing here could keep the breaker open for ever.
+    /// Closed and half-open admit (the writer's own breaker lets one trial
+    /// batch through). Open rejects: the probe half-opens it by itself once
+    /// the open time has passed and the database answers, so no client
+    /// request has to be let through to find out.
     pub fn admit(&self, now: Instant) -> Admission {
         if self.state() != BreakerState::Open {
             return Admission::Permit;
         }
         let until = self.shared.epoch + Duration::from_millis(self.shared.open_until_ms.load(Ordering::Relaxed));
-        if now >= until { Admission::Permit } else { Admission::Rejected { retry_after: until - now } }
+        Admission::Rejected { retry_after: until.saturating_duration_since(now) }
     }
 
     /// Times the breaker has opened (a counter for `/metrics`).
@@ -412,19 +440,57 @@ mod tests {
     }
 
     #[test]
-    fn view_rejects_while_open_and_admits_once_the_open_time_has_passed() {
+    fn view_rejects_while_open_until_the_owner_half_opens() {
         let t0 = Instant::now();
         let b = opened(t0, 50);
         let view = b.view();
         assert_eq!(view.admit(t0 + ms(60)), Admission::Rejected { retry_after: ms(90) });
-        // The owner has not asked yet, so it is still Open; the view admits
-        // so that a request can reach the owner and become the probe.
-        assert_eq!(view.admit(t0 + ms(150)), Admission::Permit);
-        assert_eq!(view.state(), BreakerState::Open);
+        // Past the open time the view still refuses: the probe (or a
+        // writer's own retry) turns the owner half-open, not a client request.
+        assert_eq!(view.admit(t0 + ms(150)), Admission::Rejected { retry_after: ms(0) });
         let mut b = b;
         assert_eq!(b.allow(t0 + ms(150)), Admission::Permit);
         assert_eq!(view.state(), BreakerState::HalfOpen);
         assert_eq!(view.admit(t0 + ms(150)), Admission::Permit);
+    }
+
+    #[test]
+    fn probes_open_it_with_no_traffic_and_half_open_it_when_the_database_is_back() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(CONFIG, t0);
+        b.on_probe(t0, true);
+        assert_eq!(b.state(), BreakerState::Closed);
+        for i in 0..CONFIG.failure_threshold {
+            b.on_probe(t0 + ms(u64::from(i) * 10), false);
+        }
+        assert_eq!(b.state(), BreakerState::Open, "failed probes count like failed batches");
+        b.on_probe(t0 + ms(60), true);
+        assert_eq!(b.state(), BreakerState::Open, "not before the open time has passed");
+        b.on_probe(t0 + ms(500), false);
+        b.on_probe(t0 + ms(600), false);
+        b.on_probe(t0 + ms(700), true);
+        assert_eq!(b.state(), BreakerState::HalfOpen, "back: ready for a trial batch");
+        assert_eq!(b.allow(t0 + ms(700)), Admission::Permit, "the first batch is the trial");
+        b.on_success(t0 + ms(701));
+        assert_eq!(b.state(), BreakerState::Closed);
+    }
+
+    #[test]
+    fn failed_probes_never_double_the_open_time_but_a_failed_trial_batch_does() {
+        let t0 = Instant::now();
+        let mut b = opened(t0, 0);
+        for at in [100, 200, 300, 400] {
+            b.on_probe(t0 + ms(at), false);
+        }
+        b.on_probe(t0 + ms(450), true);
+        assert_eq!(b.state(), BreakerState::HalfOpen, "an outage of any length is noticed within open_ms");
+        b.on_probe(t0 + ms(460), false);
+        assert_eq!(b.state(), BreakerState::Open);
+        assert_eq!(b.allow(t0 + ms(460)), Admission::Rejected { retry_after: ms(100) }, "not doubled");
+        b.on_probe(t0 + ms(560), true);
+        assert_eq!(b.allow(t0 + ms(560)), Admission::Permit);
+        b.on_failure(t0 + ms(560));
+        assert_eq!(b.allow(t0 + ms(560)), Admission::Rejected { retry_after: ms(200) }, "a failed trial batch doubles");
     }
 
     #[test]

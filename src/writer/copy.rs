@@ -99,6 +99,23 @@ impl RowBuf {
         self.ends.is_empty()
     }
 
+    /// Heap bytes this buffer holds (what it costs against the memory budget).
+    pub fn memory_bytes(&self) -> usize {
+        self.bytes.capacity() + self.ends.capacity() * std::mem::size_of::<u32>()
+    }
+
+    /// Gives back spare capacity when it is worth a copy (more than 64 KiB and
+    /// an eighth of what is used): a waiting request holds only its rows.
+    pub fn shrink(&mut self) {
+        let spare = self.bytes.capacity() - self.bytes.len();
+        if spare > 64 * 1024 && spare > self.bytes.len() / 8 {
+            self.bytes.shrink_to_fit();
+        }
+        if self.ends.capacity() - self.ends.len() > 16 * 1024 {
+            self.ends.shrink_to_fit();
+        }
+    }
+
     /// All tuples, ready to be written between [`HEADER`] and [`TRAILER`].
     pub fn bytes(&self) -> &[u8] {
         &self.bytes

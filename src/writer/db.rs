@@ -58,12 +58,18 @@ impl std::fmt::Display for WriteError {
     }
 }
 
+/// PostgreSQL's own words for an error (severity, message, SQLSTATE), or
+/// the client's when the server said nothing.
+pub fn describe(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {} ({})", db.severity(), db.message(), db.code().code()),
+        None => e.to_string(),
+    }
+}
+
 impl From<postgres::Error> for WriteError {
     fn from(e: postgres::Error) -> Self {
-        let message = match e.as_db_error() {
-            Some(db) => format!("{}: {} ({})", db.severity(), db.message(), db.code().code()),
-            None => e.to_string(),
-        };
+        let message = describe(&e);
         match e.code() {
             None => WriteError::Transient(message),
             Some(code) if code.code().starts_with("40") => WriteError::Conflict(message),
@@ -76,6 +82,28 @@ impl From<postgres::Error> for WriteError {
 impl From<r2d2::Error> for WriteError {
     fn from(e: r2d2::Error) -> Self {
         WriteError::Transient(format!("no database connection: {e}"))
+    }
+}
+
+/// Whether an error means the database *refused* us (a configuration
+/// problem that will not go away by itself: credentials, `pg_hba.conf`, TLS,
+/// a missing database, table or privilege) rather than being unreachable
+/// for now. The one place that draws that line, for the probe and start-up.
+pub fn is_refusal(e: &postgres::Error) -> bool {
+    match e.code() {
+        // 28 invalid authorization (bad password, no pg_hba.conf entry, TLS
+        // required), 3D invalid catalog (no such database), 42P01 undefined
+        // table, 42501 insufficient privilege, 3F000 no such schema.
+        Some(code) => {
+            let c = code.code();
+            c.starts_with("28") || c.starts_with("3D") || c == "42P01" || c == "42501" || c == "3F000"
+        }
+        // The client refusing before any SQL: a bad or incomplete URL
+        // (password missing), or TLS the URL asks for and ingestd cannot speak.
+        None => {
+            let m = e.to_string();
+            m.starts_with("invalid configuration") || m.contains("TLS") || m.contains("tls")
+        }
     }
 }
 
@@ -196,6 +224,12 @@ pub fn create_table_sql(quoted: &str) -> String {
 
 /// Creates the table when missing (or checks it exists when creation is off).
 pub fn prepare_table(client: &mut Client, sql: &Statements, create: bool) -> Result<(), WriteError> {
+    prepare_table_raw(client, sql, create).map_err(WriteError::from)
+}
+
+/// [`prepare_table`] with PostgreSQL's typed error, for callers that sort
+/// refusals from outages ([`is_refusal`]).
+pub fn prepare_table_raw(client: &mut Client, sql: &Statements, create: bool) -> Result<(), postgres::Error> {
     if create {
         // Quiet the NOTICE "relation already exists" for these statements.
         let statements = format!(

@@ -1,17 +1,22 @@
 //! Writer threads: jobs from a ring, batched, COPYed into PostgreSQL, answered.
 //!
-//! Each writer is a plain OS thread (`writer-{n}`) that owns one ring's
-//! receiver and blocks only on it and on PostgreSQL, never on a shard.
+//! Each writer is a plain OS thread (`writer-{n}`) that receives from the
+//! shared ring and blocks only on it and on PostgreSQL, never on a shard.
 //!
 //! Batching adapts to load without tuning: a writer takes the first job, then
-//! everything already waiting (up to `max_batch_events` / `max_batch_bytes`),
-//! and only then, if the batch is still below its bounds, lingers for more:
+//! everything already waiting (up to `max_batch_events` / `max_batch_bytes`,
+//! and up to what its cost model says commits within `target_commit_ms`, so
+//! that a database that slows down gets smaller batches, not longer
+//! commits), and only then, if the batch is still below its bounds, lingers for more:
 //! at most `max_linger_ms`, and at most an eighth of its previous commit's
 //! duration. Under low load a request is its own batch and commits are short,
 //! so nobody waits for a linger; under high load jobs pile up while the
 //! previous COPY runs, commits are long, and a short linger makes the next
 //! batch larger for a few percent of its latency. (A fixed 2 ms linger at half
 //! load measured ack p50 13 ms against 3.6 ms without it.)
+//!
+//! A job that waited past `ingest.max_wait_ms` is answered 503 instead of
+//! written, and one its shard gave up on is dropped (see [`crate::pipeline`]).
 //!
 //! Repeated `event_id`s inside a batch are dropped before the COPY, and rows
 //! whose id was committed lately ([`recent`]) are sent through staging, so
@@ -20,10 +25,13 @@
 //! - [`copy`]: binary COPY encoding (pure; used by shards).
 //! - [`db`]: pool, table, idempotent COPY of a batch.
 //! - [`recent`]: fingerprints of recently committed ids (a hint).
+//! - [`probe`]: the `db-probe` thread that keeps `/health` and the breaker
+//!   current while no writer reaches the database.
 
 pub mod breaker;
 pub mod copy;
 pub mod db;
+pub mod probe;
 pub mod recent;
 
 use std::collections::HashSet;
@@ -31,12 +39,11 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError};
-
 use crate::broadcast::{Published, Publisher};
 use crate::config::WriterConfig;
+use crate::health::DbStatus;
 use crate::metrics::Metrics;
-use crate::pipeline::{CommitOutcome, Job, Reply};
+use crate::pipeline::{CommitOutcome, CostModel, Job, Reply, RingReceiver};
 use breaker::{Admission, Breaker};
 use db::{Committed, Pool, Statements, WriteError};
 use recent::RecentIds;
@@ -44,10 +51,28 @@ use recent::RecentIds;
 /// A writer lingers for more jobs at most this fraction of its last commit.
 const LINGER_SHARE_OF_COMMIT: u32 = 8;
 
+/// A failed batch is retried at once (on a fresh connection) only if it
+/// failed within this long: the pooled connection had died while idle.
+const RETRY_ONLY_FAILURES_WITHIN: Duration = Duration::from_millis(500);
+
+/// Marks the writer idle in the backlog, with its latest cost model, when a
+/// batch is over however it ended.
+struct Finished<'a> {
+    backlog: &'a crate::pipeline::Backlog,
+    writer: usize,
+    cost: &'a std::cell::Cell<CostModel>,
+}
+
+impl Drop for Finished<'_> {
+    fn drop(&mut self) {
+        self.backlog.finished(self.writer, &self.cost.get());
+    }
+}
+
 /// What a writer needs, handed to its thread.
 pub struct Writer {
     pub id: usize,
-    pub ring: Receiver<Job>,
+    pub ring: RingReceiver,
     pub pool: Pool,
     pub sql: Arc<Statements>,
     /// The running configuration; batch bounds are read per batch.
@@ -68,6 +93,9 @@ pub struct Writer {
     pub table_ready: Arc<std::sync::atomic::AtomicBool>,
     /// How long this writer's last successful commit took (bounds the linger).
     pub last_commit: std::cell::Cell<Duration>,
+    /// What this writer's commits cost, learned from each one (sizes batches
+    /// by time and feeds the shards' admission through the ring's backlog).
+    pub cost: std::cell::Cell<CostModel>,
 }
 
 /// What a writer reports when its ring has closed and drained.
@@ -127,8 +155,10 @@ impl Batch {
         self.jobs.push(job);
     }
 
-    fn full(&self, config: &WriterConfig) -> bool {
-        self.events >= config.max_batch_events || self.bytes >= config.max_batch_bytes
+    /// Whether the batch has reached a bound: `limit` events (the time-based
+    /// one, never above `max_batch_events`) or `max_batch_bytes`.
+    fn full(&self, config: &WriterConfig, limit: usize) -> bool {
+        self.events >= limit || self.bytes >= config.max_batch_bytes
     }
 
     fn set_class(&mut self, job: usize, row: usize, class: RowClass) {
@@ -276,30 +306,81 @@ impl Writer {
     }
 
     fn next_batch(&self) -> Option<Batch> {
-        let mut batch = Batch::new(self.ring.recv().ok()?);
-        let config = self.config.load().writer.clone();
-        while !batch.full(&config) {
+        let (config, max_wait) = {
+            let c = self.config.load();
+            (c.writer.clone(), Duration::from_millis(c.ingest.max_wait_ms))
+        };
+        let limit = self
+            .cost
+            .get()
+            .batch_limit(Duration::from_millis(config.target_commit_ms))
+            .clamp(1, config.max_batch_events.max(1));
+        let mut batch = loop {
+            let job = self.ring.recv()?;
+            if let Some(job) = self.settle(job, max_wait) {
+                break Batch::new(job);
+            }
+        };
+        while !batch.full(&config, limit) {
             match self.ring.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
+                Some(job) => {
+                    if let Some(job) = self.settle(job, max_wait) {
+                        batch.push(job);
+                    }
+                }
+                None => break,
             }
         }
         let linger = Duration::from_millis(config.max_linger_ms).min(self.last_commit.get() / LINGER_SHARE_OF_COMMIT);
-        if !linger.is_zero() && !batch.full(&config) {
+        if !linger.is_zero() && !batch.full(&config, limit) {
             let until = Instant::now() + linger;
-            while !batch.full(&config) {
+            while !batch.full(&config, limit) {
                 match self.ring.recv_deadline(until) {
-                    Ok(job) => batch.push(job),
-                    Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+                    Some(job) => {
+                        if let Some(job) = self.settle(job, max_wait) {
+                            batch.push(job);
+                        }
+                    }
+                    None => break,
                 }
             }
         }
         Some(batch)
     }
 
+    /// Decides whether a job taken from the ring is written: a job whose
+    /// shard gave up on it is dropped (its client has its 503), and one that
+    /// waited past `max_wait` is answered 503 instead of written. Only jobs
+    /// a client waits for are timed: spool records and queued (202) events
+    /// are already acknowledged.
+    fn settle(&self, mut job: Job, max_wait: Duration) -> Option<Job> {
+        let Reply::Shard { ticket, .. } = &job.reply else { return Some(job) };
+        let stats = &self.metrics.writers[self.id];
+        let waited = job.enqueued.elapsed();
+        if waited > max_wait {
+            if ticket.cancel() {
+                stats.jobs_expired.inc();
+                job.reply.send(&CommitOutcome::Expired(format!(
+                    "waited {} ms for a writer, past ingest.max_wait_ms ({} ms); nothing was stored",
+                    waited.as_millis(),
+                    max_wait.as_millis()
+                )));
+            }
+            return None;
+        }
+        if !ticket.claim() {
+            // The shard answered 503 already.
+            return None;
+        }
+        Some(job)
+    }
+
     /// Commits a batch and answers every job in it.
     fn commit(&self, batch: &mut Batch, report: &mut WriterReport) {
         let stats = &self.metrics.writers[self.id];
+        let backlog = self.ring.backlog();
+        backlog.started(self.id, batch.events, Instant::now());
+        let _done = Finished { backlog, writer: self.id, cost: &self.cost };
         let all = 0..batch.jobs.len();
         match self.write(batch, all.start, all.len()) {
             Ok(done) => self.answer_committed(batch, all, &done, report),
@@ -343,14 +424,16 @@ impl Writer {
                 let suspect = |out: &mut dyn std::io::Write| batch.write_rows(first, count, RowClass::Suspect, out);
                 db::copy_batch(conn, &self.sql, &clean, (suspects > 0).then_some(&suspect as db::RowWriter<'_>))
             });
+            let took = started.elapsed();
+            let written = batch.count(first, count, RowClass::Clean) + suspects;
             match result {
                 Ok(done) => {
-                    self.metrics.database_up.store(true, Ordering::Relaxed);
-                    self.last_commit.set(started.elapsed());
-                    stats.commit_us.record_duration(started.elapsed());
+                    self.metrics.database.set(DbStatus::Up, Instant::now());
+                    self.last_commit.set(took);
+                    self.learn(written as usize, took);
+                    stats.commit_us.record_duration(took);
                     stats.batches.inc();
                     stats.events_committed.add(done.inserted);
-                    let written = batch.count(first, count, RowClass::Clean) + suspects;
                     stats.events_duplicate.add(written.saturating_sub(done.inserted));
                     stats.dedup_suspects.add(suspects);
                     if done.via_staging {
@@ -377,11 +460,20 @@ impl Writer {
                         return Err(e);
                     }
                     if e.counts_against_database() {
-                        self.metrics.database_up.store(false, Ordering::Relaxed);
+                        self.metrics.database.set(DbStatus::Unreachable, Instant::now());
+                    }
+                    // A batch that failed after running longer than expected
+                    // (a statement timeout in a stall) cost at least that long.
+                    if took > self.cost.get().predict(written as usize) {
+                        self.learn(written as usize, took);
                     }
                     attempt += 1;
                     let past_deadline = self.deadline.get().is_some_and(|d| Instant::now() >= *d);
-                    if (attempt >= 2 && !unacknowledged) || past_deadline {
+                    // One retry on a fresh connection is for a pooled one that
+                    // died while idle, which fails at once; one that failed
+                    // slowly would only make the client wait twice as long.
+                    let slow = took > RETRY_ONLY_FAILURES_WITHIN;
+                    if ((attempt >= 2 || slow) && !unacknowledged) || past_deadline {
                         return Err(e);
                     }
                     if attempt >= 2 {
@@ -391,6 +483,13 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// Updates the cost model with a batch of `events` that took `took`.
+    fn learn(&self, events: usize, took: Duration) {
+        let mut model = self.cost.get();
+        model.observe(events, took);
+        self.cost.set(model);
     }
 
     /// Runs one database round trip through the breaker: refused at once
@@ -495,7 +594,12 @@ impl Writer {
         if self.publisher.hub.subscribers() > 0 {
             let mask = batch.inserted_mask(jobs.clone(), done);
             let rows = batch.jobs[jobs.clone()].iter_mut().map(|j| std::mem::take(&mut j.rows)).collect();
-            self.publisher.publish(Published { rows, mask, committed_at: Instant::now() });
+            self.publisher.publish(Published {
+                rows,
+                mask,
+                committed_at: Instant::now(),
+                lease: crate::budget::Lease::detached(),
+            });
         }
         let outcome = CommitOutcome::Committed { dead_letters };
         for job in &mut batch.jobs[jobs] {
@@ -512,7 +616,7 @@ impl Writer {
         for job in &mut batch.jobs[jobs] {
             report.uncommitted += job.rows.len() as u64;
             match &job.reply {
-                Reply::Shard(_) | Reply::Spool { .. } => job.reply.send(&outcome),
+                Reply::Shard { .. } | Reply::Spool { .. } => job.reply.send(&outcome),
                 Reply::None => {
                     report.lost += job.rows.len() as u64;
                     self.metrics.writers[self.id].events_lost.add(job.rows.len() as u64);

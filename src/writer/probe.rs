@@ -1,0 +1,188 @@
+//! The `db-probe` thread: asks PostgreSQL whether it is there while no
+//! writer is asking, so that `/health` and the breaker follow the database
+//! without client traffic (see [`crate::health`]).
+//!
+//! Every `database.probe_interval_ms` it looks at the last successful round
+//! trip of any writer; if there was none within the interval (or the
+//! breaker is not closed), it runs `SELECT 1` on a connection of its own,
+//! within `database.probe_timeout_ms` (connect timeout, TCP user timeout and
+//! `statement_timeout` all set to it, so a server that vanished without a
+//! RST is noticed too). Its own connection, not the writers' pool: a probe
+//! must not wait behind writers stuck in a COPY, and it needs PostgreSQL's
+//! typed errors (a pool only reports that it timed out) to tell "cannot
+//! reach" from "refused us".
+//!
+//! While the table is not known to exist (PostgreSQL was unreachable at
+//! start-up), the probe makes it (or, with `create_table = false`, checks
+//! for it) instead, so that readiness means the table is there.
+//!
+//! A refusal is a configuration problem, logged as an error naming the
+//! likely keys when it starts and once a minute while it lasts; an outage
+//! is a warning when it starts and an info line when it ends.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use postgres::{Client, NoTls};
+
+use super::breaker::{Breaker, BreakerState};
+use super::db::{self, Statements};
+use crate::config::{DatabaseConfig, LiveConfig};
+use crate::health::DbStatus;
+use crate::metrics::Metrics;
+
+/// How often a lasting refusal is logged again.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// What a probe found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Up,
+    Unreachable(String),
+    Refused(String),
+}
+
+impl Verdict {
+    pub fn status(&self) -> DbStatus {
+        match self {
+            Verdict::Up => DbStatus::Up,
+            Verdict::Unreachable(_) => DbStatus::Unreachable,
+            Verdict::Refused(_) => DbStatus::Refused,
+        }
+    }
+}
+
+fn verdict(e: &postgres::Error) -> Verdict {
+    let message = db::describe(e);
+    if db::is_refusal(e) { Verdict::Refused(message) } else { Verdict::Unreachable(message) }
+}
+
+/// A connection for probing, with every timeout set to `timeout`.
+fn connect(db: &DatabaseConfig, timeout: Duration) -> Result<Client, postgres::Error> {
+    let mut config = db::pg_config(db)?;
+    config.connect_timeout(timeout);
+    config.tcp_user_timeout(timeout);
+    config.options(&format!("-c statement_timeout={}", timeout.as_millis().max(1)));
+    config.application_name("ingestd-probe");
+    config.connect(NoTls)
+}
+
+/// Checks the database once on a fresh connection: reachable, accepting us,
+/// and (with `create`) the table made. What start-up runs before anything
+/// is bound.
+pub fn check(db: &DatabaseConfig, sql: &Statements, create: bool) -> Verdict {
+    let timeout = Duration::from_millis(db.connect_timeout_ms);
+    match connect(db, timeout).and_then(|mut c| prepare(&mut c, sql, create)) {
+        Ok(()) => Verdict::Up,
+        Err(e) => verdict(&e),
+    }
+}
+
+fn prepare(client: &mut Client, sql: &Statements, create: bool) -> Result<(), postgres::Error> {
+    db::prepare_table_raw(client, sql, create)
+}
+
+/// The probe thread's state.
+pub struct Probe {
+    pub config: Arc<LiveConfig>,
+    pub sql: Arc<Statements>,
+    pub table_ready: Arc<AtomicBool>,
+    pub breaker: Arc<parking_lot::Mutex<Breaker>>,
+    pub metrics: Arc<Metrics>,
+    /// Closed (its sender dropped) when the probe should stop.
+    pub stop: Receiver<()>,
+}
+
+impl Probe {
+    /// Probes until `stop` closes.
+    pub fn run(self) {
+        let mut client: Option<Client> = None;
+        let mut refusal_logged: Option<Instant> = None;
+        loop {
+            let (db, interval, timeout) = {
+                let c = self.config.load();
+                (
+                    c.database.clone(),
+                    Duration::from_millis(c.database.probe_interval_ms),
+                    Duration::from_millis(c.database.probe_timeout_ms),
+                )
+            };
+            match self.stop.recv_timeout(interval) {
+                Err(RecvTimeoutError::Timeout) => {}
+                _ => return,
+            }
+            let now = Instant::now();
+            let health = &self.metrics.database;
+            let breaker_closed = self.breaker.lock().state() == BreakerState::Closed;
+            if breaker_closed
+                && health.is_up()
+                && health.reached_within(now, interval)
+                && self.table_ready.load(Ordering::Acquire)
+            {
+                // Writers are reaching it: nothing to ask.
+                continue;
+            }
+            let verdict = self.probe_once(&mut client, &db, timeout);
+            self.record(&verdict, &mut refusal_logged);
+        }
+    }
+
+    fn probe_once(&self, client: &mut Option<Client>, db: &DatabaseConfig, timeout: Duration) -> Verdict {
+        let started = Instant::now();
+        if client.as_ref().is_none_or(Client::is_closed) {
+            match connect(db, timeout) {
+                Ok(c) => *client = Some(c),
+                Err(e) => return verdict(&e),
+            }
+        }
+        let Some(c) = client.as_mut() else { return Verdict::Unreachable("no connection".into()) };
+        let result = if self.table_ready.load(Ordering::Acquire) {
+            c.simple_query("SELECT 1").map(drop)
+        } else {
+            prepare(c, &self.sql, db.create_table).map(|()| self.table_ready.store(true, Ordering::Release))
+        };
+        self.metrics.probe_us.record_duration(started.elapsed());
+        match result {
+            Ok(()) => Verdict::Up,
+            Err(e) => {
+                // Start over on a fresh connection next time.
+                *client = None;
+                verdict(&e)
+            }
+        }
+    }
+
+    /// Moves the health state and the breaker, and logs changes.
+    fn record(&self, verdict: &Verdict, refusal_logged: &mut Option<Instant>) {
+        let now = Instant::now();
+        let before = self.metrics.database.set(verdict.status(), now);
+        self.metrics.probes[verdict.status() as usize].inc();
+        self.breaker.lock().on_probe(now, *verdict == Verdict::Up);
+        match verdict {
+            Verdict::Up => {
+                *refusal_logged = None;
+                if before != DbStatus::Up {
+                    crate::info!("database reachable again (probe)", was = before.as_str());
+                }
+            }
+            Verdict::Unreachable(why) => {
+                *refusal_logged = None;
+                if before != DbStatus::Unreachable {
+                    crate::warn!("database unreachable (probe); /health answers 503 until it is back", error = why);
+                }
+            }
+            Verdict::Refused(why) => {
+                if refusal_logged.is_none_or(|at| now.duration_since(at) >= REFUSAL_LOG_EVERY) {
+                    *refusal_logged = Some(now);
+                    crate::error!(
+                        "database refuses ingestd: a configuration problem, not an outage; check database.url \
+                         (user, password, database, TLS), pg_hba.conf, and database.table / create_table",
+                        error = why
+                    );
+                }
+            }
+        }
+    }
+}
