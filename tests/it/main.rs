@@ -24,6 +24,8 @@
 //! - `lifecycle`: signals and graceful shutdown under load.
 //! - `ws`: `GET /ws` subscriptions and ingest over WebSocket.
 //! - `spec`: literal readings of SPEC.md where INTERFACE.md is silent.
+//! - `stall`: PostgreSQL locked, slowed, stopped or refusing: the memory
+//!   budget, the time bound on answers, `/health` with no traffic (issue 11).
 
 mod support;
 
@@ -39,5 +41,6 @@ mod reliability;
 mod scale;
 mod security;
 mod spec;
+mod stall;
 mod validation;
 mod ws;
