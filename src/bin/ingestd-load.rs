@@ -70,6 +70,9 @@ http OPTIONS
   --devices N               device_id pool size (default 10000)
   --run-id ID               event_id prefix (default: random per run)
   --timeout S               connect/read/write timeout (default 30)
+  --pause-after-503 MS      closed loop: a connection that got a 503 waits MS milliseconds before
+                            its next request, like a device that backs off (default 0: at once);
+                            503 answers are counted, and their latency reported apart from 2xx
   --sweep LIST              open-loop steps at these fractions of the maximum, e.g. 10,25,50,75,90,100
   --max-event-rate E        the maximum for --sweep (default: measured first, closed loop)
   --pause S                 pause between sweep steps (default 1)
@@ -182,6 +185,7 @@ fn cmd_http(mut args: Args) -> Result<(), String> {
     let timeout = Duration::from_secs_f64(opt_seconds(&mut args, "timeout", 30.0)?.max(0.1));
     let max_event_rate: Option<f64> = args.opt("max-event-rate")?;
     let pause = opt_seconds(&mut args, "pause", 1.0)?;
+    let pause_after_503: u64 = args.get("pause-after-503", 0)?;
     let events = gen_config(&mut args)?;
     let watch = watched(&mut args)?;
     let out = args.opt_str("out")?.map(PathBuf::from);
@@ -203,6 +207,11 @@ fn cmd_http(mut args: Args) -> Result<(), String> {
     if rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
         return Err("the rate must be positive".into());
     }
+    if pause_after_503 > 0 && (rate.is_some() || sweep.is_some()) {
+        return Err(
+            "--pause-after-503 is for the closed loop (--concurrency): an open loop sends on its schedule".into()
+        );
+    }
     let mode = match rate {
         Some(rate) => Loop::Open { rate, connections },
         None => Loop::Closed { concurrency },
@@ -218,6 +227,7 @@ fn cmd_http(mut args: Args) -> Result<(), String> {
         timeout,
         watch,
         label: String::new(),
+        pause_after_503: Duration::from_millis(pause_after_503),
     };
 
     let Some(fractions) = sweep else {

@@ -77,6 +77,9 @@ pub struct LoadConfig {
     pub watch: Vec<Watched>,
     /// Prefix of progress lines (the sweep step).
     pub label: String,
+    /// Closed loop: how long a connection waits after a 503 before its next
+    /// request (a device that backs off). Zero: at once.
+    pub pause_after_503: Duration,
 }
 
 impl LoadConfig {
@@ -117,6 +120,7 @@ impl LoadConfig {
             "devices": self.events.devices,
             "run_id": self.events.run_id,
             "timeout_s": self.timeout.as_secs_f64(),
+            "pause_after_503_ms": self.pause_after_503.as_secs_f64() * 1000.0,
         })
     }
 }
@@ -228,19 +232,28 @@ pub fn round3(v: f64) -> f64 {
 
 struct Interval {
     counts: Counts,
+    /// Latency of 2xx answers (and, open loop, of requests never sent).
     hist: Histogram<u64>,
+    /// Latency of 503 answers: how fast ingestd turns load away.
+    hist_503: Histogram<u64>,
 }
 
 impl Interval {
     fn new() -> Self {
-        Self { counts: Counts::default(), hist: new_hist() }
+        Self { counts: Counts::default(), hist: new_hist(), hist_503: new_hist() }
     }
 
     fn drain_into(&mut self, into: &mut Interval) {
         into.counts.add(&self.counts);
         into.hist.add(&self.hist).expect("same bounds");
+        into.hist_503.add(&self.hist_503).expect("same bounds");
+        self.reset();
+    }
+
+    fn reset(&mut self) {
         self.counts = Counts::default();
         self.hist.reset();
+        self.hist_503.reset();
     }
 }
 
@@ -257,7 +270,10 @@ pub struct RunResult {
     pub counts: Counts,
     /// Warm-up included: everything this run sent (e.g. to check `count(*)`).
     pub counts_all: Counts,
+    /// Latency of 2xx answers.
     pub hist: Histogram<u64>,
+    /// Latency of 503 answers.
+    pub hist_503: Histogram<u64>,
     pub measure_s: f64,
     pub timeline: Vec<Value>,
     /// name → (average cores over the window, peak RSS/PSS MiB, VmHWM MiB)
@@ -307,6 +323,7 @@ impl RunResult {
                 "unique_events_per_s_acked": round3(self.unique_events_per_s()),
             },
             "latency_ms": latency_json(&self.hist),
+            "latency_503_ms": latency_json(&self.hist_503),
             "processes": self.cpu_json(),
             "error_samples": self.error_samples,
             "timeline": self.timeline,
@@ -402,6 +419,8 @@ pub fn run(cfg: &LoadConfig) -> Result<RunResult, String> {
             "p99_ms": round3(q_ms(h, 0.99)),
             "p999_ms": round3(q_ms(h, 0.999)),
             "max_ms": round3(if h.is_empty() { 0.0 } else { h.max() as f64 / 1000.0 }),
+            "p50_503_ms": round3(q_ms(&tick_iv.hist_503, 0.5)),
+            "p99_503_ms": round3(q_ms(&tick_iv.hist_503, 0.99)),
             "cpu_cores": cpu,
             "rss_mib": rss,
         }));
@@ -410,9 +429,10 @@ pub fn run(cfg: &LoadConfig) -> Result<RunResult, String> {
         if measuring {
             total.counts.add(&tick_iv.counts);
             total.hist.add(&tick_iv.hist).expect("same bounds");
+            total.hist_503.add(&tick_iv.hist_503).expect("same bounds");
         }
         eprintln!(
-            "{}[{:>4}s] {} {:>7} req/s {:>9} ev/s acked  p99 {:>7.2} ms{}  503s {}  other {}  errors {}  cpu{}",
+            "{}[{:>4}s] {} {:>7} req/s {:>9} ev/s acked  p99 {:>7.2} ms{}  503s {}{}  other {}  errors {}  cpu{}",
             cfg.label,
             tick,
             if measuring { "run " } else { "warm" },
@@ -425,12 +445,16 @@ pub fn run(cfg: &LoadConfig) -> Result<RunResult, String> {
                 String::new()
             },
             c.status(503),
+            if tick_iv.hist_503.is_empty() {
+                String::new()
+            } else {
+                format!(" (p99 {:.2} ms)", q_ms(&tick_iv.hist_503, 0.99))
+            },
             c.non_2xx_other(),
             c.errors,
             cpu_text,
         );
-        tick_iv.counts = Counts::default();
-        tick_iv.hist.reset();
+        tick_iv.reset();
         if tick == cfg.warmup_s {
             window_start = now;
             window_start_readings = readings.clone();
@@ -474,6 +498,7 @@ pub fn run(cfg: &LoadConfig) -> Result<RunResult, String> {
         counts: total.counts,
         counts_all: all,
         hist: total.hist,
+        hist_503: total.hist_503,
         measure_s,
         timeline,
         cpu,
@@ -582,6 +607,8 @@ fn worker(
                         c.events_acked += reply.accepted;
                         c.dups_acked += info.dups.min(reply.accepted);
                         record(&mut slot.hist, latency);
+                    } else if reply.status == 503 {
+                        record(&mut slot.hist_503, latency);
                     }
                     false
                 }
@@ -591,6 +618,7 @@ fn worker(
                 }
             }
         };
+        let status = result.as_ref().ok().map(|r| r.status);
         if let Err(e) = result {
             let mut samples = shared.error_samples.lock();
             let text = format!("{}: {e}", e.kind());
@@ -601,8 +629,17 @@ fn worker(
         if failed {
             // Do not spin on a dead server.
             std::thread::sleep(Duration::from_millis(50));
+        } else if let Some(until) = backoff_until(cfg, status, Instant::now(), end) {
+            sleep_until(until);
         }
     }
+}
+
+/// Closed loop: after a 503, when the connection may send again
+/// (`--pause-after-503`, cut short at the end of the run); `None`: at once.
+fn backoff_until(cfg: &LoadConfig, status: Option<u16>, now: Instant, end: Instant) -> Option<Instant> {
+    let closed = matches!(cfg.mode, Loop::Closed { .. });
+    (closed && status == Some(503) && !cfg.pause_after_503.is_zero()).then(|| (now + cfg.pause_after_503).min(end))
 }
 
 pub fn fmt_int(v: f64) -> String {
@@ -621,6 +658,117 @@ pub fn fmt_int(v: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use std::io::{Read, Write};
+
+    fn config(url: String, concurrency: usize, pause_ms: u64) -> LoadConfig {
+        LoadConfig {
+            url,
+            route: Route::Batch,
+            batch_size: 2,
+            mode: Loop::Closed { concurrency },
+            warmup_s: 0,
+            duration_s: 1,
+            events: GenConfig {
+                run_id: "t".into(),
+                devices: 10,
+                ids: crate::events::IdKind::Seq,
+                dup_percent: 0.0,
+                dup_mode: DupMode::Spread,
+                dup_window: 10,
+            },
+            timeout: Duration::from_secs(5),
+            watch: Vec::new(),
+            label: String::new(),
+            pause_after_503: Duration::from_millis(pause_ms),
+        }
+    }
+
+    /// A server that answers every request with `status` (keep-alive).
+    fn answering(status: u16) -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for s in listener.incoming() {
+                let Ok(mut s) = s else { return };
+                std::thread::spawn(move || {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 8192];
+                    loop {
+                        // One request: head, then Content-Length bytes.
+                        let mut headers = [httparse::EMPTY_HEADER; 16];
+                        let mut req = httparse::Request::new(&mut headers);
+                        if let Ok(httparse::Status::Complete(head)) = req.parse(&buf) {
+                            let len = req
+                                .headers
+                                .iter()
+                                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                                .and_then(|h| std::str::from_utf8(h.value).ok()?.parse::<usize>().ok())
+                                .unwrap_or(0);
+                            if buf.len() >= head + len {
+                                buf.drain(..head + len);
+                                let body = if status == 200 { r#"{"accepted":2}"# } else { r#"{"error":"busy"}"# };
+                                let answer =
+                                    format!("HTTP/1.1 {status} X\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+                                if s.write_all(answer.as_bytes()).is_err() {
+                                    return;
+                                }
+                                continue;
+                            }
+                        }
+                        match s.read(&mut chunk) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                });
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    #[test]
+    fn latency_of_503_answers_apart_from_2xx() {
+        let r = run(&config(answering(503), 2, 0)).unwrap();
+        assert!(r.counts.status(503) > 10, "{:?}", r.counts);
+        assert_eq!(r.hist_503.len(), r.counts.status(503));
+        assert!(r.hist.is_empty());
+        assert_eq!(r.counts.events_acked, 0);
+        let j = r.to_json();
+        assert_eq!(j["latency_503_ms"]["count"], json!(r.counts.status(503)));
+        assert_eq!(j["latency_ms"]["count"], json!(0));
+
+        let r = run(&config(answering(200), 1, 0)).unwrap();
+        assert_eq!(r.hist.len(), r.counts.status(200));
+        assert!(r.hist_503.is_empty());
+    }
+
+    #[test]
+    fn pause_after_503_spaces_out_requests() {
+        // 2 connections for ~1 s, each pausing 200 ms after every 503: at most
+        // 6 requests each (the pause is cut short at the end of the run).
+        let r = run(&config(answering(503), 2, 200)).unwrap();
+        assert!((4..=12).contains(&r.counts.requests), "{} requests", r.counts.requests);
+        assert_eq!(r.counts.status(503), r.counts.requests);
+    }
+
+    #[test]
+    fn backoff_only_after_503_in_the_closed_loop() {
+        let now = Instant::now();
+        let end = now + Duration::from_secs(10);
+        let cfg = config(String::new(), 1, 50);
+        assert_eq!(backoff_until(&cfg, Some(503), now, end), Some(now + Duration::from_millis(50)));
+        assert_eq!(backoff_until(&cfg, Some(200), now, end), None);
+        assert_eq!(backoff_until(&cfg, None, now, end), None);
+        // Never past the end of the run.
+        assert_eq!(
+            backoff_until(&cfg, Some(503), now, now + Duration::from_millis(10)),
+            Some(now + Duration::from_millis(10))
+        );
+        assert_eq!(backoff_until(&config(String::new(), 1, 0), Some(503), now, end), None);
+        let open = LoadConfig { mode: Loop::Open { rate: 10.0, connections: 1 }, ..cfg };
+        assert_eq!(backoff_until(&open, Some(503), now, end), None);
+    }
 
     #[test]
     fn thousands() {

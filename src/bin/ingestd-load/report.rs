@@ -75,13 +75,14 @@ pub fn print_summary(r: &RunResult) {
     println!("ingestd-load http: {}", describe(r));
     println!("  target        {}", r.config.url);
     println!(
-        "  requests      {} in {:.1} s = {}/s   status 200: {}  202: {}  503: {}  other: {}  transport errors: {}",
+        "  requests      {} in {:.1} s = {}/s   status 200: {}  202: {}  503: {}{}  other: {}  transport errors: {}",
         fmt_int(c.requests as f64),
         r.measure_s,
         fmt_int(r.requests_per_s()),
         fmt_int(c.status(200) as f64),
         fmt_int(c.status(202) as f64),
         fmt_int(c.status(503) as f64),
+        latency_503_text(r),
         fmt_int(c.non_2xx_other() as f64),
         fmt_int(c.errors as f64),
     );
@@ -140,6 +141,26 @@ pub fn print_summary(r: &RunResult) {
     for e in &r.error_samples {
         println!("  error sample  {e}");
     }
+}
+
+/// ` (503 latency p50 … p99 …, 12.3% of requests)` after the 503 count; empty without 503s.
+fn latency_503_text(r: &RunResult) -> String {
+    let h = &r.hist_503;
+    if h.is_empty() {
+        return String::new();
+    }
+    let pause = if r.config.pause_after_503.is_zero() {
+        String::new()
+    } else {
+        format!(", then {} ms pause", r.config.pause_after_503.as_millis())
+    };
+    format!(
+        " (503 latency p50 {:.2} ms  p99 {:.2}  max {:.2}; {:.1}% of requests{pause})",
+        q_ms(h, 0.5),
+        q_ms(h, 0.99),
+        h.max() as f64 / 1000.0,
+        100.0 * r.counts.status(503) as f64 / r.counts.requests.max(1) as f64,
+    )
 }
 
 /// result.json and the plots of one run.
