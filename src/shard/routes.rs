@@ -23,7 +23,7 @@ use crate::broadcast::{Admission, Refusal};
 use crate::budget::Lease;
 use crate::config::AckMode;
 use crate::ingest::event::{Reason, RejectKind};
-use crate::ingest::{BodyError, BodyKind, Clock, Rejection};
+use crate::ingest::{BodyError, BodyKind, Clock, Rejection, parse};
 use crate::limits::{IpPass, retry_after_secs};
 use crate::metrics::{Route, Shed};
 use crate::pipeline::{self, CommitOutcome, HandOffError, Job, Reply, Ticket};
@@ -304,9 +304,20 @@ pub async fn ingest_events<B: AsRef<[u8]>>(
             Duration::from_millis(c.ingest.max_wait_ms),
         )
     };
-    // Parsing takes scratch and rows besides the body: leased first.
-    let working = crate::ingest::parse::working_bytes(body.as_ref(), kind);
-    if let Err(e) = lease.try_grow(working) {
+    // Parsing takes scratch and rows besides the body: leased first. A small
+    // body asks for a bound that needs no scan; the scanned one is computed
+    // when that does not fit, or for a large body.
+    let len = body.as_ref().len();
+    let cheap = (len <= parse::SCAN_ABOVE_BYTES).then(|| parse::working_bytes_unscanned(len));
+    let fits = cheap.is_some_and(|bound| lease.try_grow(bound).is_ok());
+    let mut working = cheap.unwrap_or(0);
+    let leased = if fits {
+        Ok(())
+    } else {
+        working = parse::working_bytes(body.as_ref(), kind);
+        lease.try_grow(working)
+    };
+    if let Err(e) = leased {
         if lease.bytes() + working > e.limit {
             return failed(
                 413,
