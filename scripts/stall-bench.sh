@@ -101,48 +101,9 @@ out=${out:-bench-results/stall-$stamp}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 
-step() { printf '\n==> %s\n' "$*" >&2; }
-log() { printf 'stall-bench.sh: %s\n' "$*" >&2; }
-
-# Settings from the caller's shell must not leak into ingestd (only --set does).
-while IFS= read -r v; do
-    case $v in INGESTD_PG_*) ;; *) unset "$v" ;; esac
-done < <(compgen -e | grep '^INGESTD_' || true)
-
-# shellcheck source-path=SCRIPTDIR source=lib/pg.sh
-. "$ROOT/scripts/lib/pg.sh"
-
-pgtmp="" ingestd_pid=""
-cleanup() {
-    local rc=$?
-    if [[ -n $ingestd_pid ]] && kill -0 "$ingestd_pid" 2>/dev/null; then
-        kill -TERM "$ingestd_pid" 2>/dev/null || true
-        for _ in $(seq 1 300); do kill -0 "$ingestd_pid" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$ingestd_pid" 2>/dev/null || true
-    fi
-    if [[ -n $pgtmp ]]; then
-        pg_stop "$pgtmp/data" || true
-        cp "$pgtmp/data/log/postgres.log" "$out/postgres.log" 2>/dev/null || true
-        rm -rf -- "$pgtmp"
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-if [[ -n $build ]]; then
-    step "cargo build --release --bins"
-    cargo build --release --bins
-fi
-INGESTD=$ROOT/target/release/ingestd
-LOAD=$ROOT/target/release/ingestd-load
-[[ -x $INGESTD && -x $LOAD ]] || { echo "stall-bench.sh: build the binaries first (cargo build --release --bins)" >&2; exit 1; }
-get() { "$LOAD" get "$@"; }
-# fmt N: integer with thousands separators.
-fmt() { awk -v n="$1" 'BEGIN { s = sprintf("%.0f", n); r = ""; while (length(s) > 3) { r = "," substr(s, length(s) - 2) r; s = substr(s, 1, length(s) - 3) } print s r }'; }
-# fix DIGITS N: N rounded.
-fix() { awk -v d="$1" -v n="$2" 'BEGIN { printf "%.*f", d, n }'; }
+# shellcheck source-path=SCRIPTDIR source=lib/bench.sh
+bench_name=stall-bench.sh
+. "$ROOT/scripts/lib/bench.sh"
 # div A B [DIGITS]
 div() { awk -v a="$1" -v b="$2" -v d="${3:-2}" 'BEGIN { printf "%.*f", d, (b > 0 ? a / b : 0) }'; }
 
@@ -191,30 +152,8 @@ pg_psql "$url" \
 log "PostgreSQL $pg_version at $url; nominal ceiling $writers writers / $row_sleep s = $(fmt "$ceiling") rows/s"
 
 step "ingestd ($config, table $table${sets[*]:+, ${sets[*]}})"
-"$INGESTD" --config "$config" --listen 127.0.0.1:0 --database-url "$url" \
-    --set "database.table=$table" "${sets[@]}" >"$out/ingestd.stdout" 2>"$out/ingestd.log" &
-ingestd_pid=$!
-addr=""
-for _ in $(seq 1 600); do
-    addr=$(sed -n 's/^ingestd listening on \(http:\/\/[^ ]*\).*/\1/p' "$out/ingestd.stdout" | head -n 1)
-    [[ -n $addr ]] && break
-    kill -0 "$ingestd_pid" 2>/dev/null || { tail -n 30 "$out/ingestd.log" >&2; echo "stall-bench.sh: ingestd exited at start" >&2; exit 1; }
-    sleep 0.1
-done
-[[ -n $addr ]] || { tail -n 30 "$out/ingestd.log" >&2; echo "stall-bench.sh: ingestd did not report readiness" >&2; exit 1; }
-sleep 0.5
-idle_rss_kib=$(awk '/^VmRSS:/ { print $2 }' "/proc/$ingestd_pid/status")
-log "ingestd pid $ingestd_pid listening on $addr; idle RSS $((idle_rss_kib / 1024)) MiB"
+start_ingestd "$table" ingestd
 
-# http_get PATH: body of a GET to ingestd (bash /dev/tcp; no curl needed).
-http_get() {
-    local hp=${addr#http://} body
-    exec 3<>"/dev/tcp/${hp%:*}/${hp##*:}" || return 1
-    printf 'GET %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n' "$1" "$hp" >&3
-    body=$(cat <&3)
-    exec 3<&-
-    printf '%s\n' "${body#*$'\r\n\r\n'}"
-}
 
 step "load: $concurrency connections × POST /events/batch of $batch events, ${warmup}s + ${duration}s, ${pause503} ms pause after a 503"
 "$LOAD" http --url "$addr" --concurrency "$concurrency" --batch-size "$batch" \
@@ -223,12 +162,8 @@ step "load: $concurrency connections × POST /events/batch of $batch events, ${w
 http_get /stats >"$out/ingestd-stats.json" 2>/dev/null || true
 
 step "SIGTERM ingestd; count(*) against the acknowledged events"
-kill -TERM "$ingestd_pid"
-set +e
-wait "$ingestd_pid"
-rc=$?
-set -e
-ingestd_pid=""
+stop_ingestd
+rc=$stopped_rc
 rows=$(pg_psql "$url" -tAc "SELECT count(*) FROM $table")
 
 L=$out/load/result.json

@@ -173,6 +173,11 @@ pub struct Published {
 }
 
 impl Published {
+    /// Rows committed at `committed_at`; the publisher takes their lease.
+    pub fn new(rows: Vec<RowBuf>, mask: Option<Vec<Vec<bool>>>, committed_at: Instant) -> Published {
+        Published { rows, mask, committed_at, lease: Lease::detached() }
+    }
+
     pub fn events(&self) -> u64 {
         match &self.mask {
             None => self.rows.iter().map(|r| r.len() as u64).sum(),
@@ -408,12 +413,7 @@ mod tests {
 
     #[test]
     fn mask_skips_rows_already_stored() {
-        let p = Published {
-            rows: vec![rows()],
-            mask: Some(vec![vec![false, true]]),
-            committed_at: Instant::now(),
-            lease: Lease::detached(),
-        };
+        let p = Published::new(vec![rows()], Some(vec![vec![false, true]]), Instant::now());
         assert_eq!(p.events(), 1);
         let batch = CommittedBatch::build(&p);
         assert_eq!(batch.events().map(|e| e.device_id).collect::<Vec<_>>(), ["d2"]);
@@ -438,26 +438,11 @@ mod tests {
     #[test]
     fn publish_without_subscribers_is_free_and_overflow_is_counted() {
         let (hub, publisher, rx) = Hub::new(1, 10, 10, 1, Budget::unlimited());
-        publisher.publish(Published {
-            rows: vec![rows()],
-            mask: None,
-            committed_at: Instant::now(),
-            lease: Lease::detached(),
-        });
+        publisher.publish(Published::new(vec![rows()], None, Instant::now()));
         assert!(rx.is_empty(), "nobody listens: nothing sent");
         let _sub = hub.admit(0, "127.0.0.1".parse().unwrap(), 10).unwrap();
-        publisher.publish(Published {
-            rows: vec![rows()],
-            mask: None,
-            committed_at: Instant::now(),
-            lease: Lease::detached(),
-        });
-        publisher.publish(Published {
-            rows: vec![rows()],
-            mask: None,
-            committed_at: Instant::now(),
-            lease: Lease::detached(),
-        });
+        publisher.publish(Published::new(vec![rows()], None, Instant::now()));
+        publisher.publish(Published::new(vec![rows()], None, Instant::now()));
         assert_eq!(rx.len(), 1);
         assert_eq!(hub.slots[0].lagged.load(Ordering::Relaxed), 2, "overflowed events are counted for the shard");
     }
@@ -467,21 +452,11 @@ mod tests {
         let budget = Budget::new("websocket.fanout_budget_bytes", 1);
         let (hub, publisher, rx) = Hub::new(1, 10, 10, 8, budget.clone());
         let _sub = hub.admit(0, "127.0.0.1".parse().unwrap(), 10).unwrap();
-        publisher.publish(Published {
-            rows: vec![rows()],
-            mask: None,
-            committed_at: Instant::now(),
-            lease: Lease::detached(),
-        });
+        publisher.publish(Published::new(vec![rows()], None, Instant::now()));
         assert!(rx.is_empty(), "no room in the budget: nothing queued");
         assert_eq!(hub.slots[0].lagged.load(Ordering::Relaxed), 2);
         budget.set_limit(1 << 20);
-        publisher.publish(Published {
-            rows: vec![rows()],
-            mask: None,
-            committed_at: Instant::now(),
-            lease: Lease::detached(),
-        });
+        publisher.publish(Published::new(vec![rows()], None, Instant::now()));
         assert!(budget.used() > 0, "queued rows hold their bytes");
         drop(rx.recv().unwrap());
         assert_eq!(budget.used(), 0, "and give them back when dropped");

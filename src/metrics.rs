@@ -469,31 +469,29 @@ impl Metrics {
             );
         }
         let budgets = [("requests", &self.budget), ("fanout", &self.hub.budget)];
-        family(
-            o,
-            "ingestd_memory_budget_bytes",
-            "gauge",
-            "Memory budgets: requests (limits.memory_budget_bytes) and the live feed (websocket.fanout_budget_bytes).",
-        );
-        for (name, b) in budgets {
-            let _ = writeln!(o, "ingestd_memory_budget_bytes{{budget=\"{name}\"}} {}", b.limit());
-        }
-        family(o, "ingestd_memory_used_bytes", "gauge", "Bytes leased from each memory budget now.");
-        for (name, b) in budgets {
-            let _ = writeln!(o, "ingestd_memory_used_bytes{{budget=\"{name}\"}} {}", b.used());
-        }
-        family(o, "ingestd_memory_peak_bytes", "gauge", "Most bytes ever leased at once from each memory budget.");
-        for (name, b) in budgets {
-            let _ = writeln!(o, "ingestd_memory_peak_bytes{{budget=\"{name}\"}} {}", b.peak());
-        }
-        family(
-            o,
-            "ingestd_memory_refusals_total",
-            "counter",
-            "Leases each memory budget refused (503s for requests, missed events for the live feed).",
-        );
-        for (name, b) in budgets {
-            let _ = writeln!(o, "ingestd_memory_refusals_total{{budget=\"{name}\"}} {}", b.refused());
+        let budget_families: [Family<Budget>; 4] = [
+            (
+                "ingestd_memory_budget_bytes",
+                "gauge",
+                "Memory budgets: requests (limits.memory_budget_bytes) and the live feed (websocket.fanout_budget_bytes).",
+                |b| b.limit() as u64,
+            ),
+            ("ingestd_memory_used_bytes", "gauge", "Bytes leased from each memory budget now.", |b| b.used() as u64),
+            ("ingestd_memory_peak_bytes", "gauge", "Most bytes ever leased at once from each memory budget.", |b| {
+                b.peak() as u64
+            }),
+            (
+                "ingestd_memory_refusals_total",
+                "counter",
+                "Leases each memory budget refused (503s for requests, missed events for the live feed).",
+                Budget::refused,
+            ),
+        ];
+        for (name, kind, help, value) in budget_families {
+            family(o, name, kind, help);
+            for (budget, b) in budgets {
+                let _ = writeln!(o, "{name}{{budget=\"{budget}\"}} {}", value(b));
+            }
         }
 
         family(o, "ingestd_breaker_state", "gauge", "Database circuit breaker: 0 closed, 1 open, 2 half-open.");
@@ -799,6 +797,9 @@ fn merge<'a>(parts: impl Iterator<Item = &'a Distribution>) -> Histogram<u64> {
     }
     all
 }
+
+/// A metric family read off a `T`: name, type, help, value.
+type Family<T> = (&'static str, &'static str, &'static str, fn(&T) -> u64);
 
 fn family(o: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");

@@ -784,12 +784,7 @@ mod tests {
                 payload: Some(b"{}"),
             });
         }
-        CommittedBatch::build(&Published {
-            rows: vec![rows],
-            mask: None,
-            committed_at: Instant::now(),
-            lease: crate::budget::Lease::detached(),
-        })
+        CommittedBatch::build(&Published::new(vec![rows], None, Instant::now()))
     }
 
     fn limits(overflow: Overflow, messages: usize) -> WsLimits {

@@ -594,12 +594,7 @@ impl Writer {
         if self.publisher.hub.subscribers() > 0 {
             let mask = batch.inserted_mask(jobs.clone(), done);
             let rows = batch.jobs[jobs.clone()].iter_mut().map(|j| std::mem::take(&mut j.rows)).collect();
-            self.publisher.publish(Published {
-                rows,
-                mask,
-                committed_at: Instant::now(),
-                lease: crate::budget::Lease::detached(),
-            });
+            self.publisher.publish(Published::new(rows, mask, Instant::now()));
         }
         let outcome = CommitOutcome::Committed { dead_letters };
         for job in &mut batch.jobs[jobs] {
