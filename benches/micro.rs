@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use ingestd::ingest::{BodyKind, Clock, Parser, Rules};
 use ingestd::shard::http::parse_head;
-use ingestd::writer::copy::{RowBuf, RowFields};
+use ingestd::row::{RowBuf, RowFields};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

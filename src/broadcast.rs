@@ -40,7 +40,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use parking_lot::Mutex;
 
 use crate::budget::{Budget, Lease};
-use crate::writer::copy::{PG_EPOCH_UNIX_SECS, RowBuf};
+use crate::row::{PG_EPOCH_UNIX_SECS, RowBuf};
 
 /// One committed batch, serialised once and shared by every shard.
 pub struct CommittedBatch {
@@ -372,7 +372,7 @@ pub fn run(hub: Arc<Hub>, ring: Receiver<Published>, mut inboxes: Vec<InboxSende
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::writer::copy::RowFields;
+    use crate::row::RowFields;
 
     fn rows() -> RowBuf {
         let mut rows = RowBuf::default();

@@ -42,6 +42,7 @@ pub mod limits;
 pub mod log;
 pub mod metrics;
 pub mod pipeline;
+pub mod row;
 pub mod shard;
 pub mod spool;
 pub mod writer;

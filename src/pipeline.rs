@@ -58,7 +58,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
 use crate::budget::Lease;
-use crate::writer::copy::RowBuf;
+use crate::row::RowBuf;
 
 /// One request's worth of rows on its way to a writer.
 pub struct Job {
@@ -503,7 +503,7 @@ mod tests {
         let mut rows = RowBuf::default();
         for i in 0..events {
             let id = format!("e{i}");
-            rows.push(&crate::writer::copy::RowFields {
+            rows.push(&crate::row::RowFields {
                 event_id: id.as_bytes(),
                 device_id: "d",
                 event_type: "t",

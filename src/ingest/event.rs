@@ -8,7 +8,7 @@
 
 use std::borrow::Cow;
 
-use crate::writer::copy::{PG_EPOCH_UNIX_SECS, PgMicros, pg_micros_from_unix_micros};
+use crate::row::{PG_EPOCH_UNIX_SECS, PgMicros, pg_micros_from_unix_micros};
 
 /// Why one event was rejected: a closed kind (a metric label) and the
 /// message sent back to the client.

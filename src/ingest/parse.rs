@@ -14,7 +14,7 @@ use simd_json::{Buffers, Node, StaticNode, Tape};
 use uuid::timestamp::context::ContextV7;
 
 use super::event::{self, Field, Reason, RejectKind, TsWindow};
-use crate::writer::copy::{PgMicros, RowBuf, RowFields};
+use crate::row::{PgMicros, RowBuf, RowFields};
 
 /// The shape of a request body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -437,7 +437,7 @@ impl EventCtx<'_> {
             device_id,
             event_type,
             ts,
-            received_at: crate::writer::copy::pg_micros_from_unix_micros(self.clock.now_unix_us),
+            received_at: crate::row::pg_micros_from_unix_micros(self.clock.now_unix_us),
             payload,
         });
         Ok(())

@@ -769,7 +769,7 @@ async fn write_loop(mut writer: WriteHalf, session: &Session, ctx: &ShardCtx) {
 mod tests {
     use super::*;
     use crate::broadcast::Published;
-    use crate::writer::copy::{RowBuf, RowFields};
+    use crate::row::{RowBuf, RowFields};
 
     fn batch(devices: &[&str]) -> CommittedBatch {
         let mut rows = RowBuf::default();

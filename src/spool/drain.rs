@@ -25,7 +25,7 @@ use crossbeam_channel::Receiver;
 use super::{Seq, Spool};
 use crate::budget::Lease;
 use crate::pipeline::{HandOffError, Job, Reply, RingSender};
-use crate::writer::copy::RowBuf;
+use crate::row::RowBuf;
 
 /// How often the checkpoint is written while it moves (two fsyncs each).
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);

@@ -16,7 +16,7 @@ use postgres::error::SqlState;
 use postgres::{Client, NoTls, Transaction};
 use r2d2_postgres::PostgresConnectionManager;
 
-use super::copy::{COLUMNS, HEADER, TRAILER};
+use crate::row::{COLUMNS, HEADER, TRAILER};
 use crate::config::DatabaseConfig;
 
 pub type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
@@ -256,7 +256,7 @@ pub fn prepare_table_raw(client: &mut Client, sql: &Statements, create: bool) ->
 
 /// One event PostgreSQL refused, with its reason.
 pub struct DeadLetter<'a> {
-    pub row: super::copy::RowView<'a>,
+    pub row: crate::row::RowView<'a>,
     pub error: &'a str,
 }
 
@@ -265,7 +265,7 @@ pub struct DeadLetter<'a> {
 pub fn store_dead_letters(client: &mut Client, sql: &Statements, letters: &[DeadLetter<'_>]) -> Result<(), WriteError> {
     use std::time::{Duration, UNIX_EPOCH};
     let time = |pg_us: i64| {
-        let unix_us = pg_us.saturating_add(super::copy::PG_EPOCH_UNIX_SECS * 1_000_000);
+        let unix_us = pg_us.saturating_add(crate::row::PG_EPOCH_UNIX_SECS * 1_000_000);
         UNIX_EPOCH + Duration::from_micros(unix_us.max(0) as u64)
     };
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();

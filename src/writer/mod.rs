@@ -22,14 +22,12 @@
 //! whose id was committed lately ([`recent`]) are sent through staging, so
 //! that re-sent events rarely force a whole batch through the fallback.
 //!
-//! - [`copy`]: binary COPY encoding (pure; used by shards).
 //! - [`db`]: pool, table, idempotent COPY of a batch.
 //! - [`recent`]: fingerprints of recently committed ids (a hint).
 //! - [`probe`]: the `db-probe` thread that keeps `/health` and the breaker
 //!   current while no writer reaches the database.
 
 pub mod breaker;
-pub mod copy;
 pub mod db;
 pub mod probe;
 pub mod recent;

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ingestd::config::DatabaseConfig;
 use ingestd::ingest::{BodyKind, Clock, Parser, Rules};
-use ingestd::writer::copy::{COLUMNS, HEADER, TRAILER};
+use ingestd::row::{COLUMNS, HEADER, TRAILER};
 use ingestd::writer::db;
 use postgres::NoTls;
 use serde_json::{Value, json};

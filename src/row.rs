@@ -1,9 +1,12 @@
-//! PostgreSQL binary COPY encoding: pure, no I/O.
+//! The row format every stage passes along: an accepted event as a
+//! PostgreSQL binary COPY tuple. Pure, no I/O.
 //!
 //! Shards encode each accepted event straight into COPY tuple bytes, so a
 //! writer thread only concatenates buffers into the COPY stream: the per-row
 //! encoding cost (≈ 1 µs) is spread over all shard cores instead of sitting
-//! on the writer. Each request's rows live in one contiguous [`RowBuf`].
+//! on the writer. Each request's rows live in one contiguous [`RowBuf`],
+//! which is what the ring, the spool, the writers and the broadcaster carry;
+//! so this module sits below all of them (it imports nothing of ingestd).
 //!
 //! Tuple layout (the SPEC table, without its defaulted column `received_at`
 //! which is filled explicitly so that it means "received by ingestd"):
