@@ -17,8 +17,8 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use ingestd::ingest::{BodyKind, Clock, Parser, Rules};
-use ingestd::shard::http::parse_head;
 use ingestd::row::{RowBuf, RowFields};
+use ingestd::shard::http::parse_head;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -23,11 +23,12 @@ use tungstenite::Message;
 use tungstenite::protocol::{Role, WebSocketConfig, WebSocketContext};
 
 use crate::config::IngestConfig;
-use crate::ingest::event::{MAX_ID_BYTES, MAX_TYPE_BYTES, RejectKind, TsWindow};
+use crate::ingest::event::{MAX_ID_BYTES, MAX_TYPE_BYTES, TsWindow};
 use crate::ingest::{BodyError, BodyKind, Clock, Parsed, Parser, Rules};
+use crate::labels::RejectKind;
+use crate::row::{RowBuf, pg_micros_from_unix_micros};
 use crate::shard::http::{self, BodyFraming, ChunkError, Chunked, GunzipError, HeadError};
 use crate::spool::{Seq, Spool, SpoolConfig, SpoolError, checkpoint, record, segment};
-use crate::row::{RowBuf, pg_micros_from_unix_micros};
 
 /// The server clock of every run, 2026-11-23T12:00:00Z: fixed, so that a
 /// finding replays the same way.

@@ -38,6 +38,7 @@ pub mod config;
 pub mod fuzzing;
 pub mod health;
 pub mod ingest;
+pub mod labels;
 pub mod limits;
 pub mod log;
 pub mod metrics;

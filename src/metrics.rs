@@ -18,7 +18,7 @@ use parking_lot::Mutex;
 
 use crate::budget::Budget;
 use crate::health::{DatabaseHealth, DbStatus};
-use crate::ingest::event::RejectKind;
+use crate::labels::{RejectKind, Route, Shed};
 use crate::pipeline::{Backlog, RingGauge};
 
 /// A counter written by one thread only.
@@ -37,79 +37,6 @@ impl Counter {
     }
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
-    }
-}
-
-/// Routes, the label set of `ingestd_http_requests_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Route {
-    Event,
-    Batch,
-    Ws,
-    Health,
-    Stats,
-    Metrics,
-    Other,
-}
-
-impl Route {
-    pub const ALL: [Route; 7] =
-        [Route::Event, Route::Batch, Route::Ws, Route::Health, Route::Stats, Route::Metrics, Route::Other];
-    pub fn label(self) -> &'static str {
-        match self {
-            Route::Event => "/events",
-            Route::Batch => "/events/batch",
-            Route::Ws => "/ws",
-            Route::Health => "/health",
-            Route::Stats => "/stats",
-            Route::Metrics => "/metrics",
-            Route::Other => "other",
-        }
-    }
-}
-
-/// Why a request was answered 503 without being stored: the label set of
-/// `ingestd_requests_shed_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Shed {
-    /// The writers' ring was full.
-    RingFull,
-    /// The database circuit breaker was open.
-    BreakerOpen,
-    /// The request did not fit in `limits.memory_budget_bytes`.
-    MemoryBudget,
-    /// Admission estimated a wait past `ingest.max_wait_ms`.
-    WaitEstimate,
-    /// It waited past `ingest.max_wait_ms` without a writer starting its COPY.
-    WaitExpired,
-    /// The disk spool could not take it (full, busy, failed, or slower than
-    /// `ingest.max_wait_ms`).
-    Spool,
-    /// Shutting down.
-    ShuttingDown,
-}
-
-impl Shed {
-    pub const ALL: [Shed; 7] = [
-        Shed::RingFull,
-        Shed::BreakerOpen,
-        Shed::MemoryBudget,
-        Shed::WaitEstimate,
-        Shed::WaitExpired,
-        Shed::Spool,
-        Shed::ShuttingDown,
-    ];
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Shed::RingFull => "ring_full",
-            Shed::BreakerOpen => "breaker_open",
-            Shed::MemoryBudget => "memory_budget",
-            Shed::WaitEstimate => "wait_estimate",
-            Shed::WaitExpired => "wait_expired",
-            Shed::Spool => "spool",
-            Shed::ShuttingDown => "shutting_down",
-        }
     }
 }
 

@@ -8,6 +8,7 @@
 
 use std::borrow::Cow;
 
+use crate::labels::RejectKind;
 use crate::row::{PG_EPOCH_UNIX_SECS, PgMicros, pg_micros_from_unix_micros};
 
 /// Why one event was rejected: a closed kind (a metric label) and the
@@ -27,58 +28,6 @@ impl Reason {
 impl std::fmt::Display for Reason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.message)
-    }
-}
-
-/// The kinds of rejection, the label set of `ingestd_events_rejected_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RejectKind {
-    Malformed,
-    NotAnObject,
-    MissingField,
-    WrongType,
-    InvalidValue,
-    NulCharacter,
-    TsOutOfRange,
-    UnknownField,
-    DuplicateField,
-    PayloadTooLarge,
-    PayloadTooDeep,
-    /// Passed validation but PostgreSQL refused it (dead-lettered).
-    RefusedByDatabase,
-}
-
-impl RejectKind {
-    pub const ALL: [RejectKind; 12] = [
-        RejectKind::Malformed,
-        RejectKind::NotAnObject,
-        RejectKind::MissingField,
-        RejectKind::WrongType,
-        RejectKind::InvalidValue,
-        RejectKind::NulCharacter,
-        RejectKind::TsOutOfRange,
-        RejectKind::UnknownField,
-        RejectKind::DuplicateField,
-        RejectKind::PayloadTooLarge,
-        RejectKind::PayloadTooDeep,
-        RejectKind::RefusedByDatabase,
-    ];
-
-    pub fn label(self) -> &'static str {
-        match self {
-            RejectKind::Malformed => "malformed",
-            RejectKind::NotAnObject => "not_an_object",
-            RejectKind::MissingField => "missing_field",
-            RejectKind::WrongType => "wrong_type",
-            RejectKind::InvalidValue => "invalid_value",
-            RejectKind::NulCharacter => "nul_character",
-            RejectKind::TsOutOfRange => "ts_out_of_range",
-            RejectKind::UnknownField => "unknown_field",
-            RejectKind::DuplicateField => "duplicate_field",
-            RejectKind::PayloadTooLarge => "payload_too_large",
-            RejectKind::PayloadTooDeep => "payload_too_deep",
-            RejectKind::RefusedByDatabase => "refused_by_database",
-        }
     }
 }
 

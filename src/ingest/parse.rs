@@ -13,7 +13,8 @@
 use simd_json::{Buffers, Node, StaticNode, Tape};
 use uuid::timestamp::context::ContextV7;
 
-use super::event::{self, Field, Reason, RejectKind, TsWindow};
+use super::event::{self, Field, Reason, TsWindow};
+use crate::labels::RejectKind;
 use crate::row::{PgMicros, RowBuf, RowFields};
 
 /// The shape of a request body.

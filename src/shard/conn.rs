@@ -23,12 +23,13 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::http::{self, BodyFraming, ChunkError, Chunked, HeadError, RequestHead, Response, Target};
+use super::http::{self, BodyFraming, ChunkError, Chunked, HeadError, RequestHead, Response};
 use super::io::{IDLE_READ_BYTES, READ_CHUNK_BYTES, ReadOutcome};
 use super::transport::Transport;
 use super::{ShardCtx, routes, ws};
 use crate::auth::Grant;
 use crate::budget::Lease;
+use crate::labels::Route;
 use crate::limits::IpPass;
 
 /// Response buffer kept between requests; a larger one is released.
@@ -80,7 +81,7 @@ impl Conn {
         loop {
             let (response, head_only) = match self.next_request().await {
                 Ok(Next::Answer(response)) => (response, false),
-                Ok(Next::Request(head, _body, grant)) if head.target == Target::Ws => {
+                Ok(Next::Request(head, _body, grant)) if head.target == Route::Ws => {
                     match routes::upgrade(&self.ctx, &head, self.ip.ip(), grant.as_deref()) {
                         Ok((accept, request, admission)) => {
                             self.ctx.stats().response(101);
@@ -154,7 +155,7 @@ impl Conn {
                 _ => return Err(Stop::Close),
             }
         };
-        self.ctx.stats().request(routes::route(&head));
+        self.ctx.stats().request(head.target);
         let deadline = deadline.unwrap_or_else(|| Instant::now() + request_timeout);
         let admitted = routes::admit(&self.ctx, &head, &self.ip);
         let refusal = match &admitted {

@@ -7,13 +7,14 @@
 //! transfer coding other than a final `chunked` are refused with 400 and the
 //! connection is closed.
 
+use crate::labels::Route;
 use std::io::Read as _;
 
 /// What a request head says, once parsed; the raw headers are not kept.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestHead {
     pub method: Method,
-    pub target: Target,
+    pub target: Route,
     pub body: BodyFraming,
     pub media: Media,
     pub gzip: bool,
@@ -45,41 +46,6 @@ pub enum Method {
     Head,
     Post,
     Other,
-}
-
-/// The routes of the contract.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Target {
-    Events,
-    Batch,
-    Ws,
-    Health,
-    Stats,
-    Metrics,
-    Unknown,
-}
-
-impl Target {
-    fn from_path(path: &str) -> Target {
-        let path = path.split_once('?').map_or(path, |(p, _)| p);
-        match path {
-            "/events" => Target::Events,
-            "/events/batch" => Target::Batch,
-            "/ws" => Target::Ws,
-            "/health" => Target::Health,
-            "/stats" => Target::Stats,
-            "/metrics" => Target::Metrics,
-            _ => Target::Unknown,
-        }
-    }
-
-    /// The methods this route answers, for 405's `Allow`.
-    pub fn allow(self) -> &'static str {
-        match self {
-            Target::Events | Target::Batch => "POST",
-            _ => "GET, HEAD",
-        }
-    }
 }
 
 /// How the body is delimited.
@@ -153,8 +119,8 @@ pub fn parse_head(buf: &[u8], max_headers: usize, max_head_bytes: usize) -> Resu
         _ => Method::Other,
     };
     let path = req.path.unwrap_or("/");
-    let target = Target::from_path(path);
-    let mut websocket = (target == Target::Ws).then(|| {
+    let target = Route::from_path(path);
+    let mut websocket = (target == Route::Ws).then(|| {
         Box::new(WsHandshake {
             query: path.split_once('?').map(|(_, q)| q.to_string()).unwrap_or_default(),
             ..Default::default()
@@ -544,7 +510,7 @@ mod tests {
         let h = head("POST /events/batch?x=1 HTTP/1.1\r\nHost: a\r\nContent-Type: application/x-ndjson; charset=utf-8\r\nContent-Length: 12\r\nContent-Encoding: gzip\r\n\r\nbody").unwrap();
         assert_eq!(
             (h.method, h.target, h.body, h.media, h.gzip, h.keep_alive),
-            (Method::Post, Target::Batch, BodyFraming::Length(12), Media::Ndjson, true, true)
+            (Method::Post, Route::Batch, BodyFraming::Length(12), Media::Ndjson, true, true)
         );
         assert_eq!(h.len, h.len.min(200));
     }
@@ -613,7 +579,7 @@ mod tests {
         assert!(!head("GET /health HTTP/1.0\r\n\r\n").unwrap().keep_alive);
         assert!(head("GET /health HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").unwrap().keep_alive);
         assert!(head("POST /events HTTP/1.1\r\nExpect: 100-continue\r\n\r\n").unwrap().expect_continue);
-        assert_eq!(head("GET /nope HTTP/1.1\r\n\r\n").unwrap().target, Target::Unknown);
+        assert_eq!(head("GET /nope HTTP/1.1\r\n\r\n").unwrap().target, Route::Unknown);
     }
 
     #[test]

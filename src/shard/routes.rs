@@ -6,7 +6,7 @@
 //! WebSocket ingest frames go through the same [`ingest_events`].
 //!
 //! Every step that would make a client wait or hold memory has a bound and
-//! answers 503 + `Retry-After` past it ([`crate::metrics::Shed`] names
+//! answers 503 + `Retry-After` past it ([`crate::labels::Shed`] names
 //! which): the breaker, the estimated wait for a writer, the memory budget,
 //! the wait itself (`ingest.max_wait_ms`), the spool.
 
@@ -16,34 +16,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::conn::Body;
-use super::http::{self, BodyFraming, GunzipError, HeadError, Media, Method, RequestHead, Response, Target};
+use super::http::{self, BodyFraming, GunzipError, HeadError, Media, Method, RequestHead, Response};
 use super::{ShardCtx, ws};
 use crate::auth::{Denied, Grant, Scope, Secret};
 use crate::broadcast::{Admission, Refusal};
 use crate::budget::Lease;
 use crate::config::AckMode;
-use crate::ingest::event::{Reason, RejectKind};
+use crate::ingest::event::Reason;
 use crate::ingest::{BodyError, BodyKind, Clock, Rejection, parse};
+use crate::labels::{RejectKind, Route, Shed};
 use crate::limits::{IpPass, retry_after_secs};
-use crate::metrics::{Route, Shed};
 use crate::pipeline::{self, CommitOutcome, HandOffError, Job, Reply, Ticket};
-
-/// The metrics label of a request.
-pub fn route(head: &RequestHead) -> Route {
-    match head.target {
-        Target::Events => Route::Event,
-        Target::Batch => Route::Batch,
-        Target::Health => Route::Health,
-        Target::Stats => Route::Stats,
-        Target::Metrics => Route::Metrics,
-        Target::Ws => Route::Ws,
-        Target::Unknown => Route::Other,
-    }
-}
 
 /// The answer to a head that could not be parsed.
 pub fn head_error(ctx: &ShardCtx, e: &HeadError) -> Response {
-    ctx.stats().request(Route::Other);
+    ctx.stats().request(Route::Unknown);
     match e {
         HeadError::Bad(why) => Response::error(400, why),
         HeadError::TooLarge(why) => Response::error(431, why),
@@ -68,11 +55,11 @@ pub fn admit(ctx: &ShardCtx, head: &RequestHead, ip: &IpPass) -> Result<Option<A
     ip.take(ip_rate.0, ip_rate.1)
         .map_err(|wait| too_many_requests("too many requests from this address (limits.ip_requests_per_s)", wait))?;
     let scope = match head.target {
-        Target::Health | Target::Unknown => return Ok(None),
-        Target::Events | Target::Batch => Scope::Ingest,
-        Target::Stats | Target::Metrics => Scope::Admin,
+        Route::Health | Route::Unknown => return Ok(None),
+        Route::Events | Route::Batch => Scope::Ingest,
+        Route::Stats | Route::Metrics => Scope::Admin,
         // The query decides between them; `upgrade` checks which.
-        Target::Ws => Scope::Subscribe,
+        Route::Ws => Scope::Subscribe,
     };
     let query_token;
     let token = match (&head.bearer, &head.websocket) {
@@ -120,13 +107,13 @@ pub fn too_many_requests(message: &str, wait: std::time::Duration) -> Response {
 /// Decides everything that can be decided from the head alone, before any
 /// body byte is read: unknown routes, methods, framing, media type, size.
 pub fn refuse_before_body(ctx: &ShardCtx, head: &RequestHead) -> Option<Response> {
-    let ingest = matches!(head.target, Target::Events | Target::Batch);
+    let ingest = matches!(head.target, Route::Events | Route::Batch);
     let method_ok = match head.target {
-        Target::Events | Target::Batch => head.method == Method::Post,
-        Target::Unknown => true,
+        Route::Events | Route::Batch => head.method == Method::Post,
+        Route::Unknown => true,
         _ => matches!(head.method, Method::Get | Method::Head),
     };
-    let refusal = if head.target == Target::Unknown {
+    let refusal = if head.target == Route::Unknown {
         Response::error(404, "no such route; see POST /events, POST /events/batch, GET /ws, /health, /stats, /metrics")
     } else if !method_ok {
         let mut r = Response::error(405, &format!("method not allowed here; use {}", head.target.allow()));
@@ -163,7 +150,7 @@ fn unavailable(ctx: &ShardCtx, message: &str) -> Response {
 /// its COPY within `ingest.max_wait_ms`. With `ack = "spool"` the spool
 /// rides these out, so only the spool's own bounds apply.
 pub fn refuse_for_load(ctx: &ShardCtx, head: &RequestHead) -> Option<Response> {
-    if !matches!(head.target, Target::Events | Target::Batch) {
+    if !matches!(head.target, Route::Events | Route::Batch) {
         return None;
     }
     load_refusal(ctx).map(|(why, message)| {
@@ -206,21 +193,21 @@ fn load_refusal(ctx: &ShardCtx) -> Option<(Shed, String)> {
 /// has been read.
 pub async fn handle(ctx: &ShardCtx, head: &RequestHead, body: Body, grant: Option<&Grant>) -> Response {
     match head.target {
-        Target::Events => ingest(ctx, head, body, BodyKind::Single, grant).await,
-        Target::Batch if head.media == Media::Ndjson => ingest(ctx, head, body, BodyKind::Ndjson, grant).await,
-        Target::Batch => ingest(ctx, head, body, BodyKind::JsonArray, grant).await,
-        Target::Health => {
+        Route::Events => ingest(ctx, head, body, BodyKind::Single, grant).await,
+        Route::Batch if head.media == Media::Ndjson => ingest(ctx, head, body, BodyKind::Ndjson, grant).await,
+        Route::Batch => ingest(ctx, head, body, BodyKind::JsonArray, grant).await,
+        Route::Health => {
             let status = if ctx.metrics.ready() { 200 } else { 503 };
             let r = Response::json(status, ctx.metrics.health_json());
             if status == 503 { r.retry_after(ctx.config().server.retry_after_s) } else { r }
         }
-        Target::Stats => Response::json(200, ctx.metrics.stats_json()),
-        Target::Metrics => {
+        Route::Stats => Response::json(200, ctx.metrics.stats_json()),
+        Route::Metrics => {
             let mut r = Response::json(200, ctx.metrics.prometheus());
             r.content_type = "text/plain; version=0.0.4; charset=utf-8";
             r
         }
-        Target::Ws | Target::Unknown => Response::error(404, "no such route"),
+        Route::Ws | Route::Unknown => Response::error(404, "no such route"),
     }
 }
 

@@ -654,7 +654,7 @@ async fn ingest_frame(ctx: &ShardCtx, body: Utf8Bytes, mut lease: Lease, seq: u6
         _ => BodyKind::Single,
     };
     if let Err(e) = lease.try_resize(body.len()) {
-        ctx.stats().shed(crate::metrics::Shed::MemoryBudget);
+        ctx.stats().shed(crate::labels::Shed::MemoryBudget);
         return refused(503, &format!("server is over its memory budget ({}); nothing was stored, retry later", e.key));
     }
     match routes::ingest_events(ctx, Bytes::from(body), lease, kind, client.grant.as_deref()).await {

@@ -16,8 +16,8 @@ use postgres::error::SqlState;
 use postgres::{Client, NoTls, Transaction};
 use r2d2_postgres::PostgresConnectionManager;
 
-use crate::row::{COLUMNS, HEADER, TRAILER};
 use crate::config::DatabaseConfig;
+use crate::row::{COLUMNS, HEADER, TRAILER};
 
 pub type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
 
