@@ -19,16 +19,17 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
+use crate::breaker::Breaker;
 use crate::broadcast::{self, Hub};
 use crate::budget::Budget;
 use crate::config::{AckMode, Config, LiveConfig, Sources};
 use crate::health::DbStatus;
 use crate::metrics::{Metrics, MetricsParts};
 use crate::pipeline::{self, CostModel, RingGauge};
+use crate::resources::{ResourceError, Resources};
 use crate::shard::{self, ShardSetup};
 use crate::spool::Spool;
 use crate::spool::drain::Drainer;
-use crate::writer::breaker::Breaker;
 use crate::writer::db::{self, Statements};
 use crate::writer::probe::{self, Probe, Verdict};
 use crate::writer::recent::RecentIds;
@@ -71,7 +72,7 @@ pub enum Ended {
 
 /// Runs ingestd until SIGTERM or SIGINT, then shuts down gracefully. SIGHUP
 /// re-reads `sources` and applies the settings that can change live.
-pub fn run(config: Config, sources: Sources) -> Result<Ended, RunError> {
+pub fn run(config: Config, resources: Resources, sources: Sources) -> Result<Ended, RunError> {
     let live: Arc<LiveConfig> = Arc::new(LiveConfig::from_pointee(config));
     let config = live.load_full();
     let shards = config.shard_count();
@@ -201,9 +202,8 @@ pub fn run(config: Config, sources: Sources) -> Result<Ended, RunError> {
 
     let listeners = bind_listeners(config.server.listen_addr(), shards)?;
     let local = listeners[0].local_addr().map_err(|e| RunError::Bind(e.to_string()))?;
-    let tls = if config.tls.enabled() {
-        let tls_config = shard::transport::server_config(&config.tls.cert_file, &config.tls.key_file)
-            .map_err(|(key, why)| RunError::Internal(format!("{key}: {why}")))?;
+    let Resources { tokens, tls: tls_config } = resources;
+    let tls = if let Some(tls_config) = tls_config {
         let tls_listeners = bind_listeners(config.tls.listen_addr(), shards)?;
         let tls_local = tls_listeners[0].local_addr().map_err(|e| RunError::Bind(e.to_string()))?;
         Some((tls_listeners.into_iter().map(|l| (l, tls_config.clone())).collect::<Vec<_>>(), tls_local))
@@ -216,9 +216,6 @@ pub fn run(config: Config, sources: Sources) -> Result<Ended, RunError> {
     };
     tls_listeners.resize_with(shards, || None);
     metrics.tls.store(tls_local.is_some(), Ordering::Relaxed);
-    let tokens = crate::auth::Tokens::load(&config.auth).map_err(|problems| {
-        RunError::Internal(problems.into_iter().map(|(k, why)| format!("{k}: {why}")).collect::<Vec<_>>().join("; "))
-    })?;
     if tokens.mode() == crate::auth::AuthMode::Off {
         crate::warn!(
             "authentication is off (auth.mode = \"off\"): anyone who reaches the listener may ingest and read"
@@ -430,15 +427,20 @@ fn reload(
         Err(e) => crate::error!("SIGHUP: reload refused, the running configuration stays", error = e),
         Ok((merged, report)) => {
             crate::log::init(merged.log.level, merged.log.format);
-            match crate::auth::Tokens::load(&merged.auth) {
-                Ok(table) => {
+            // The files are read through the same function as at start-up.
+            match Resources::load(&merged) {
+                Ok(Resources { tokens: table, tls: _ }) => {
                     crate::info!("SIGHUP: tokens loaded", mode = table.mode().as_str(), tokens = table.len());
                     metrics.auth_tokens.store(table.mode() == crate::auth::AuthMode::Tokens, Ordering::Relaxed);
                     tokens.store(Arc::new(table));
                 }
-                Err(problems) => {
+                Err(ResourceError(problems)) => {
                     for (key, why) in problems {
-                        crate::error!("SIGHUP: token table refused, the running tokens stay", key = key, error = why);
+                        crate::error!(
+                            "SIGHUP: reload refused, the running configuration stays",
+                            key = key,
+                            error = why
+                        );
                     }
                     return;
                 }

@@ -20,96 +20,12 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::limits::Rate;
 
-/// `[auth]`.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AuthConfig {
-    /// `off`: no credentials asked. `tokens`: every route but `GET /health`
-    /// needs a bearer token with the route's scope.
-    pub mode: AuthMode,
-    /// A TOML file of `[[tokens]]` entries (same shape as `auth.tokens`),
-    /// re-read on SIGHUP; its tokens add to the inline ones. Empty = none.
-    pub token_file: String,
-    /// Inline tokens.
-    pub tokens: Vec<TokenConfig>,
-    /// Whether `mode` was written in a source (file, env or flag), not
-    /// defaulted: a listener beyond loopback needs it said explicitly.
-    #[serde(skip)]
-    pub mode_given: bool,
-}
-
-/// Whether requests must carry a token.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AuthMode {
-    #[default]
-    Off,
-    Tokens,
-}
-
-impl AuthMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AuthMode::Off => "off",
-            AuthMode::Tokens => "tokens",
-        }
-    }
-}
-
-/// One token and what it may do.
-#[derive(Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TokenConfig {
-    /// The secret: 16 to 512 bytes of visible ASCII (no spaces).
-    pub token: String,
-    /// Any of `ingest` (POST /events, /events/batch, WebSocket ingest
-    /// frames), `subscribe` (GET /ws subscriptions), `admin` (/stats, /metrics).
-    pub scopes: Vec<Scope>,
-    /// When set, the token may only write events whose `device_id` starts
-    /// with it, and only receive such events on a subscription.
-    pub device_prefix: String,
-    /// A label for logs and errors; never the token itself.
-    pub name: String,
-}
-
-impl fmt::Debug for TokenConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TokenConfig")
-            .field("token", &"***")
-            .field("scopes", &self.scopes)
-            .field("device_prefix", &self.device_prefix)
-            .field("name", &self.name)
-            .finish()
-    }
-}
-
-/// What a token may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Scope {
-    Ingest,
-    Subscribe,
-    Admin,
-}
-
-impl Scope {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Scope::Ingest => "ingest",
-            Scope::Subscribe => "subscribe",
-            Scope::Admin => "admin",
-        }
-    }
-
-    fn bit(self) -> u8 {
-        1 << self as u8
-    }
-}
+pub use crate::config::{AuthConfig, AuthMode, Scope, TokenConfig};
 
 /// A token presented by a client, kept out of `Debug` output and logs.
 #[derive(Clone, PartialEq, Eq)]

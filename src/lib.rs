@@ -31,6 +31,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod breaker;
 pub mod broadcast;
 pub mod budget;
 pub mod config;
@@ -43,6 +44,7 @@ pub mod limits;
 pub mod log;
 pub mod metrics;
 pub mod pipeline;
+pub mod resources;
 pub mod row;
 pub mod shard;
 pub mod spool;

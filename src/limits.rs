@@ -20,56 +20,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use serde::{Deserialize, Serialize};
 
-/// `[limits]`: every key may change on SIGHUP.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LimitsConfig {
-    /// Open connections from one client IP (all shards together). Over it a
-    /// new connection gets a 429 and is closed. 0 = only `server.max_connections`.
-    pub max_connections_per_ip: usize,
-    /// Requests (and WebSocket ingest frames) per second from one client IP;
-    /// over it, 429 with `Retry-After`. 0 = no limit.
-    pub ip_requests_per_s: u32,
-    /// Requests one IP may make at once before its rate applies; 0 = `ip_requests_per_s`.
-    pub ip_burst: u32,
-    /// Requests per second per token (auth.mode = "tokens"). 0 = no limit.
-    pub token_requests_per_s: u32,
-    /// Burst per token; 0 = `token_requests_per_s`.
-    pub token_burst: u32,
-    /// Bytes that requests may hold in memory at once, all shards and
-    /// writers together: bodies being read, gzip output, parse scratch,
-    /// encoded rows waiting in the ring and in writer batches, spool appends,
-    /// WebSocket ingest frames (see [`crate::budget`]). A request that does
-    /// not fit is answered 503 + `Retry-After` at once.
-    pub memory_budget_bytes: usize,
-}
-
-impl Default for LimitsConfig {
-    fn default() -> Self {
-        Self {
-            max_connections_per_ip: 0,
-            ip_requests_per_s: 0,
-            ip_burst: 0,
-            token_requests_per_s: 0,
-            token_burst: 0,
-            memory_budget_bytes: 256 * 1024 * 1024,
-        }
-    }
-}
-
-impl LimitsConfig {
-    /// (requests per second, burst) per IP.
-    pub fn ip_rate(&self) -> (u32, u32) {
-        (self.ip_requests_per_s, if self.ip_burst == 0 { self.ip_requests_per_s } else { self.ip_burst })
-    }
-
-    /// (requests per second, burst) per token.
-    pub fn token_rate(&self) -> (u32, u32) {
-        (self.token_requests_per_s, if self.token_burst == 0 { self.token_requests_per_s } else { self.token_burst })
-    }
-}
+pub use crate::config::LimitsConfig;
 
 /// A GCRA limiter's state: the theoretical arrival time of the next
 /// request, in nanoseconds since the [`Limits`] epoch.

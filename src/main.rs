@@ -11,6 +11,7 @@ use std::process::ExitCode;
 
 use ingestd::app::{self, Ended, RunError};
 use ingestd::config::{Config, Sources};
+use ingestd::resources::Resources;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -111,13 +112,22 @@ fn main() -> ExitCode {
             return ExitCode::from(64);
         }
     };
+    // The files the configuration names (tokens, TLS certificate) are read
+    // before anything is bound; a bad one is a configuration error too.
+    let resources = match Resources::load(&config) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ingestd: {e}");
+            return ExitCode::from(64);
+        }
+    };
     if args.check_config {
         print!("{}", config.to_toml());
         return ExitCode::SUCCESS;
     }
     ingestd::log::init(config.log.level, config.log.format);
     spawn_memory_purger();
-    match app::run(config, sources) {
+    match app::run(config, resources, sources) {
         Ok(Ended::Clean) => ExitCode::SUCCESS,
         Ok(Ended::Incomplete) => ExitCode::from(75),
         Err(e) => {

@@ -159,7 +159,7 @@ pub struct MetricsParts {
     pub backlog: Arc<Backlog>,
     pub budget: Budget,
     pub hub: Arc<crate::broadcast::Hub>,
-    pub breaker: crate::writer::breaker::BreakerView,
+    pub breaker: crate::breaker::BreakerView,
     /// The database's status at start-up.
     pub database: DbStatus,
 }
@@ -176,7 +176,7 @@ pub struct Metrics {
     /// Subscriber counts per shard.
     pub hub: Arc<crate::broadcast::Hub>,
     /// The database breaker's state, read without a lock.
-    pub breaker: crate::writer::breaker::BreakerView,
+    pub breaker: crate::breaker::BreakerView,
     pub started: Instant,
     /// The database as last seen by a writer or the probe.
     pub database: DatabaseHealth,
@@ -230,7 +230,7 @@ impl Metrics {
             let st = spool.stats();
             return !st.failed && st.used_bytes < st.max_bytes;
         }
-        self.database.is_up() && self.breaker.state() != crate::writer::breaker::BreakerState::Open
+        self.database.is_up() && self.breaker.state() != crate::breaker::BreakerState::Open
     }
 
     fn sum_shards(&self, f: impl Fn(&ShardStats) -> u64) -> u64 {
@@ -769,7 +769,7 @@ mod tests {
     fn metrics() -> Metrics {
         let (_set, receivers, backlog) = crate::pipeline::ring(2, 8);
         let (hub, _publisher, _rx) = crate::broadcast::Hub::new(2, 10, 10, 4, Budget::unlimited());
-        let breaker = crate::writer::breaker::Breaker::new(Default::default(), Instant::now()).view();
+        let breaker = crate::breaker::Breaker::new(Default::default(), Instant::now()).view();
         Metrics::new(MetricsParts {
             shards: 2,
             writers: 2,

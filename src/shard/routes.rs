@@ -165,7 +165,7 @@ fn load_refusal(ctx: &ShardCtx) -> Option<(Shed, String)> {
         return None;
     }
     let now = Instant::now();
-    if let crate::writer::breaker::Admission::Rejected { retry_after } = ctx.metrics.breaker.admit(now) {
+    if let crate::breaker::Admission::Rejected { retry_after } = ctx.metrics.breaker.admit(now) {
         return Some((
             Shed::BreakerOpen,
             format!(

@@ -240,7 +240,7 @@ impl Drop for Appender {
 
 /// Bytes a payload takes on disk, or why it cannot be appended.
 fn framed_bytes(shared: &Shared, len: usize) -> Result<u64, SpoolError> {
-    let max_bytes = shared.config.max_payload_bytes();
+    let max_bytes = super::max_payload_bytes(&shared.config);
     if len as u64 > max_bytes {
         return Err(SpoolError::TooLarge { bytes: len, max_bytes });
     }

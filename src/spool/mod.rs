@@ -69,67 +69,11 @@ pub use record::Damage;
 /// directory, then consecutive. 0 means "none".
 pub type Seq = u64;
 
-/// Where the spool lives and how big it may grow: the `[spool]` section.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SpoolConfig {
-    /// Directory of segments and the checkpoint; created if missing. One
-    /// process at a time (it is locked).
-    pub dir: PathBuf,
-    /// A new segment is started when the next record would take the current
-    /// one past this size. Segments are the unit of deletion, and the largest
-    /// record is a segment less its framing.
-    pub segment_bytes: u64,
-    /// Bound on all segments plus appends in flight; beyond it appends fail
-    /// with [`SpoolError::Full`]. The current segment is deleted only after
-    /// the next one starts, so at least twice `segment_bytes`.
-    pub max_bytes: u64,
-    /// Appends waiting for the appender thread; beyond it `try_append` fails
-    /// with [`SpoolError::Busy`].
-    pub queue_capacity: usize,
-    /// Most payload bytes written between two fsyncs (one group commit), so
-    /// that the first append of a huge group does not wait for all of it.
-    pub max_group_bytes: usize,
-}
+pub use crate::config::SpoolConfig;
 
-impl Default for SpoolConfig {
-    fn default() -> Self {
-        Self {
-            dir: PathBuf::from("spool"),
-            segment_bytes: 64 * 1024 * 1024,
-            max_bytes: 1024 * 1024 * 1024,
-            queue_capacity: 1024,
-            max_group_bytes: 16 * 1024 * 1024,
-        }
-    }
-}
-
-impl SpoolConfig {
-    /// Range problems as `(key, why)`, keys relative to the spool's section.
-    pub fn problems(&self) -> Vec<(&'static str, &'static str)> {
-        let mut out = Vec::new();
-        if self.dir.as_os_str().is_empty() {
-            out.push(("dir", "must not be empty"));
-        }
-        if !(1024..=u64::from(u32::MAX)).contains(&self.segment_bytes) {
-            out.push(("segment_bytes", "must be between 1024 and 4294967295"));
-        }
-        if self.max_bytes < self.segment_bytes.saturating_mul(2) {
-            out.push(("max_bytes", "must be at least twice segment_bytes"));
-        }
-        if self.queue_capacity < 1 {
-            out.push(("queue_capacity", "must be at least 1"));
-        }
-        if self.max_group_bytes < 1 {
-            out.push(("max_group_bytes", "must be at least 1"));
-        }
-        out
-    }
-
-    /// The largest payload one record may carry.
-    pub fn max_payload_bytes(&self) -> u64 {
-        self.segment_bytes.saturating_sub(segment::SEGMENT_HEADER_BYTES + record::RECORD_HEADER_BYTES as u64)
-    }
+/// The largest payload one record of a spool so configured may carry.
+pub fn max_payload_bytes(config: &SpoolConfig) -> u64 {
+    config.segment_bytes.saturating_sub(segment::SEGMENT_HEADER_BYTES + record::RECORD_HEADER_BYTES as u64)
 }
 
 /// Everything that can go wrong with the spool.
@@ -415,7 +359,7 @@ impl Spool {
         let mut next_seq = committed + 1;
         let mut reuse: Option<segment::Listed> = None;
         if let Some(last) = listed.pop() {
-            let tail = segment::scan_tail(&last.path, last.first_seq, config.max_payload_bytes())
+            let tail = segment::scan_tail(&last.path, last.first_seq, max_payload_bytes(&config))
                 .map_err(SpoolError::io("scan", &last.path))?;
             if let Some(damage) = tail.damage {
                 recovery.tail_cut = Some(TailCut {

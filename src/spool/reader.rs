@@ -57,7 +57,7 @@ impl SpoolReader {
     /// The next durable record, `Ok(None)` when caught up with the appender.
     #[allow(clippy::should_implement_trait)] // fallible and resumable after None: not an Iterator
     pub fn next(&mut self) -> Result<Option<Record>, SpoolError> {
-        let max_payload_bytes = self.shared.config.max_payload_bytes();
+        let max_payload_bytes = super::max_payload_bytes(&self.shared.config);
         loop {
             if self.want > self.shared.durable.load(Ordering::Acquire) {
                 return Ok(None);

@@ -440,7 +440,7 @@ fn oversized_records_are_refused() {
     let dir = TempDir::new("large");
     let config = dir.config(1024, 4096);
     let (_, mut appender, _) = open(&config);
-    let max = config.max_payload_bytes() as usize;
+    let max = crate::spool::max_payload_bytes(&config) as usize;
     assert_eq!(max, 1024 - 32);
     assert!(matches!(appender.append(&vec![0; max + 1]), Err(SpoolError::TooLarge { .. })));
     assert_eq!(appender.append(&vec![0; max]).expect("largest record"), 1);

@@ -27,7 +27,6 @@
 //! - [`probe`]: the `db-probe` thread that keeps `/health` and the breaker
 //!   current while no writer reaches the database.
 
-pub mod breaker;
 pub mod db;
 pub mod probe;
 pub mod recent;
@@ -37,12 +36,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use crate::breaker::{Admission, Breaker};
 use crate::broadcast::{Published, Publisher};
 use crate::config::WriterConfig;
 use crate::health::DbStatus;
 use crate::metrics::Metrics;
 use crate::pipeline::{CommitOutcome, CostModel, Job, Reply, RingReceiver};
-use breaker::{Admission, Breaker};
 use db::{Committed, Pool, Statements, WriteError};
 use recent::RecentIds;
 
@@ -507,7 +506,8 @@ impl Writer {
             }
             f(&mut conn)
         });
-        self.breaker.lock().on_result(Instant::now(), &result);
+        let unavailable = result.as_ref().err().is_some_and(WriteError::counts_against_database);
+        self.breaker.lock().on_outcome(Instant::now(), unavailable);
         result
     }
 

@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use postgres::{Client, NoTls};
 
-use super::breaker::{Breaker, BreakerState};
 use super::db::{self, Statements};
+use crate::breaker::{Breaker, BreakerState};
 use crate::config::{DatabaseConfig, LiveConfig};
 use crate::health::DbStatus;
 use crate::metrics::Metrics;

@@ -36,7 +36,8 @@
 //! without sleeping. Other threads read a [`BreakerView`]: two atomics behind
 //! an `Arc`, so a shard can refuse a request without locking anything.
 //!
-//! Only transient failures count ([`WriteError::is_transient`]: lost
+//! Only failures that say the database is unavailable count (the writer
+//! decides which, in one place: `WriteError::counts_against_database`: lost
 //! connections, timeouts, PostgreSQL shutting down). A permanent error (bad
 //! data refused by PostgreSQL) proves the database is answering, so it counts
 //! as a success for the breaker: bad events can never open it.
@@ -45,42 +46,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use super::db::WriteError;
-
-/// When the breaker opens and for how long. The lead's `config.rs` embeds it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct BreakerConfig {
-    /// Consecutive transient failures (or timeouts) that open the breaker.
-    pub failure_threshold: u32,
-    /// How long the breaker stays open the first time before a probe.
-    pub open_ms: u64,
-    /// Cap on the open time, which doubles after each failed probe.
-    pub max_open_ms: u64,
-}
-
-impl Default for BreakerConfig {
-    fn default() -> Self {
-        Self { failure_threshold: 5, open_ms: 1_000, max_open_ms: 30_000 }
-    }
-}
-
-impl BreakerConfig {
-    /// Range problems as `(key, why)`, keys relative to the breaker's section.
-    pub fn problems(&self) -> Vec<(&'static str, &'static str)> {
-        let mut out = Vec::new();
-        if self.failure_threshold < 1 {
-            out.push(("failure_threshold", "must be at least 1"));
-        }
-        if self.open_ms < 1 {
-            out.push(("open_ms", "must be at least 1"));
-        }
-        if self.max_open_ms < self.open_ms {
-            out.push(("max_open_ms", "must be at least open_ms"));
-        }
-        out
-    }
-}
+pub use crate::config::BreakerConfig;
 
 /// Where the breaker stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -231,14 +197,11 @@ impl Breaker {
         }
     }
 
-    /// Reports a database call's result: failures that say the database is
-    /// unavailable count; successes, data errors and conflicts between
-    /// transactions (deadlocks) count as the database answering.
-    pub fn on_result<T>(&mut self, now: Instant, result: &Result<T, WriteError>) {
-        match result {
-            Err(e) if e.counts_against_database() => self.on_failure(now),
-            _ => self.on_success(now),
-        }
+    /// Reports a database call's outcome: `unavailable` when it failed in a
+    /// way that says the database is unavailable; successes, data errors and
+    /// conflicts between transactions (deadlocks) are the database answering.
+    pub fn on_outcome(&mut self, now: Instant, unavailable: bool) {
+        if unavailable { self.on_failure(now) } else { self.on_success(now) }
     }
 
     pub fn state(&self) -> BreakerState {
@@ -427,15 +390,15 @@ mod tests {
         let t0 = Instant::now();
         let mut b = Breaker::new(CONFIG, t0);
         for _ in 0..10 {
-            b.on_result::<()>(t0, &Err(WriteError::Permanent("invalid input syntax".into())));
+            b.on_outcome(t0, false); // e.g. invalid input syntax: the database answered
         }
         assert_eq!(b.state(), BreakerState::Closed);
         for _ in 0..3 {
-            b.on_result::<()>(t0, &Err(WriteError::Transient("connection refused".into())));
+            b.on_outcome(t0, true); // e.g. connection refused
         }
         assert_eq!(b.state(), BreakerState::Open);
         assert_eq!(b.allow(t0 + ms(100)), Admission::Permit);
-        b.on_result(t0 + ms(100), &Ok(()));
+        b.on_outcome(t0 + ms(100), false);
         assert_eq!(b.state(), BreakerState::Closed);
     }
 

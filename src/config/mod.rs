@@ -10,10 +10,11 @@
 //! `tuning/default.toml` repeats them for operators.
 
 use std::fmt;
-use std::net::SocketAddr;
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+mod sections;
+pub use sections::*;
 
 /// The whole effective configuration.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -25,326 +26,17 @@ pub struct Config {
     pub writer: WriterConfig,
     pub database: DatabaseConfig,
     /// The circuit breaker around every database call.
-    pub breaker: crate::writer::breaker::BreakerConfig,
+    pub breaker: BreakerConfig,
     /// The disk spool behind `ack = "spool"`.
-    pub spool: crate::spool::SpoolConfig,
+    pub spool: SpoolConfig,
     pub websocket: WebSocketConfig,
     /// Bearer tokens and their scopes.
-    pub auth: crate::auth::AuthConfig,
+    pub auth: AuthConfig,
     /// The optional TLS listener.
     pub tls: TlsConfig,
     /// Abuse limits across shards: per IP and per token.
-    pub limits: crate::limits::LimitsConfig,
+    pub limits: LimitsConfig,
     pub log: LogConfig,
-}
-
-/// Listeners, shards and per-connection limits.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ServerConfig {
-    /// Address for HTTP and WebSocket. Port 0 picks a free port (printed at start).
-    pub listen: String,
-    /// Shard threads, one io_uring runtime each; 0 means one per available core.
-    pub shards: usize,
-    /// Pin shard `n` to core `n` (modulo the core count).
-    pub pin_cores: bool,
-    /// Open connections for the whole process, split evenly across shards.
-    pub max_connections: usize,
-    /// Largest request head (request line and headers) in bytes; more answers 431.
-    pub max_header_bytes: usize,
-    /// Most headers in one request; more answers 431.
-    pub max_headers: usize,
-    /// Largest request body as sent on the wire (compressed size for gzip); more answers 413.
-    pub max_body_bytes: usize,
-    /// Largest body after gzip decompression; more answers 413.
-    pub max_decompressed_bytes: usize,
-    /// Time from a request's first byte to its last; slower answers 408 and closes.
-    pub request_timeout_ms: u64,
-    /// Time allowed to write one response; a client that does not read it
-    /// in time is disconnected.
-    pub write_timeout_ms: u64,
-    /// How long an idle keep-alive connection is kept open.
-    pub idle_timeout_ms: u64,
-    /// Deadline for a graceful shutdown, from the signal to the last thread joined.
-    pub shutdown_timeout_ms: u64,
-    /// Seconds sent in `Retry-After` with every 503.
-    pub retry_after_s: u32,
-}
-
-impl Default for ServerConfig {
-    fn default() -> Self {
-        Self {
-            listen: "127.0.0.1:8080".into(),
-            shards: 0,
-            pin_cores: true,
-            max_connections: 10_000,
-            max_header_bytes: 16 * 1024,
-            max_headers: 64,
-            max_body_bytes: 8 * 1024 * 1024,
-            max_decompressed_bytes: 32 * 1024 * 1024,
-            request_timeout_ms: 10_000,
-            write_timeout_ms: 10_000,
-            idle_timeout_ms: 60_000,
-            shutdown_timeout_ms: 30_000,
-            retry_after_s: 1,
-        }
-    }
-}
-
-/// When an answer is sent, and what an event may contain.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct IngestConfig {
-    /// `commit`: 200 once every accepted event is committed in PostgreSQL.
-    /// `spool`: 200 once the events are fsync'd in the local disk spool, from
-    /// which they reach PostgreSQL even across outages and restarts.
-    /// `queue`: 202 once the events are in a ring (no durability promise).
-    pub ack: AckMode,
-    /// Most events in one request (JSON array elements or NDJSON lines); more answers 413.
-    pub max_events_per_request: usize,
-    /// Largest `payload` value of one event, in bytes of JSON text.
-    pub max_payload_bytes: usize,
-    /// Deepest nesting of arrays and objects in a `payload` (PostgreSQL's
-    /// JSON parser refuses depths in the low ten thousands).
-    pub max_payload_depth: usize,
-    /// How far ahead of the server clock `ts` may be, in milliseconds.
-    pub max_future_skew_ms: u64,
-    /// Ignore unknown top-level event fields instead of rejecting the event.
-    pub allow_unknown_fields: bool,
-    /// Longest a request waits for a writer before its COPY starts. A request
-    /// that would wait longer (judged at admission from the queue and the
-    /// writers' recent cost per event) is answered 503 at once; one whose
-    /// wait passes anyway is answered 503 then, never written.
-    pub max_wait_ms: u64,
-}
-
-impl Default for IngestConfig {
-    fn default() -> Self {
-        Self {
-            ack: AckMode::Commit,
-            max_events_per_request: 10_000,
-            max_payload_bytes: 64 * 1024,
-            max_payload_depth: 256,
-            max_future_skew_ms: 5 * 60 * 1000,
-            allow_unknown_fields: false,
-            max_wait_ms: 1_000,
-        }
-    }
-}
-
-/// The acknowledgement contract of a success answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AckMode {
-    /// 200 means committed in PostgreSQL.
-    Commit,
-    /// 202 means handed to a writer ring.
-    Queue,
-    /// 200 means fsync'd in the disk spool.
-    Spool,
-}
-
-/// The bounded rings between shards and writers.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct PipelineConfig {
-    /// Requests waiting for a writer, per writer: the writers share one ring
-    /// of writers × ring_capacity; a full ring answers 503 at once.
-    /// Memory bound: writers × ring_capacity × the encoded size of one request.
-    pub ring_capacity: usize,
-}
-
-impl Default for PipelineConfig {
-    fn default() -> Self {
-        Self { ring_capacity: 1024 }
-    }
-}
-
-/// Writer threads and how they batch.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct WriterConfig {
-    /// Writer threads, each with its own PostgreSQL connection; they share one ring.
-    pub writers: usize,
-    /// Most events in one COPY transaction.
-    pub max_batch_events: usize,
-    /// Most encoded bytes in one COPY transaction.
-    pub max_batch_bytes: usize,
-    /// How long a writer waits for more requests once it holds some, when its
-    /// batch is still small. A writer always takes everything already waiting,
-    /// so batches grow with load without any wait; 0 never waits.
-    pub max_linger_ms: u64,
-    /// How long committed `event_id`s are remembered (as 64-bit fingerprints)
-    /// so that re-sent events are inserted idempotently without forcing their
-    /// whole batch through the staging fallback. 0 turns the hint off.
-    pub dedup_window_ms: u64,
-    /// Most fingerprints remembered (≈ 16 bytes each); past it the window
-    /// shrinks.
-    pub dedup_max_ids: usize,
-    /// A batch is sized to commit in about this long, from the writers'
-    /// recent cost per event: a database that slows down gets smaller
-    /// batches, not longer commits.
-    pub target_commit_ms: u64,
-}
-
-impl Default for WriterConfig {
-    fn default() -> Self {
-        Self {
-            writers: 2,
-            max_batch_events: 10_000,
-            max_batch_bytes: 16 * 1024 * 1024,
-            max_linger_ms: 2,
-            dedup_window_ms: 60_000,
-            dedup_max_ids: 4_000_000,
-            target_commit_ms: 250,
-        }
-    }
-}
-
-/// PostgreSQL connection and table.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DatabaseConfig {
-    /// PostgreSQL URL, e.g. `postgres://user@127.0.0.1:5432/db`. Required.
-    pub url: String,
-    /// Table to write, `name` or `schema.name`; created at start-up when missing.
-    pub table: String,
-    /// Connections in the pool; 0 means writers + 1.
-    pub pool_size: u32,
-    /// Time allowed to open a connection.
-    pub connect_timeout_ms: u64,
-    /// PostgreSQL `statement_timeout` for every statement ingestd runs.
-    pub statement_timeout_ms: u64,
-    /// Create the table (and nothing else) at start-up when it is missing.
-    pub create_table: bool,
-    /// Where events PostgreSQL refuses (e.g. an operator's CHECK constraint)
-    /// are kept with its error; empty means `<table>_dead_letter`.
-    pub dead_letter_table: String,
-    /// How often the database is probed (`SELECT 1` on a connection of the
-    /// probe's own) while no writer has reached it lately; the probe moves
-    /// `/health` and the breaker without any client traffic.
-    pub probe_interval_ms: u64,
-    /// Time a probe may take (connect and query) before it counts as failed.
-    pub probe_timeout_ms: u64,
-}
-
-impl Default for DatabaseConfig {
-    fn default() -> Self {
-        Self {
-            url: String::new(),
-            table: "events".into(),
-            pool_size: 0,
-            connect_timeout_ms: 5_000,
-            statement_timeout_ms: 5_000,
-            create_table: true,
-            dead_letter_table: String::new(),
-            probe_interval_ms: 1_000,
-            probe_timeout_ms: 2_000,
-        }
-    }
-}
-
-/// WebSocket subscribers and ingest over `GET /ws`.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct WebSocketConfig {
-    /// Subscribers in the whole process; more upgrades answer 503.
-    pub max_subscribers: usize,
-    /// Subscribers per shard; more upgrades on that shard answer 503.
-    pub max_subscribers_per_shard: usize,
-    /// WebSocket connections from one IP address; more answer 429.
-    pub max_per_ip: usize,
-    /// Events waiting to be sent to one subscriber.
-    pub queue_messages: usize,
-    /// Bytes of events waiting to be sent to one subscriber.
-    pub queue_bytes: usize,
-    /// When a subscriber's queue is full: `close` it with code 1013, or
-    /// `drop_oldest` events and send it `{"dropped": N}`.
-    pub overflow: Overflow,
-    /// A ping is sent after this long without traffic to the client.
-    pub ping_interval_ms: u64,
-    /// A connection that sends nothing (not even a pong) this long is closed.
-    pub idle_timeout_ms: u64,
-    /// Largest message (and frame) a client may send.
-    pub max_message_bytes: usize,
-    /// Committed batches waiting for one shard's fan-out; past it the
-    /// shard's subscribers are told they missed events (overflow policy).
-    pub inbox_batches: usize,
-    /// Committed batches waiting for the broadcaster thread.
-    pub broadcast_ring: usize,
-    /// Bytes the live feed may hold in all: committed batches waiting for
-    /// the broadcaster and the shards, and every subscriber's queue. Past it
-    /// subscribers are told they missed events (per `overflow`).
-    pub fanout_budget_bytes: usize,
-}
-
-impl Default for WebSocketConfig {
-    fn default() -> Self {
-        Self {
-            max_subscribers: 100_000,
-            max_subscribers_per_shard: 100_000,
-            max_per_ip: 10_000,
-            queue_messages: 10_000,
-            queue_bytes: 1024 * 1024,
-            overflow: Overflow::Close,
-            ping_interval_ms: 20_000,
-            idle_timeout_ms: 60_000,
-            max_message_bytes: 1024 * 1024,
-            inbox_batches: 256,
-            broadcast_ring: 1024,
-            fanout_budget_bytes: 64 * 1024 * 1024,
-        }
-    }
-}
-
-/// What happens to a subscriber that cannot keep up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Overflow {
-    /// Close with 1013 (try again later).
-    Close,
-    /// Drop the oldest queued events and report how many.
-    DropOldest,
-}
-
-/// `[tls]`: a second listener speaking TLS (rustls) on the same shards.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TlsConfig {
-    /// Address of the TLS listener, e.g. `0.0.0.0:8443`; empty = no TLS.
-    /// `server.listen` keeps serving plain HTTP beside it.
-    pub listen: String,
-    /// PEM certificate chain, leaf first.
-    pub cert_file: String,
-    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
-    pub key_file: String,
-}
-
-impl TlsConfig {
-    pub fn enabled(&self) -> bool {
-        !self.listen.is_empty()
-    }
-
-    /// The TLS listen address, parsed.
-    pub fn listen_addr(&self) -> Result<SocketAddr, std::net::AddrParseError> {
-        self.listen.parse()
-    }
-}
-
-/// Logging to stderr.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LogConfig {
-    /// Least severe level written: `error`, `warn`, `info` or `debug`.
-    pub level: crate::log::Level,
-    /// `logfmt` or `json`, one line per log event.
-    pub format: crate::log::Format,
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        Self { level: crate::log::Level::Info, format: crate::log::Format::Logfmt }
-    }
 }
 
 /// The running configuration, swapped whole on SIGHUP; reads are lock-free.
@@ -683,14 +375,6 @@ impl Config {
                 ),
             ));
         }
-        if let Err(auth) = crate::auth::Tokens::load(&self.auth) {
-            problems.extend(auth);
-        }
-        if self.tls.enabled()
-            && let Err(problem) = crate::shard::transport::server_config(&self.tls.cert_file, &self.tls.key_file)
-        {
-            problems.push(problem);
-        }
         if self.ingest.ack == AckMode::Spool {
             for (key, why) in self.spool.problems() {
                 problems.push((format!("spool.{key}"), why.to_string()));
@@ -730,25 +414,6 @@ impl Config {
     /// Connections in the PostgreSQL pool.
     pub fn pool_size(&self) -> u32 {
         if self.database.pool_size > 0 { self.database.pool_size } else { self.writer.writers as u32 + 1 }
-    }
-}
-
-impl ServerConfig {
-    /// The listen address, parsed.
-    pub fn listen_addr(&self) -> Result<SocketAddr, std::net::AddrParseError> {
-        self.listen.parse()
-    }
-    pub fn request_timeout(&self) -> Duration {
-        Duration::from_millis(self.request_timeout_ms)
-    }
-    pub fn write_timeout(&self) -> Duration {
-        Duration::from_millis(self.write_timeout_ms)
-    }
-    pub fn idle_timeout(&self) -> Duration {
-        Duration::from_millis(self.idle_timeout_ms)
-    }
-    pub fn shutdown_timeout(&self) -> Duration {
-        Duration::from_millis(self.shutdown_timeout_ms)
     }
 }
 
