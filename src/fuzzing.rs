@@ -362,7 +362,7 @@ fn check_parsed(parsed: &Parsed, rules: &Rules, count: usize) {
     assert!(parsed.rejected.windows(2).all(|w| w[0].index < w[1].index), "rejection indexes not increasing");
     assert!(parsed.rejected.last().is_none_or(|r| r.index < count), "rejection index out of range");
     // The answer a client gets is JSON.
-    let answer = crate::shard::routes::ingest_json(parsed.rows.len(), &parsed.rejected);
+    let answer = crate::shard::accept::ingest_json(parsed.rows.len(), &parsed.rejected);
     serde_json::from_str::<serde_json::Value>(&answer).expect("the ingest answer is JSON");
     for i in 0..parsed.rows.len() {
         check_row(&parsed.rows, i, rules);

@@ -16,11 +16,14 @@
 //!
 //! - [`http`]: request heads, chunked bodies, gzip, responses (pure).
 //! - [`conn`]: one connection's read/answer loop with deadlines.
-//! - [`routes`]: what each route does.
+//! - [`routes`]: who may make a request, what each route answers.
+//! - [`accept`]: one body of events from admission to answer (HTTP and
+//!   WebSocket ingest alike).
 //! - [`ws`]: WebSocket sessions: subscriptions, fan-out, ingest frames.
 //! - [`io`]: reads with deadlines and explicit cancellation.
 //! - [`transport`]: plain TCP or TLS (rustls, sans-I/O) under both.
 
+pub mod accept;
 pub mod conn;
 pub mod http;
 pub mod io;

@@ -33,8 +33,8 @@ use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig, WebSocketContext}
 use tungstenite::{Message, Utf8Bytes};
 
 use super::ShardCtx;
+use super::accept::{self, Ingested};
 use super::io::{IDLE_READ_BYTES, LocalNotify, READ_CHUNK_BYTES, ReadOutcome};
-use super::routes::{self, Ingested};
 use super::transport::{ReadHalf, Transport, WriteHalf};
 use crate::auth::{Grant, Scope};
 use crate::broadcast::{Admission, CommittedBatch, EventRef};
@@ -657,9 +657,9 @@ async fn ingest_frame(ctx: &ShardCtx, body: Utf8Bytes, mut lease: Lease, seq: u6
         ctx.stats().shed(crate::labels::Shed::MemoryBudget);
         return refused(503, &format!("server is over its memory budget ({}); nothing was stored, retry later", e.key));
     }
-    match routes::ingest_events(ctx, Bytes::from(body), lease, kind, client.grant.as_deref()).await {
+    match accept::ingest_events(ctx, Bytes::from(body), lease, kind, client.grant.as_deref()).await {
         Ingested::Answer { status: _, accepted, rejected } => {
-            let body = routes::ingest_json(accepted, &rejected);
+            let body = accept::ingest_json(accepted, &rejected);
             format!("{{\"seq\":{seq},{}", &body[1..])
         }
         Ingested::BodyRefused { status, message } | Ingested::Failed { status, message, .. } => {
