@@ -6,8 +6,11 @@
 //! the database probe → signal handler → the readiness line on stdout.
 //! Nothing is announced before it can be served.
 //!
+//! `run` reads as the three phases: [`start`] → [`serve`] (SIGHUP reloads)
+//! → [`stop`].
+//!
 //! Shutdown cascades through ownership, never through a polled flag:
-//! SIGTERM/SIGINT → each shard's trigger fires → shards stop accepting,
+//! SIGTERM/SIGINT → the one [`Shutdown`] begins → shards stop accepting,
 //! finish in-flight requests and drop their ring senders → writers see their
 //! ring disconnect, commit what is left and return their reports → the pool
 //! closes → the exit code says whether everything accepted was committed. A
@@ -15,21 +18,24 @@
 
 use std::io::Write as _;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use crate::breaker::Breaker;
 use crate::broadcast::{self, Hub};
 use crate::budget::Budget;
 use crate::config::{AckMode, Config, LiveConfig, Sources};
-use crate::health::DbStatus;
-use crate::metrics::{Metrics, MetricsParts};
-use crate::pipeline::{self, CostModel, RingGauge};
+use crate::drain::{DrainReport, Drainer};
+use crate::health::{DbStatus, Health};
+use crate::metrics::Metrics;
+use crate::pipeline::{self, CostModel, RingGauge, RingSender};
+use crate::report::Report;
 use crate::resources::{ResourceError, Resources};
 use crate::shard::{self, ShardSetup};
+use crate::shutdown::Shutdown;
 use crate::spool::Spool;
-use crate::spool::drain::Drainer;
 use crate::writer::db::{self, Statements};
 use crate::writer::probe::{self, Probe, Verdict};
 use crate::writer::recent::RecentIds;
@@ -73,32 +79,48 @@ pub enum Ended {
 /// Runs ingestd until SIGTERM or SIGINT, then shuts down gracefully. SIGHUP
 /// re-reads `sources` and applies the settings that can change live.
 pub fn run(config: Config, resources: Resources, sources: Sources) -> Result<Ended, RunError> {
+    let running = start(config, resources)?;
+    let signal = serve(&running, &sources);
+    Ok(stop(running, signal))
+}
+
+/// Everything `start` built that `serve` and `stop` act on.
+struct Running {
+    live: Arc<LiveConfig>,
+    shutdown: Shutdown,
+    health: Arc<Health>,
+    report: Arc<Report>,
+    hub: Arc<Hub>,
+    tokens: Arc<arc_swap::ArcSwap<crate::auth::Tokens>>,
+    signals: crossbeam_channel::Receiver<i32>,
+    threads: Threads,
+}
+
+/// The threads, in the order `stop` joins them: shards, then the spool's,
+/// then writers, then the broadcaster and the probe.
+struct Threads {
+    shards: Vec<JoinHandle<()>>,
+    spool: Option<(JoinHandle<crate::spool::AppenderReport>, JoinHandle<DrainReport>)>,
+    writers: Vec<JoinHandle<WriterReport>>,
+    broadcaster: JoinHandle<()>,
+    probe: JoinHandle<()>,
+    /// Dropped to stop the probe.
+    probe_stop: crossbeam_channel::Sender<()>,
+}
+
+/// Start-up, in the order of the module docs; nothing is announced before
+/// it can be served.
+fn start(config: Config, resources: Resources) -> Result<Running, RunError> {
     let live: Arc<LiveConfig> = Arc::new(LiveConfig::from_pointee(config));
     let config = live.load_full();
-    let shards = config.shard_count();
-    let writers = config.writer.writers;
-
+    let (shards, writers) = (config.shard_count(), config.writer.writers);
     let sql = Arc::new(Statements::new(&config.database.table, &config.dead_letter_table()));
     let pool = db::pool(&config.database, config.pool_size()).map_err(|e| RunError::Database(e.to_string()))?;
-    // A database that refuses us (credentials, TLS, pg_hba.conf, a missing
-    // table with create_table = false) stops start-up: that is configuration.
-    // One that is unreachable does not: ingestd starts not ready, answers
-    // 503, and the probe makes the table when it first gets through.
-    let database = match probe::check(&config.database, &sql, config.database.create_table) {
-        Verdict::Up => DbStatus::Up,
-        Verdict::Unreachable(why) => {
-            crate::warn!("database unreachable at start-up; starting not ready", error = why);
-            DbStatus::Unreachable
-        }
-        Verdict::Refused(why) => {
-            return Err(RunError::Database(format!(
-                "PostgreSQL refused ingestd (check database.url, database.table and create_table): {why}"
-            )));
-        }
-    };
-    let table_ready = Arc::new(std::sync::atomic::AtomicBool::new(database == DbStatus::Up));
+    let database = check_database(&config, &sql)?;
+    let table_ready = Arc::new(AtomicBool::new(database == DbStatus::Up));
     let breaker = Breaker::new(config.breaker, Instant::now());
-    let breaker_view = breaker.view();
+    let shutdown = Shutdown::new();
+    let health = Arc::new(Health::new(database, breaker.view(), shutdown.clone()));
     let breaker = Arc::new(parking_lot::Mutex::new(breaker));
 
     // What requests, and the live feed, may hold in memory (crate::budget).
@@ -109,29 +131,22 @@ pub fn run(config: Config, resources: Resources, sources: Sources) -> Result<End
     let (hub, publisher, published) =
         Hub::new(shards, ws.max_subscribers, ws.max_per_ip, ws.broadcast_ring, fanout_budget);
     let (inbox_senders, inboxes) = broadcast::inboxes(shards, ws.inbox_batches);
-    let metrics = Arc::new(Metrics::new(MetricsParts {
-        shards,
-        writers,
+    let metrics = Arc::new(Metrics::new(shards, writers));
+    let report = Arc::new(Report {
+        metrics: metrics.clone(),
+        health: health.clone(),
         rings: RingGauge::new(&receivers),
         backlog,
         budget: budget.clone(),
         hub: hub.clone(),
-        breaker: breaker_view,
-        database,
-    }));
-    let _ = metrics.pool.set(pool.clone());
+        pool: pool.clone(),
+    });
     let broadcaster = {
         let hub = hub.clone();
-        std::thread::Builder::new()
-            .name("broadcaster".into())
-            .spawn(move || broadcast::run(hub, published, inbox_senders))
-            .map_err(|e| RunError::Internal(format!("cannot start broadcaster thread: {e}")))?
+        spawn("broadcaster", move || broadcast::run(hub, published, inbox_senders))?
     };
-    let deadline: Arc<OnceLock<Instant>> = Arc::new(OnceLock::new());
     let recent =
-        RecentIds::new(std::time::Duration::from_millis(config.writer.dedup_window_ms), config.writer.dedup_max_ids)
-            .map(Arc::new);
-
+        RecentIds::new(Duration::from_millis(config.writer.dedup_window_ms), config.writer.dedup_max_ids).map(Arc::new);
     let mut writer_threads = Vec::with_capacity(writers);
     for (id, ring) in receivers.into_iter().enumerate() {
         let writer = Writer {
@@ -141,95 +156,45 @@ pub fn run(config: Config, resources: Resources, sources: Sources) -> Result<End
             sql: sql.clone(),
             config: live.clone(),
             metrics: metrics.clone(),
-            deadline: deadline.clone(),
+            health: health.clone(),
+            shutdown: shutdown.clone(),
             recent: recent.clone(),
             publisher: publisher.clone(),
             breaker: breaker.clone(),
             table_ready: table_ready.clone(),
-            last_commit: std::cell::Cell::new(std::time::Duration::ZERO),
+            last_commit: std::cell::Cell::new(Duration::ZERO),
             cost: std::cell::Cell::new(CostModel::default()),
         };
-        let handle = std::thread::Builder::new()
-            .name(format!("writer-{id}"))
-            .spawn(move || writer.run())
-            .map_err(|e| RunError::Internal(format!("cannot start writer thread: {e}")))?;
-        writer_threads.push(handle);
+        writer_threads.push(spawn(&format!("writer-{id}"), move || writer.run())?);
     }
-
     // Only writers publish now; their exit is what closes the broadcaster's ring.
     drop(publisher);
 
-    // ack = spool: the spool takes the shards' appends (one group-commit
-    // thread) and a drainer feeds its records to the writers.
-    let drain_deadline: Arc<OnceLock<Instant>> = Arc::new(OnceLock::new());
-    let (spool_sender, spool_threads) = if config.ingest.ack == AckMode::Spool {
-        let (spool, appender, recovery) = Spool::open(config.spool.clone())
-            .map_err(|e| RunError::Spool(format!("{}: {e}", config.spool.dir.display())))?;
-        if let Some(cut) = &recovery.tail_cut {
-            crate::warn!(
-                "spool: torn tail cut at start-up",
-                path = cut.path.display(),
-                offset = cut.offset,
-                bytes = cut.bytes_cut,
-                intact_records_after = cut.intact_after
-            );
-        }
-        crate::info!(
-            "spool opened",
-            dir = config.spool.dir.display(),
-            committed_seq = recovery.committed_seq,
-            next_seq = recovery.next_seq,
-            to_replay = recovery.next_seq.saturating_sub(recovery.committed_seq + 1)
-        );
-        let _ = metrics.spool.set(spool.clone());
-        let (sender, appender) =
-            appender.spawn().map_err(|e| RunError::Internal(format!("cannot start spool appender: {e}")))?;
-        let drainer = Drainer {
-            spool,
-            rings: ring_sender.clone(),
-            budget: budget.clone(),
-            max_in_flight: (config.pipeline.ring_capacity * writers).max(1),
-            deadline: drain_deadline.clone(),
-        };
-        let drain = std::thread::Builder::new()
-            .name("spool-drain".into())
-            .spawn(move || drainer.run())
-            .map_err(|e| RunError::Internal(format!("cannot start spool drainer: {e}")))?;
-        (Some(sender), Some((appender, drain)))
-    } else {
-        (None, None)
-    };
+    let (spool_sender, spool_threads) = open_spool(&config, &health, &ring_sender, &budget, &shutdown)?;
 
     let listeners = bind_listeners(config.server.listen_addr(), shards)?;
     let local = listeners[0].local_addr().map_err(|e| RunError::Bind(e.to_string()))?;
     let Resources { tokens, tls: tls_config } = resources;
-    let tls = if let Some(tls_config) = tls_config {
-        let tls_listeners = bind_listeners(config.tls.listen_addr(), shards)?;
-        let tls_local = tls_listeners[0].local_addr().map_err(|e| RunError::Bind(e.to_string()))?;
-        Some((tls_listeners.into_iter().map(|l| (l, tls_config.clone())).collect::<Vec<_>>(), tls_local))
-    } else {
-        None
-    };
-    let (mut tls_listeners, tls_local) = match tls {
-        Some((l, addr)) => (l.into_iter().map(Some).collect(), Some(addr)),
-        None => (Vec::new(), None),
-    };
+    let mut tls_listeners: Vec<_> = Vec::new();
+    let mut tls_local = None;
+    if let Some(tls_config) = tls_config {
+        let bound = bind_listeners(config.tls.listen_addr(), shards)?;
+        tls_local = Some(bound[0].local_addr().map_err(|e| RunError::Bind(e.to_string()))?);
+        tls_listeners = bound.into_iter().map(|l| Some((l, tls_config.clone()))).collect();
+    }
     tls_listeners.resize_with(shards, || None);
-    metrics.tls.store(tls_local.is_some(), Ordering::Relaxed);
+    health.tls.store(tls_local.is_some(), Ordering::Relaxed);
     if tokens.mode() == crate::auth::AuthMode::Off {
         crate::warn!(
             "authentication is off (auth.mode = \"off\"): anyone who reaches the listener may ingest and read"
         );
     }
-    metrics.auth_tokens.store(tokens.mode() == crate::auth::AuthMode::Tokens, Ordering::Relaxed);
+    health.auth_tokens.store(tokens.mode() == crate::auth::AuthMode::Tokens, Ordering::Relaxed);
     let tokens = Arc::new(arc_swap::ArcSwap::from_pointee(tokens));
     let limits = crate::limits::Limits::new();
     let cores = if config.server.pin_cores { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };
-    let mut triggers = Vec::with_capacity(shards);
     let mut shard_threads = Vec::with_capacity(shards);
     for (((id, listener), inbox), tls) in listeners.into_iter().enumerate().zip(inboxes).zip(tls_listeners) {
-        let (trigger, shutdown) = futures_channel::oneshot::channel();
-        triggers.push(trigger);
         let setup = ShardSetup {
             id,
             core: (!cores.is_empty()).then(|| cores[id % cores.len()]),
@@ -239,15 +204,17 @@ pub fn run(config: Config, resources: Resources, sources: Sources) -> Result<End
             budget: budget.clone(),
             config: live.clone(),
             metrics: metrics.clone(),
-            shutdown,
+            health: health.clone(),
+            report: report.clone(),
+            shutdown: shutdown.clone(),
             hub: hub.clone(),
             inbox,
             spool: spool_sender.clone(),
             tokens: tokens.clone(),
             limits: limits.clone(),
         };
-        let handle = shard::spawn(setup).map_err(|e| RunError::Internal(format!("cannot start shard thread: {e}")))?;
-        shard_threads.push(handle);
+        shard_threads
+            .push(shard::spawn(setup).map_err(|e| RunError::Internal(format!("cannot start shard thread: {e}")))?);
     }
     // Only shards (and the spool drainer) hold ring senders now, and only
     // shards hold spool senders: their exit is what closes the rings.
@@ -255,26 +222,94 @@ pub fn run(config: Config, resources: Resources, sources: Sources) -> Result<End
     drop(spool_sender);
 
     // The probe keeps /health and the breaker current with no client traffic.
-    let (probe_stop, probe_stopped) = crossbeam_channel::bounded::<()>(0);
-    let probe = Probe {
-        config: live.clone(),
-        sql: sql.clone(),
-        table_ready: table_ready.clone(),
-        breaker: breaker.clone(),
-        metrics: metrics.clone(),
-        stop: probe_stopped,
-    };
-    let probe_thread = std::thread::Builder::new()
-        .name("db-probe".into())
-        .spawn(move || probe.run())
-        .map_err(|e| RunError::Internal(format!("cannot start probe thread: {e}")))?;
+    let (probe_stop, stopped) = crossbeam_channel::bounded::<()>(0);
+    let probe =
+        Probe { config: live.clone(), sql, table_ready, breaker, metrics, health: health.clone(), stop: stopped };
+    let probe = spawn("db-probe", move || probe.run())?;
 
     let signals = signal_channel()?;
+    announce(&config, local, tls_local);
+    let threads = Threads {
+        shards: shard_threads,
+        spool: spool_threads,
+        writers: writer_threads,
+        broadcaster,
+        probe,
+        probe_stop,
+    };
+    Ok(Running { live, shutdown, health, report, hub, tokens, signals, threads })
+}
+
+/// A database that refuses us (credentials, TLS, pg_hba.conf, a missing
+/// table with create_table = false) stops start-up: that is configuration.
+/// One that is unreachable does not: ingestd starts not ready, answers 503,
+/// and the probe makes the table when it first gets through.
+fn check_database(config: &Config, sql: &Statements) -> Result<DbStatus, RunError> {
+    match probe::check(&config.database, sql, config.database.create_table) {
+        Verdict::Up => Ok(DbStatus::Up),
+        Verdict::Unreachable(why) => {
+            crate::warn!("database unreachable at start-up; starting not ready", error = why);
+            Ok(DbStatus::Unreachable)
+        }
+        Verdict::Refused(why) => Err(RunError::Database(format!(
+            "PostgreSQL refused ingestd (check database.url, database.table and create_table): {why}"
+        ))),
+    }
+}
+
+type SpoolThreads = (JoinHandle<crate::spool::AppenderReport>, JoinHandle<DrainReport>);
+
+/// `ack = "spool"`: the spool takes the shards' appends (one group-commit
+/// thread) and a drainer feeds its records to the writers.
+fn open_spool(
+    config: &Config,
+    health: &Health,
+    rings: &RingSender,
+    budget: &Budget,
+    shutdown: &Shutdown,
+) -> Result<(Option<crate::spool::SpoolSender>, Option<SpoolThreads>), RunError> {
+    if config.ingest.ack != AckMode::Spool {
+        return Ok((None, None));
+    }
+    let (spool, appender, recovery) = Spool::open(config.spool.clone())
+        .map_err(|e| RunError::Spool(format!("{}: {e}", config.spool.dir.display())))?;
+    if let Some(cut) = &recovery.tail_cut {
+        crate::warn!(
+            "spool: torn tail cut at start-up",
+            path = cut.path.display(),
+            offset = cut.offset,
+            bytes = cut.bytes_cut,
+            intact_records_after = cut.intact_after
+        );
+    }
+    crate::info!(
+        "spool opened",
+        dir = config.spool.dir.display(),
+        committed_seq = recovery.committed_seq,
+        next_seq = recovery.next_seq,
+        to_replay = recovery.next_seq.saturating_sub(recovery.committed_seq + 1)
+    );
+    let _ = health.spool.set(spool.clone());
+    let (sender, appender) =
+        appender.spawn().map_err(|e| RunError::Internal(format!("cannot start spool appender: {e}")))?;
+    let drainer = Drainer {
+        spool,
+        rings: rings.clone(),
+        budget: budget.clone(),
+        max_in_flight: (config.pipeline.ring_capacity * config.writer.writers).max(1),
+        shutdown: shutdown.clone(),
+    };
+    let drain = spawn("spool-drain", move || drainer.run())?;
+    Ok((Some(sender), Some((appender, drain))))
+}
+
+/// The readiness line (stdout) and the start-up log line.
+fn announce(config: &Config, local: SocketAddr, tls_local: Option<SocketAddr>) {
     crate::info!(
         "ingestd ready",
         listen = local,
-        shards = shards,
-        writers = writers,
+        shards = config.shard_count(),
+        writers = config.writer.writers,
         ack = format!("{:?}", config.ingest.ack).to_lowercase(),
         table = config.database.table
     );
@@ -284,102 +319,118 @@ pub fn run(config: Config, resources: Resources, sources: Sources) -> Result<End
     }
     let _ = writeln!(stdout, "ingestd listening on http://{local}");
     let _ = stdout.flush();
-    drop(stdout);
+}
 
-    let signal = loop {
-        match signals.recv() {
-            Ok(signal_hook::consts::SIGHUP) => reload(&live, &sources, &tokens, &metrics, &hub),
-            Ok(signal) => break signal,
-            Err(_) => break signal_hook::consts::SIGTERM,
+/// Serves until SIGTERM or SIGINT (returned); applies SIGHUPs meanwhile.
+fn serve(running: &Running, sources: &Sources) -> i32 {
+    loop {
+        match running.signals.recv() {
+            Ok(signal_hook::consts::SIGHUP) => reload(running, sources),
+            Ok(signal) => return signal,
+            Err(_) => return signal_hook::consts::SIGTERM,
         }
-    };
-    let started = Instant::now();
-    let timeout = config.server.shutdown_timeout();
-    let _ = deadline.set(started + timeout);
-    // The drainer stops dispatching a little earlier, so that what it sent
-    // can still commit before the deadline.
-    let _ = drain_deadline.set(started + timeout.mul_f64(0.8));
-    metrics.shutting_down.store(true, Ordering::Relaxed);
-    crate::info!("shutdown started", signal = signal, timeout_ms = timeout.as_millis());
-    for trigger in triggers {
-        let _ = trigger.send(());
     }
-    drop(probe_stop);
+}
 
-    // Join on a helper thread so that the deadline and a second signal can
-    // still end the wait.
+/// The shutdown cascade: begin (shards stop accepting), then join every
+/// thread in order on a helper thread, so that the deadline or a second
+/// signal can still end the wait.
+fn stop(running: Running, signal: i32) -> Ended {
+    let Running { live, shutdown, report, signals, threads, .. } = running;
+    let timeout = live.load().server.shutdown_timeout();
+    let started = shutdown.begin(timeout);
+    crate::info!("shutdown started", signal = signal, timeout_ms = timeout.as_millis());
+    drop(threads.probe_stop);
     let (done_tx, done_rx) = crossbeam_channel::bounded(1);
-    std::thread::Builder::new()
-        .name("joiner".into())
-        .spawn(move || {
-            for t in shard_threads {
-                let _ = t.join();
-            }
-            // Shards are gone: the appender stops, the drainer catches up
-            // (or runs out of time) and drops its ring senders.
-            let mut left_in_spool = 0;
-            if let Some((appender, drain)) = spool_threads {
-                if let Ok(report) = drain.join() {
-                    left_in_spool = report.left();
-                    crate::info!(
-                        "spool drained",
-                        committed_seq = report.committed_seq,
-                        durable_seq = report.durable_seq,
-                        left_for_next_start = report.left()
-                    );
-                }
-                let _ = appender.join();
-            }
-            let mut total = WriterReport::default();
-            for t in writer_threads {
-                if let Ok(r) = t.join() {
-                    total.committed += r.committed;
-                    total.uncommitted += r.uncommitted;
-                    total.lost += r.lost;
-                }
-            }
-            // Writers are gone, so the broadcaster's ring has closed.
-            let _ = broadcaster.join();
-            let _ = probe_thread.join();
-            let _ = done_tx.send((total, left_in_spool));
-        })
-        .map_err(|e| RunError::Internal(format!("cannot start joiner thread: {e}")))?;
+    let joiner = spawn("joiner", move || {
+        let _ = done_tx.send(join(threads.shards, threads.spool, threads.writers, threads.broadcaster, threads.probe));
+    });
+    if joiner.is_err() {
+        return Ended::Incomplete;
+    }
     let until = started + timeout;
-    let ended = loop {
-        break crossbeam_channel::select! {
-        recv(done_rx) -> report => match report {
-            Ok((report, left_in_spool)) => {
-                crate::info!(
-                    "shutdown complete",
-                    acknowledged = report.committed,
-                    not_committed = report.uncommitted,
-                    lost = report.lost,
-                    spool_records_left = left_in_spool,
-                    elapsed_ms = started.elapsed().as_millis()
+    loop {
+        crossbeam_channel::select! {
+            recv(done_rx) -> joined => return match joined {
+                Ok((report, left_in_spool)) => {
+                    crate::info!(
+                        "shutdown complete",
+                        acknowledged = report.committed,
+                        not_committed = report.uncommitted,
+                        lost = report.lost,
+                        spool_records_left = left_in_spool,
+                        elapsed_ms = started.elapsed().as_millis()
+                    );
+                    if report.lost == 0 && left_in_spool == 0 { Ended::Clean } else { Ended::Incomplete }
+                }
+                Err(_) => Ended::Incomplete,
+            },
+            recv(signals) -> signal => {
+                if signal == Ok(signal_hook::consts::SIGHUP) {
+                    continue;
+                }
+                crate::warn!("second signal: exiting before shutdown finished");
+                return Ended::Incomplete;
+            },
+            recv(crossbeam_channel::at(until)) -> _ => {
+                crate::error!(
+                    "shutdown deadline passed with work in flight",
+                    timeout_ms = timeout.as_millis(),
+                    ring_depth = report.rings.depth()
                 );
-                if report.lost == 0 && left_in_spool == 0 { Ended::Clean } else { Ended::Incomplete }
-            }
-            Err(_) => Ended::Incomplete,
-        },
-        recv(signals) -> signal => {
-            if signal == Ok(signal_hook::consts::SIGHUP) {
-                continue;
-            }
-            crate::warn!("second signal: exiting before shutdown finished");
-            Ended::Incomplete
-        },
-        recv(crossbeam_channel::at(until)) -> _ => {
-            crate::error!(
-                "shutdown deadline passed with work in flight",
-                timeout_ms = timeout.as_millis(),
-                ring_depth = metrics.rings.depth()
+                return Ended::Incomplete;
+            },
+        }
+    }
+}
+
+/// Joins the threads in the shutdown order; what the writers and the spool
+/// report.
+fn join(
+    shards: Vec<JoinHandle<()>>,
+    spool: Option<SpoolThreads>,
+    writers: Vec<JoinHandle<WriterReport>>,
+    broadcaster: JoinHandle<()>,
+    probe: JoinHandle<()>,
+) -> (WriterReport, u64) {
+    for t in shards {
+        let _ = t.join();
+    }
+    // Shards are gone: the appender stops, the drainer catches up (or runs
+    // out of time) and drops its ring senders.
+    let mut left_in_spool = 0;
+    if let Some((appender, drain)) = spool {
+        if let Ok(report) = drain.join() {
+            left_in_spool = report.left();
+            crate::info!(
+                "spool drained",
+                committed_seq = report.committed_seq,
+                durable_seq = report.durable_seq,
+                left_for_next_start = report.left()
             );
-            Ended::Incomplete
-        },
-        };
-    };
-    drop(pool);
-    Ok(ended)
+        }
+        let _ = appender.join();
+    }
+    let mut total = WriterReport::default();
+    for t in writers {
+        if let Ok(r) = t.join() {
+            total.committed += r.committed;
+            total.uncommitted += r.uncommitted;
+            total.lost += r.lost;
+        }
+    }
+    // Writers are gone, so the broadcaster's ring has closed.
+    let _ = broadcaster.join();
+    let _ = probe.join();
+    (total, left_in_spool)
+}
+
+/// Starts a named thread.
+fn spawn<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<JoinHandle<T>, RunError> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map_err(|e| RunError::Internal(format!("cannot start {name} thread: {e}")))
 }
 
 /// One listener per shard on the same address with SO_REUSEPORT; with port
@@ -414,13 +465,8 @@ fn bind_one(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 /// Re-reads the configuration's sources (and the token file); applies live
 /// keys, keeps the rest (naming them), and keeps everything when the new
 /// configuration is bad.
-fn reload(
-    live: &LiveConfig,
-    sources: &Sources,
-    tokens: &arc_swap::ArcSwap<crate::auth::Tokens>,
-    metrics: &Metrics,
-    hub: &Hub,
-) {
+fn reload(running: &Running, sources: &Sources) {
+    let Running { live, tokens, health, report: observed, hub, .. } = running;
     let mut sources = sources.clone();
     sources.env = Sources::env_overrides(std::env::vars());
     match Config::load(&sources).and_then(|new| live.load().reloaded(&new)) {
@@ -431,7 +477,7 @@ fn reload(
             match Resources::load(&merged) {
                 Ok(Resources { tokens: table, tls: _ }) => {
                     crate::info!("SIGHUP: tokens loaded", mode = table.mode().as_str(), tokens = table.len());
-                    metrics.auth_tokens.store(table.mode() == crate::auth::AuthMode::Tokens, Ordering::Relaxed);
+                    health.auth_tokens.store(table.mode() == crate::auth::AuthMode::Tokens, Ordering::Relaxed);
                     tokens.store(Arc::new(table));
                 }
                 Err(ResourceError(problems)) => {
@@ -445,7 +491,7 @@ fn reload(
                     return;
                 }
             }
-            metrics.budget.set_limit(merged.limits.memory_budget_bytes);
+            observed.budget.set_limit(merged.limits.memory_budget_bytes);
             hub.budget.set_limit(merged.websocket.fanout_budget_bytes);
             live.store(Arc::new(merged));
             for key in &report.need_restart {

@@ -14,8 +14,63 @@
 //! configuration problem that will not (a bad password, TLS required, no
 //! `pg_hba.conf` entry, a missing database or table), and is logged as such.
 
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+use crate::breaker::{BreakerState, BreakerView};
+use crate::shutdown::Shutdown;
+use crate::spool::Spool;
+
+/// Whether ingestd accepts work, and why not: what `/health` answers and
+/// shards consult. Owned by `app`; written by writers and the probe (the
+/// database), the breaker's owner, and the shutdown.
+pub struct Health {
+    /// The database as last seen by a writer or the probe.
+    pub database: DatabaseHealth,
+    /// The database breaker, read without a lock.
+    pub breaker: BreakerView,
+    pub shutdown: Shutdown,
+    /// The disk spool, with `ack = "spool"` (it rides out database outages).
+    pub spool: OnceLock<Spool>,
+    /// `auth.mode = "tokens"` is in force (shown by /health).
+    pub auth_tokens: AtomicBool,
+    /// A TLS listener is open (shown by /health).
+    pub tls: AtomicBool,
+}
+
+impl Health {
+    pub fn new(database: DbStatus, breaker: BreakerView, shutdown: Shutdown) -> Health {
+        Health {
+            database: DatabaseHealth::new(database),
+            breaker,
+            shutdown,
+            spool: OnceLock::new(),
+            auth_tokens: AtomicBool::new(false),
+            tls: AtomicBool::new(false),
+        }
+    }
+
+    /// Ready means accepting work: not shutting down, and either the spool
+    /// can take appends (`ack = "spool"`, which rides out database outages)
+    /// or the database answered the last writer or probe and the breaker is
+    /// not open. The probe keeps this current with no client traffic.
+    pub fn ready(&self) -> bool {
+        if self.shutdown.has_begun() {
+            return false;
+        }
+        if let Some(spool) = self.spool.get() {
+            let st = spool.stats();
+            return !st.failed && st.used_bytes < st.max_bytes;
+        }
+        self.database.is_up() && self.breaker.state() != BreakerState::Open
+    }
+
+    /// Whether `/health` says `"auth": "tokens"`.
+    pub fn auth_tokens(&self) -> bool {
+        self.auth_tokens.load(Ordering::Relaxed)
+    }
+}
 
 /// The database as ingestd last saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

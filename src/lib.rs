@@ -35,6 +35,7 @@ pub mod breaker;
 pub mod broadcast;
 pub mod budget;
 pub mod config;
+pub mod drain;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod health;
@@ -44,8 +45,10 @@ pub mod limits;
 pub mod log;
 pub mod metrics;
 pub mod pipeline;
+pub mod report;
 pub mod resources;
 pub mod row;
 pub mod shard;
+pub mod shutdown;
 pub mod spool;
 pub mod writer;

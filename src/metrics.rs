@@ -1,4 +1,5 @@
-//! Counters and histograms, rendered as `/stats` JSON and Prometheus text.
+//! Counters and histograms: what each thread counts. `report` renders them
+//! (with the health and the gauges of other stages) as `/stats`, `/metrics`.
 //!
 //! Ownership keeps the hot path free of shared writes: each shard and each
 //! writer has its own cache-line-aligned block of counters that only its
@@ -8,18 +9,13 @@
 //! shares. Label sets are closed: shard and writer numbers, route names,
 //! status codes and rejection kinds, never anything taken from a request.
 
-use std::fmt::Write as _;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use parking_lot::Mutex;
 
-use crate::budget::Budget;
-use crate::health::{DatabaseHealth, DbStatus};
 use crate::labels::{RejectKind, Route, Shed};
-use crate::pipeline::{Backlog, RingGauge};
 
 /// A counter written by one thread only.
 #[derive(Debug, Default)]
@@ -118,7 +114,7 @@ impl Distribution {
     pub fn record_duration(&self, d: Duration) {
         self.record(d.as_micros().min(u128::from(u64::MAX)) as u64);
     }
-    fn snapshot(&self) -> Histogram<u64> {
+    pub fn snapshot(&self) -> Histogram<u64> {
         self.0.lock().clone()
     }
 }
@@ -151,608 +147,53 @@ pub struct WriterStats {
     pub batch_events: Distribution,
 }
 
-/// What [`Metrics::new`] is built from.
-pub struct MetricsParts {
-    pub shards: usize,
-    pub writers: usize,
-    pub rings: RingGauge,
-    pub backlog: Arc<Backlog>,
-    pub budget: Budget,
-    pub hub: Arc<crate::broadcast::Hub>,
-    pub breaker: crate::breaker::BreakerView,
-    /// The database's status at start-up.
-    pub database: DbStatus,
-}
-
-/// Everything observable, shared by all threads behind an `Arc`.
+/// Every thread's counters, shared behind an `Arc`: shards and writers
+/// write their own blocks; `report` reads them all for a scrape.
 pub struct Metrics {
     pub shards: Box<[ShardStats]>,
     pub writers: Box<[WriterStats]>,
-    pub rings: RingGauge,
-    /// What waits in the ring and how fast the writers drain it.
-    pub backlog: Arc<Backlog>,
-    /// What requests hold in memory (`limits.memory_budget_bytes`).
-    pub budget: Budget,
-    /// Subscriber counts per shard.
-    pub hub: Arc<crate::broadcast::Hub>,
-    /// The database breaker's state, read without a lock.
-    pub breaker: crate::breaker::BreakerView,
     pub started: Instant,
-    /// The database as last seen by a writer or the probe.
-    pub database: DatabaseHealth,
-    /// Probes by verdict (indexed by [`DbStatus`]); written by the probe only.
+    /// Probes by verdict (indexed by `health::DbStatus`); written by the probe only.
     pub probes: [Counter; 3],
     /// How long each probe took, µs.
     pub probe_us: Distribution,
-    pub shutting_down: AtomicBool,
-    /// `auth.mode = "tokens"` is in force (shown by /health).
-    pub auth_tokens: AtomicBool,
-    /// A TLS listener is open (shown by /health).
-    pub tls: AtomicBool,
-    /// The disk spool, with `ack = "spool"`.
-    pub spool: std::sync::OnceLock<crate::spool::Spool>,
-    /// The writers' connection pool, for its state.
-    pub pool: std::sync::OnceLock<crate::writer::db::Pool>,
 }
 
 impl Metrics {
-    pub fn new(parts: MetricsParts) -> Self {
-        let MetricsParts { shards, writers, rings, backlog, budget, hub, breaker, database } = parts;
+    pub fn new(shards: usize, writers: usize) -> Self {
         Self {
-            breaker,
             shards: (0..shards).map(|_| ShardStats::default()).collect(),
             writers: (0..writers).map(|_| WriterStats::default()).collect(),
-            rings,
-            backlog,
-            budget,
-            hub,
             started: Instant::now(),
-            database: DatabaseHealth::new(database),
             probes: Default::default(),
             probe_us: Distribution::default(),
-            auth_tokens: AtomicBool::new(false),
-            tls: AtomicBool::new(false),
-            shutting_down: AtomicBool::new(false),
-            spool: std::sync::OnceLock::new(),
-            pool: std::sync::OnceLock::new(),
         }
     }
 
-    /// Ready means accepting work: not shutting down, and either the spool
-    /// can take appends (`ack = "spool"`, which rides out database outages)
-    /// or the database answered the last writer or probe and the breaker is
-    /// not open. The probe keeps this current with no client traffic.
-    pub fn ready(&self) -> bool {
-        if self.shutting_down.load(Ordering::Relaxed) {
-            return false;
-        }
-        if let Some(spool) = self.spool.get() {
-            let st = spool.stats();
-            return !st.failed && st.used_bytes < st.max_bytes;
-        }
-        self.database.is_up() && self.breaker.state() != crate::breaker::BreakerState::Open
-    }
-
-    fn sum_shards(&self, f: impl Fn(&ShardStats) -> u64) -> u64 {
+    pub fn sum_shards(&self, f: impl Fn(&ShardStats) -> u64) -> u64 {
         self.shards.iter().map(f).sum()
     }
 
-    fn sum_writers(&self, f: impl Fn(&WriterStats) -> u64) -> u64 {
+    pub fn sum_writers(&self, f: impl Fn(&WriterStats) -> u64) -> u64 {
         self.writers.iter().map(f).sum()
     }
 
-    fn merged_shards(&self, f: impl Fn(&ShardStats) -> &Distribution) -> Histogram<u64> {
+    pub fn merged_shards(&self, f: impl Fn(&ShardStats) -> &Distribution) -> Histogram<u64> {
         merge(self.shards.iter().map(f))
     }
 
-    fn merged(&self, f: impl Fn(&WriterStats) -> &Distribution) -> Histogram<u64> {
+    pub fn merged(&self, f: impl Fn(&WriterStats) -> &Distribution) -> Histogram<u64> {
         merge(self.writers.iter().map(f))
-    }
-
-    /// The `/health` body.
-    pub fn health_json(&self) -> String {
-        let ready = self.ready();
-        let database = self.database.status();
-        let status = if self.shutting_down.load(Ordering::Relaxed) {
-            "shutting_down"
-        } else if !ready && self.spool.get().is_some() {
-            "spool_unavailable"
-        } else if !ready && database == DbStatus::Refused {
-            "database_refused"
-        } else if !ready {
-            "database_unavailable"
-        } else {
-            "ready"
-        };
-        let now = Instant::now();
-        serde_json::json!({
-            "status": status,
-            "ready": ready,
-            "database": database.as_str(),
-            "database_for_s": self.database.for_how_long(now).as_secs(),
-            "database_up": database == DbStatus::Up,
-            "breaker": self.breaker.state().as_str(),
-            "queue_wait_ms": self.backlog.wait_estimate(now).as_millis() as u64,
-            "memory_used_bytes": self.budget.used(),
-            "memory_budget_bytes": self.budget.limit(),
-            "uptime_s": self.started.elapsed().as_secs(),
-            "auth": if self.auth_tokens.load(Ordering::Relaxed) { "tokens" } else { "off" },
-            "tls": self.tls.load(Ordering::Relaxed),
-        })
-        .to_string()
-    }
-
-    /// The `/stats` body: totals, plus per-reason rejections and latencies.
-    pub fn stats_json(&self) -> String {
-        let shed_by_reason: serde_json::Map<String, serde_json::Value> = Shed::ALL
-            .iter()
-            .map(|k| (k.label().to_string(), self.sum_shards(|s| s.shed[*k as usize].get()).into()))
-            .collect();
-        let rejected_by_reason: serde_json::Map<String, serde_json::Value> = RejectKind::ALL
-            .iter()
-            .map(|k| (k.label().to_string(), self.sum_shards(|s| s.events_rejected[*k as usize].get()).into()))
-            .collect();
-        let quantiles_ms = |h: &Histogram<u64>| {
-            serde_json::json!({
-                "count": h.len(),
-                "p50": h.value_at_quantile(0.5) as f64 / 1000.0,
-                "p99": h.value_at_quantile(0.99) as f64 / 1000.0,
-                "p999": h.value_at_quantile(0.999) as f64 / 1000.0,
-                "max": h.max() as f64 / 1000.0,
-            })
-        };
-        let batch = self.merged(|w| &w.batch_events);
-        let spool = self.spool.get().map(|s| {
-            let st = s.stats();
-            serde_json::json!({
-                "used_bytes": st.used_bytes,
-                "max_bytes": st.max_bytes,
-                "segments": st.segments,
-                "durable_seq": st.durable_seq,
-                "committed_seq": st.committed_seq,
-                "pending_records": st.durable_seq.saturating_sub(st.committed_seq),
-                "append_groups": st.append_groups,
-                "appended_records": st.appended_records,
-            })
-        });
-        serde_json::json!({
-            "spool": spool,
-            "uptime_s": self.started.elapsed().as_secs_f64(),
-            "ready": self.ready(),
-            "database": self.database.status().as_str(),
-            "database_up": self.database.is_up(),
-            "breaker": self.breaker.state().as_str(),
-            "breaker_opens": self.breaker.opens(),
-            "memory": {
-                "used_bytes": self.budget.used(),
-                "peak_bytes": self.budget.peak(),
-                "budget_bytes": self.budget.limit(),
-                "refused": self.budget.refused(),
-                "fanout_used_bytes": self.hub.budget.used(),
-                "fanout_budget_bytes": self.hub.budget.limit(),
-                "fanout_refused": self.hub.budget.refused(),
-            },
-            "queued_events": self.backlog.queued_events(),
-            "queue_wait_ms": self.backlog.wait_estimate(Instant::now()).as_millis() as u64,
-            "shed_by_reason": shed_by_reason,
-            "jobs_expired": self.sum_writers(|w| w.jobs_expired.get()),
-            "events_accepted": self.sum_shards(|s| s.events_accepted.get()),
-            "events_rejected": self.sum_shards(|s| s.events_rejected.iter().map(Counter::get).sum()),
-            "events_rejected_by_reason": rejected_by_reason,
-            "events_committed": self.sum_writers(|w| w.events_committed.get()),
-            "events_duplicate": self.sum_writers(|w| w.events_duplicate.get()),
-            "events_lost": self.sum_writers(|w| w.events_lost.get()),
-            "batches": self.sum_writers(|w| w.batches.get()),
-            "batch_failures": self.sum_writers(|w| w.batch_failures.get()),
-            "staging_fallbacks": self.sum_writers(|w| w.staging_fallbacks.get()),
-            "dedup_suspects": self.sum_writers(|w| w.dedup_suspects.get()),
-            "events_dead_lettered": self.sum_writers(|w| w.events_dead_lettered.get()),
-            "batch_events": { "count": batch.len(), "mean": batch.mean(), "max": batch.max() },
-            "ring_depth": self.rings.depth(),
-            "ring_capacity": self.rings.capacity(),
-            "requests": self.sum_shards(|s| s.requests.iter().map(Counter::get).sum()),
-            "overload_rejections": self.sum_shards(|s| s.overload_rejections.get()),
-            "connections_open": self.shards.iter().map(|s| s.connections_open.load(Ordering::Relaxed)).sum::<i64>(),
-            "ws_subscribers": self.hub.subscribers(),
-            "ws_messages_sent": self.sum_shards(|s| s.ws_messages_sent.get()),
-            "ws_dropped": self.sum_shards(|s| s.ws_dropped.get()),
-            "ws_slow_closes": self.sum_shards(|s| s.ws_slow_closes.get()),
-            "ws_fanout_latency_ms": quantiles_ms(&self.merged_shards(|s| &s.ws_fanout_us)),
-            "shard_loop_lag_ms": quantiles_ms(&self.merged_shards(|s| &s.loop_lag_us)),
-            "db_pool": self.pool.get().map(|p| {
-                let st = p.state();
-                serde_json::json!({"in_use": st.connections - st.idle_connections, "idle": st.idle_connections, "max": p.max_size()})
-            }),
-            "commit_latency_ms": quantiles_ms(&self.merged(|w| &w.commit_us)),
-            "ack_latency_ms": quantiles_ms(&self.merged(|w| &w.ack_us)),
-        })
-        .to_string()
-    }
-
-    /// The `/metrics` body, Prometheus text format 0.0.4.
-    pub fn prometheus(&self) -> String {
-        let mut out = String::with_capacity(8 * 1024);
-        let o = &mut out;
-        family(o, "ingestd_build_info", "gauge", "Build information.");
-        let _ = writeln!(o, "ingestd_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
-        family(o, "ingestd_up", "gauge", "1 when ready to accept work (not shutting down, database reachable).");
-        let _ = writeln!(o, "ingestd_up {}", u8::from(self.ready()));
-        family(
-            o,
-            "ingestd_database_up",
-            "gauge",
-            "1 when the last database round trip (a write or a probe) succeeded.",
-        );
-        let _ = writeln!(o, "ingestd_database_up {}", u8::from(self.database.is_up()));
-        family(o, "ingestd_database_state", "gauge", "The database as last seen: 0 up, 1 unreachable, 2 refused us.");
-        let _ = writeln!(o, "ingestd_database_state {}", self.database.status().as_gauge());
-        family(o, "ingestd_db_probes_total", "counter", "Database probes (while no writer reached it), by verdict.");
-        for status in [DbStatus::Up, DbStatus::Unreachable, DbStatus::Refused] {
-            let _ = writeln!(
-                o,
-                "ingestd_db_probes_total{{result=\"{}\"}} {}",
-                status.as_str(),
-                self.probes[status as usize].get()
-            );
-        }
-        let budgets = [("requests", &self.budget), ("fanout", &self.hub.budget)];
-        let budget_families: [Family<Budget>; 4] = [
-            (
-                "ingestd_memory_budget_bytes",
-                "gauge",
-                "Memory budgets: requests (limits.memory_budget_bytes) and the live feed (websocket.fanout_budget_bytes).",
-                |b| b.limit() as u64,
-            ),
-            ("ingestd_memory_used_bytes", "gauge", "Bytes leased from each memory budget now.", |b| b.used() as u64),
-            ("ingestd_memory_peak_bytes", "gauge", "Most bytes ever leased at once from each memory budget.", |b| {
-                b.peak() as u64
-            }),
-            (
-                "ingestd_memory_refusals_total",
-                "counter",
-                "Leases each memory budget refused (503s for requests, missed events for the live feed).",
-                Budget::refused,
-            ),
-        ];
-        for (name, kind, help, value) in budget_families {
-            family(o, name, kind, help);
-            for (budget, b) in budgets {
-                let _ = writeln!(o, "{name}{{budget=\"{budget}\"}} {}", value(b));
-            }
-        }
-
-        family(o, "ingestd_breaker_state", "gauge", "Database circuit breaker: 0 closed, 1 open, 2 half-open.");
-        let _ = writeln!(o, "ingestd_breaker_state {}", self.breaker.state().as_gauge());
-        family(o, "ingestd_breaker_opens_total", "counter", "Times the database circuit breaker opened.");
-        let _ = writeln!(o, "ingestd_breaker_opens_total {}", self.breaker.opens());
-        family(o, "ingestd_http_requests_total", "counter", "HTTP requests by shard and route.");
-        for (i, s) in self.shards.iter().enumerate() {
-            for r in Route::ALL {
-                let _ = writeln!(
-                    o,
-                    "ingestd_http_requests_total{{shard=\"{i}\",route=\"{}\"}} {}",
-                    r.label(),
-                    s.requests[r as usize].get()
-                );
-            }
-        }
-        family(o, "ingestd_http_responses_total", "counter", "HTTP responses by shard and status code.");
-        for (i, s) in self.shards.iter().enumerate() {
-            for (slot, code) in STATUS_CODES.iter().enumerate() {
-                let n = s.responses[slot].get();
-                if n > 0 {
-                    let code = if *code == 0 { "other".to_string() } else { code.to_string() };
-                    let _ = writeln!(o, "ingestd_http_responses_total{{shard=\"{i}\",code=\"{code}\"}} {n}");
-                }
-            }
-        }
-        per_shard(o, self, "ingestd_events_accepted_total", "counter", "Events that passed validation.", |s| {
-            s.events_accepted.get()
-        });
-        family(o, "ingestd_events_rejected_total", "counter", "Events rejected by validation, by reason.");
-        for (i, s) in self.shards.iter().enumerate() {
-            for k in RejectKind::ALL {
-                let _ = writeln!(
-                    o,
-                    "ingestd_events_rejected_total{{shard=\"{i}\",reason=\"{}\"}} {}",
-                    k.label(),
-                    s.events_rejected[k as usize].get()
-                );
-            }
-        }
-        per_shard(
-            o,
-            self,
-            "ingestd_overload_rejections_total",
-            "counter",
-            "Requests answered 503 without being stored (any reason; see ingestd_requests_shed_total).",
-            |s| s.overload_rejections.get(),
-        );
-        family(o, "ingestd_requests_shed_total", "counter", "Requests answered 503 without being stored, by reason.");
-        for (i, s) in self.shards.iter().enumerate() {
-            for k in Shed::ALL {
-                let _ = writeln!(
-                    o,
-                    "ingestd_requests_shed_total{{shard=\"{i}\",reason=\"{}\"}} {}",
-                    k.label(),
-                    s.shed[k as usize].get()
-                );
-            }
-        }
-        per_shard(o, self, "ingestd_connections_accepted_total", "counter", "TCP connections accepted.", |s| {
-            s.connections_accepted.get()
-        });
-        per_shard(
-            o,
-            self,
-            "ingestd_connections_refused_total",
-            "counter",
-            "TCP connections closed at once: shard at server.max_connections.",
-            |s| s.connections_refused.get(),
-        );
-        per_shard(o, self, "ingestd_connections_open", "gauge", "Open TCP connections.", |s| {
-            s.connections_open.load(Ordering::Relaxed).max(0) as u64
-        });
-
-        family(o, "ingestd_ws_subscribers", "gauge", "WebSocket subscribers, by shard.");
-        for (i, slot) in self.hub.slots.iter().enumerate() {
-            let _ = writeln!(o, "ingestd_ws_subscribers{{shard=\"{i}\"}} {}", slot.subscribers.load(Ordering::Relaxed));
-        }
-        per_shard(
-            o,
-            self,
-            "ingestd_ws_messages_sent_total",
-            "counter",
-            "WebSocket messages written to subscribers.",
-            |s| s.ws_messages_sent.get(),
-        );
-        per_shard(o, self, "ingestd_ws_sent_bytes_total", "counter", "WebSocket bytes written.", |s| {
-            s.ws_bytes_sent.get()
-        });
-        per_shard(
-            o,
-            self,
-            "ingestd_ws_dropped_events_total",
-            "counter",
-            "Events a subscriber did not get (dropped, lost to a 1013 close, or missed upstream).",
-            |s| s.ws_dropped.get(),
-        );
-        per_shard(
-            o,
-            self,
-            "ingestd_ws_slow_closes_total",
-            "counter",
-            "Subscribers closed with 1013 because their queue was full.",
-            |s| s.ws_slow_closes.get(),
-        );
-        per_shard(
-            o,
-            self,
-            "ingestd_ws_ingest_frames_total",
-            "counter",
-            "Ingest frames received over WebSocket.",
-            |s| s.ws_ingest_frames.get(),
-        );
-        summary(
-            o,
-            "ingestd_ws_fanout_latency_seconds",
-            "Commit to frame written, per event.",
-            &self.merged_shards(|s| &s.ws_fanout_us),
-            1e-6,
-        );
-        per_writer(o, self, "ingestd_events_committed_total", "counter", "Events committed to PostgreSQL.", |w| {
-            w.events_committed.get()
-        });
-        per_writer(
-            o,
-            self,
-            "ingestd_events_duplicate_total",
-            "counter",
-            "Events skipped because their event_id was already stored.",
-            |w| w.events_duplicate.get(),
-        );
-        per_writer(
-            o,
-            self,
-            "ingestd_events_lost_total",
-            "counter",
-            "ack=queue events not committed before shutdown.",
-            |w| w.events_lost.get(),
-        );
-        per_writer(o, self, "ingestd_batches_total", "counter", "COPY transactions committed.", |w| w.batches.get());
-        per_writer(o, self, "ingestd_batch_failures_total", "counter", "COPY transactions that failed.", |w| {
-            w.batch_failures.get()
-        });
-        per_writer(
-            o,
-            self,
-            "ingestd_staging_fallbacks_total",
-            "counter",
-            "Batches redone through the staging table after a unique violation.",
-            |w| w.staging_fallbacks.get(),
-        );
-        per_writer(
-            o,
-            self,
-            "ingestd_events_dead_lettered_total",
-            "counter",
-            "Events PostgreSQL refused, kept in the dead-letter table.",
-            |w| w.events_dead_lettered.get(),
-        );
-        per_writer(
-            o,
-            self,
-            "ingestd_dedup_suspects_total",
-            "counter",
-            "Rows inserted through staging because their event_id was committed lately.",
-            |w| w.dedup_suspects.get(),
-        );
-
-        per_writer(
-            o,
-            self,
-            "ingestd_jobs_expired_total",
-            "counter",
-            "Requests a writer answered 503 because they had waited past ingest.max_wait_ms.",
-            |w| w.jobs_expired.get(),
-        );
-        family(o, "ingestd_ring_depth", "gauge", "Requests waiting for a writer.");
-        let _ = writeln!(o, "ingestd_ring_depth {}", self.rings.depth());
-        family(o, "ingestd_queued_events", "gauge", "Events waiting for a writer.");
-        let _ = writeln!(o, "ingestd_queued_events {}", self.backlog.queued_events());
-        let now = Instant::now();
-        family(
-            o,
-            "ingestd_queue_wait_estimate_seconds",
-            "gauge",
-            "How long a request handed over now would wait for its COPY to start (admission refuses past ingest.max_wait_ms).",
-        );
-        let _ = writeln!(o, "ingestd_queue_wait_estimate_seconds {}", self.backlog.wait_estimate(now).as_secs_f64());
-        family(
-            o,
-            "ingestd_writer_batch_cost_seconds",
-            "gauge",
-            "Each writer's fitted commit cost: fixed per batch, and per event.",
-        );
-        for (i, load) in self.backlog.loads(now).enumerate() {
-            let _ = writeln!(
-                o,
-                "ingestd_writer_batch_cost_seconds{{writer=\"{i}\",part=\"batch\"}} {}",
-                load.model.overhead_us * 1e-6
-            );
-            let _ = writeln!(
-                o,
-                "ingestd_writer_batch_cost_seconds{{writer=\"{i}\",part=\"event\"}} {}",
-                load.model.per_event_us * 1e-6
-            );
-        }
-        family(
-            o,
-            "ingestd_ring_capacity",
-            "gauge",
-            "Requests the writers' ring holds (writers × pipeline.ring_capacity).",
-        );
-        let _ = writeln!(o, "ingestd_ring_capacity {}", self.rings.capacity());
-
-        summary(
-            o,
-            "ingestd_commit_duration_seconds",
-            "COPY and commit time per batch.",
-            &self.merged(|w| &w.commit_us),
-            1e-6,
-        );
-        summary(
-            o,
-            "ingestd_ack_latency_seconds",
-            "Time from ring hand-off to commit, per request.",
-            &self.merged(|w| &w.ack_us),
-            1e-6,
-        );
-        summary(o, "ingestd_batch_events", "Events per COPY batch.", &self.merged(|w| &w.batch_events), 1.0);
-
-        family(
-            o,
-            "ingestd_shard_loop_lag_seconds",
-            "summary",
-            "How late a shard's 100 ms timer fires: event-loop lag.",
-        );
-        let lag = self.merged_shards(|s| &s.loop_lag_us);
-        for q in [0.5, 0.99, 0.999] {
-            let _ = writeln!(
-                o,
-                "ingestd_shard_loop_lag_seconds{{quantile=\"{q}\"}} {}",
-                lag.value_at_quantile(q) as f64 * 1e-6
-            );
-        }
-        let _ = writeln!(o, "ingestd_shard_loop_lag_seconds_sum {}", lag.mean() * lag.len() as f64 * 1e-6);
-        let _ = writeln!(o, "ingestd_shard_loop_lag_seconds_count {}", lag.len());
-        family(o, "ingestd_shard_loop_lag_last_seconds", "gauge", "The latest event-loop lag reading per shard.");
-        for (i, s) in self.shards.iter().enumerate() {
-            let _ = writeln!(
-                o,
-                "ingestd_shard_loop_lag_last_seconds{{shard=\"{i}\"}} {}",
-                s.loop_lag_last_us.load(Ordering::Relaxed) as f64 * 1e-6
-            );
-        }
-        if let Some(pool) = self.pool.get() {
-            let state = pool.state();
-            family(o, "ingestd_db_pool_connections", "gauge", "PostgreSQL connections in the writers' pool, by state.");
-            let _ = writeln!(
-                o,
-                "ingestd_db_pool_connections{{state=\"in_use\"}} {}",
-                state.connections - state.idle_connections
-            );
-            let _ = writeln!(o, "ingestd_db_pool_connections{{state=\"idle\"}} {}", state.idle_connections);
-            family(o, "ingestd_db_pool_max_connections", "gauge", "Size of the writers' pool (database.pool_size).");
-            let _ = writeln!(o, "ingestd_db_pool_max_connections {}", pool.max_size());
-        }
-        if let Some(spool) = self.spool.get() {
-            let st = spool.stats();
-            family(o, "ingestd_spool_used_bytes", "gauge", "Bytes in the disk spool.");
-            let _ = writeln!(o, "ingestd_spool_used_bytes {}", st.used_bytes);
-            family(o, "ingestd_spool_max_bytes", "gauge", "Bound on the disk spool (spool.max_bytes).");
-            let _ = writeln!(o, "ingestd_spool_max_bytes {}", st.max_bytes);
-            family(
-                o,
-                "ingestd_spool_pending_records",
-                "gauge",
-                "Spool records durable but not yet committed in PostgreSQL.",
-            );
-            let _ = writeln!(o, "ingestd_spool_pending_records {}", st.durable_seq.saturating_sub(st.committed_seq));
-            family(o, "ingestd_spool_fsyncs_total", "counter", "Group commits (one fsync each) of the spool.");
-            let _ = writeln!(o, "ingestd_spool_fsyncs_total {}", st.append_groups);
-        }
-        if let Some(rss) = process_rss_bytes() {
-            family(o, "process_resident_memory_bytes", "gauge", "Resident set size.");
-            let _ = writeln!(o, "process_resident_memory_bytes {rss}");
-        }
-        if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
-            family(o, "process_open_fds", "gauge", "Open file descriptors.");
-            let _ = writeln!(o, "process_open_fds {}", dir.count());
-        }
-        family(o, "process_uptime_seconds", "gauge", "Seconds since start.");
-        let _ = writeln!(o, "process_uptime_seconds {:.3}", self.started.elapsed().as_secs_f64());
-        out
     }
 }
 
 /// One histogram of several threads' distributions (for a scrape).
-fn merge<'a>(parts: impl Iterator<Item = &'a Distribution>) -> Histogram<u64> {
+pub fn merge<'a>(parts: impl Iterator<Item = &'a Distribution>) -> Histogram<u64> {
     let mut all = Distribution::default().snapshot();
     for part in parts {
         let _ = all.add(part.snapshot());
     }
     all
-}
-
-/// A metric family read off a `T`: name, type, help, value.
-type Family<T> = (&'static str, &'static str, &'static str, fn(&T) -> u64);
-
-fn family(o: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
-}
-
-fn per_shard(o: &mut String, m: &Metrics, name: &str, kind: &str, help: &str, f: impl Fn(&ShardStats) -> u64) {
-    family(o, name, kind, help);
-    for (i, s) in m.shards.iter().enumerate() {
-        let _ = writeln!(o, "{name}{{shard=\"{i}\"}} {}", f(s));
-    }
-}
-
-fn per_writer(o: &mut String, m: &Metrics, name: &str, kind: &str, help: &str, f: impl Fn(&WriterStats) -> u64) {
-    family(o, name, kind, help);
-    for (i, w) in m.writers.iter().enumerate() {
-        let _ = writeln!(o, "{name}{{writer=\"{i}\"}} {}", f(w));
-    }
-}
-
-fn summary(o: &mut String, name: &str, help: &str, h: &Histogram<u64>, scale: f64) {
-    family(o, name, "summary", help);
-    for q in [0.5, 0.9, 0.99, 0.999] {
-        let _ = writeln!(o, "{name}{{quantile=\"{q}\"}} {}", h.value_at_quantile(q) as f64 * scale);
-    }
-    let _ = writeln!(o, "{name}_sum {}", h.mean() * h.len() as f64 * scale);
-    let _ = writeln!(o, "{name}_count {}", h.len());
 }
 
 /// Resident set size from `/proc/self/statm`.
@@ -766,47 +207,13 @@ pub fn process_rss_bytes() -> Option<u64> {
 mod tests {
     use super::*;
 
-    fn metrics() -> Metrics {
-        let (_set, receivers, backlog) = crate::pipeline::ring(2, 8);
-        let (hub, _publisher, _rx) = crate::broadcast::Hub::new(2, 10, 10, 4, Budget::unlimited());
-        let breaker = crate::breaker::Breaker::new(Default::default(), Instant::now()).view();
-        Metrics::new(MetricsParts {
-            shards: 2,
-            writers: 2,
-            rings: RingGauge::new(&receivers),
-            backlog,
-            budget: Budget::new("limits.memory_budget_bytes", 1000),
-            hub,
-            breaker,
-            database: DbStatus::Up,
-        })
-    }
-
     #[test]
-    fn prometheus_lines_parse() {
-        let m = metrics();
-        m.shards[1].events_accepted.add(5);
-        m.writers[0].events_committed.add(3);
-        m.writers[0].commit_us.record(1500);
-        let text = m.prometheus();
-        for line in text.lines().filter(|l| !l.starts_with('#')) {
-            let (series, value) = line.rsplit_once(' ').expect(line);
-            assert!(value.parse::<f64>().is_ok(), "{line}");
-            assert!(series.starts_with("ingestd_") || series.starts_with("process_"), "{line}");
-        }
-        assert!(text.contains("ingestd_events_accepted_total{shard=\"1\"} 5"));
-        assert!(text.contains("ingestd_events_committed_total{writer=\"0\"} 3"));
-    }
-
-    #[test]
-    fn stats_sum_all_threads() {
-        let m = metrics();
+    fn sums_cover_every_thread() {
+        let m = Metrics::new(2, 2);
         m.shards[0].events_accepted.add(2);
         m.shards[1].events_accepted.add(3);
-        m.shards[0].rejected(RejectKind::NulCharacter);
-        let v: serde_json::Value = serde_json::from_str(&m.stats_json()).unwrap();
-        assert_eq!(v["events_accepted"], 5);
-        assert_eq!(v["events_rejected"], 1);
-        assert_eq!(v["events_rejected_by_reason"]["nul_character"], 1);
+        m.writers[1].commit_us.record(1500);
+        assert_eq!(m.sum_shards(|s| s.events_accepted.get()), 5);
+        assert_eq!(m.merged(|w| &w.commit_us).len(), 1);
     }
 }

@@ -98,7 +98,7 @@ pub enum Reply {
     Shard { tx: CommitReply, ticket: Ticket },
     /// `ack = "spool"`: the spool drainer, to advance the spool's checkpoint
     /// (true: committed) or to send the record again (false).
-    Spool { seq: crate::spool::Seq, done: crossbeam_channel::Sender<(crate::spool::Seq, bool)> },
+    Spool { seq: u64, done: crossbeam_channel::Sender<(u64, bool)> },
 }
 
 impl Reply {

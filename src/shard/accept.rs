@@ -104,7 +104,7 @@ pub fn load_refusal(ctx: &ShardCtx) -> Option<(Shed, String)> {
         return None;
     }
     let now = Instant::now();
-    if let crate::breaker::Admission::Rejected { retry_after } = ctx.metrics.breaker.admit(now) {
+    if let crate::breaker::Admission::Rejected { retry_after } = ctx.health.breaker.admit(now) {
         return Some((
             Shed::BreakerOpen,
             format!(

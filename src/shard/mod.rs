@@ -36,20 +36,17 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use futures_channel::oneshot;
-use futures_util::FutureExt as _;
-use futures_util::future::Shared;
 use monoio::io::Canceller;
 
 use crate::broadcast::{Hub, Inbox};
 use crate::budget::Budget;
 use crate::config::LiveConfig;
+use crate::health::Health;
 use crate::ingest::Parser;
 use crate::metrics::{Metrics, ShardStats};
 use crate::pipeline::RingSender;
-
-/// Fires (or is dropped) to start a shard's shutdown.
-pub type ShutdownTrigger = oneshot::Sender<()>;
-type ShutdownSignal = Shared<oneshot::Receiver<()>>;
+use crate::report::Report;
+use crate::shutdown::{Shutdown, ShutdownSignal};
 
 /// Everything a shard thread starts with.
 pub struct ShardSetup {
@@ -65,7 +62,11 @@ pub struct ShardSetup {
     pub budget: Budget,
     pub config: Arc<LiveConfig>,
     pub metrics: Arc<Metrics>,
-    pub shutdown: oneshot::Receiver<()>,
+    /// Readiness: the breaker's view (admission), the database, `/health`.
+    pub health: Arc<Health>,
+    /// What `/health`, `/stats` and `/metrics` render.
+    pub report: Arc<Report>,
+    pub shutdown: Shutdown,
     pub hub: Arc<Hub>,
     /// Committed batches for this shard's subscribers.
     pub inbox: Inbox,
@@ -83,11 +84,16 @@ pub struct ShardCtx {
     /// The running configuration; SIGHUP may replace its live settings.
     live: Arc<LiveConfig>,
     pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+    pub report: Arc<Report>,
     pub parser: RefCell<Parser>,
     pub rings: RingSender,
     /// What requests may hold in memory, shared by every shard and writer.
     pub budget: Budget,
+    /// Resolves when shutdown begins.
     pub shutdown: ShutdownSignal,
+    /// The shutdown itself (has it begun?).
+    stop: Shutdown,
     pub hub: Arc<Hub>,
     /// The WebSocket subscribers this shard owns.
     pub ws: ws::Subscribers,
@@ -98,7 +104,6 @@ pub struct ShardCtx {
     pub tokens: Arc<arc_swap::ArcSwap<crate::auth::Tokens>>,
     /// Per-IP connection counts and rates, shared by every shard.
     pub limits: Arc<crate::limits::Limits>,
-    draining: Cell<bool>,
 }
 
 impl ShardCtx {
@@ -118,7 +123,7 @@ impl ShardCtx {
     }
 
     pub fn is_shutting_down(&self) -> bool {
-        self.draining.get()
+        self.stop.has_begun()
     }
 }
 
@@ -159,15 +164,17 @@ async fn run(setup: ShardSetup) {
         parser: RefCell::new(Parser::new(rules)),
         rings: setup.rings,
         budget: setup.budget,
-        shutdown: setup.shutdown.shared(),
+        shutdown: setup.shutdown.signal(),
+        stop: setup.shutdown,
         hub: setup.hub,
         ws: ws::Subscribers::default(),
         spool: setup.spool,
         tokens: setup.tokens,
         limits: setup.limits,
-        draining: Cell::new(false),
         live: setup.config,
         metrics: setup.metrics,
+        health: setup.health,
+        report: setup.report,
     });
     let fan_out = monoio::spawn(ws::fan_out_task(ctx.clone(), setup.inbox));
     let lag_probe = monoio::spawn(lag_probe(ctx.clone()));
@@ -177,7 +184,6 @@ async fn run(setup: ShardSetup) {
     if let Some(task) = tls_accept {
         task.await;
     }
-    ctx.draining.set(true);
     gate.closed().await;
     fan_out.await;
     lag_probe.await;

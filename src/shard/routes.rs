@@ -156,13 +156,13 @@ pub async fn handle(ctx: &ShardCtx, head: &RequestHead, body: Body, grant: Optio
         Route::Batch if head.media == Media::Ndjson => ingest(ctx, head, body, BodyKind::Ndjson, grant).await,
         Route::Batch => ingest(ctx, head, body, BodyKind::JsonArray, grant).await,
         Route::Health => {
-            let status = if ctx.metrics.ready() { 200 } else { 503 };
-            let r = Response::json(status, ctx.metrics.health_json());
+            let status = if ctx.health.ready() { 200 } else { 503 };
+            let r = Response::json(status, ctx.report.health_json());
             if status == 503 { r.retry_after(ctx.config().server.retry_after_s) } else { r }
         }
-        Route::Stats => Response::json(200, ctx.metrics.stats_json()),
+        Route::Stats => Response::json(200, ctx.report.stats_json()),
         Route::Metrics => {
-            let mut r = Response::json(200, ctx.metrics.prometheus());
+            let mut r = Response::json(200, ctx.report.prometheus());
             r.content_type = "text/plain; version=0.0.4; charset=utf-8";
             r
         }

@@ -45,7 +45,6 @@
 
 pub mod appender;
 pub mod checkpoint;
-pub mod drain;
 pub mod reader;
 pub mod record;
 pub mod segment;

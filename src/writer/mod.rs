@@ -75,9 +75,11 @@ pub struct Writer {
     /// The running configuration; batch bounds are read per batch.
     pub config: Arc<crate::config::LiveConfig>,
     pub metrics: Arc<Metrics>,
-    /// Set when shutdown starts; the writer keeps retrying `ack = "queue"`
-    /// batches until this instant and then counts them lost.
-    pub deadline: Arc<std::sync::OnceLock<Instant>>,
+    /// The writer keeps retrying `ack = "queue"` batches until shutdown's
+    /// deadline and then counts them lost.
+    pub shutdown: crate::shutdown::Shutdown,
+    /// Where the database's status is kept (for `/health`).
+    pub health: Arc<crate::health::Health>,
     /// Recently committed ids, shared by all writers; `None` when off.
     pub recent: Option<Arc<RecentIds>>,
     /// Where committed events go for WebSocket subscribers.
@@ -425,7 +427,7 @@ impl Writer {
             let written = batch.count(first, count, RowClass::Clean) + suspects;
             match result {
                 Ok(done) => {
-                    self.metrics.database.set(DbStatus::Up, Instant::now());
+                    self.health.database.set(DbStatus::Up, Instant::now());
                     self.last_commit.set(took);
                     self.learn(written as usize, took);
                     stats.commit_us.record_duration(took);
@@ -457,7 +459,7 @@ impl Writer {
                         return Err(e);
                     }
                     if e.counts_against_database() {
-                        self.metrics.database.set(DbStatus::Unreachable, Instant::now());
+                        self.health.database.set(DbStatus::Unreachable, Instant::now());
                     }
                     // A batch that failed after running longer than expected
                     // (a statement timeout in a stall) cost at least that long.
@@ -465,7 +467,7 @@ impl Writer {
                         self.learn(written as usize, took);
                     }
                     attempt += 1;
-                    let past_deadline = self.deadline.get().is_some_and(|d| Instant::now() >= *d);
+                    let past_deadline = self.shutdown.deadline().is_some_and(|d| Instant::now() >= d);
                     // One retry on a fresh connection is for a pooled one that
                     // died while idle, which fails at once; one that failed
                     // slowly would only make the client wait twice as long.

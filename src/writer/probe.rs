@@ -91,6 +91,8 @@ pub struct Probe {
     pub table_ready: Arc<AtomicBool>,
     pub breaker: Arc<parking_lot::Mutex<Breaker>>,
     pub metrics: Arc<Metrics>,
+    /// Where the database's status goes.
+    pub health: Arc<crate::health::Health>,
     /// Closed (its sender dropped) when the probe should stop.
     pub stop: Receiver<()>,
 }
@@ -114,7 +116,7 @@ impl Probe {
                 _ => return,
             }
             let now = Instant::now();
-            let health = &self.metrics.database;
+            let health = &self.health.database;
             let breaker_closed = self.breaker.lock().state() == BreakerState::Closed;
             if breaker_closed
                 && health.is_up()
@@ -157,7 +159,7 @@ impl Probe {
     /// Moves the health state and the breaker, and logs changes.
     fn record(&self, verdict: &Verdict, refusal_logged: &mut Option<Instant>) {
         let now = Instant::now();
-        let before = self.metrics.database.set(verdict.status(), now);
+        let before = self.health.database.set(verdict.status(), now);
         self.metrics.probes[verdict.status() as usize].inc();
         self.breaker.lock().on_probe(now, *verdict == Verdict::Up);
         match verdict {

@@ -1,4 +1,4 @@
-//! The `spool-drain` thread: spool records → the writers' ring → PostgreSQL, and
+//! The `spool-drain` thread (`ack = "spool"`): spool records → the writers' ring → PostgreSQL, and
 //! the spool's checkpoint moved only past what PostgreSQL has committed.
 //!
 //! Records are dispatched in sequence order (from the last checkpoint at
@@ -17,15 +17,14 @@
 //! start. Either way it then drops its ring senders so the writers can stop.
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 
-use super::{Seq, Spool};
 use crate::budget::Lease;
 use crate::pipeline::{HandOffError, Job, Reply, RingSender};
 use crate::row::RowBuf;
+use crate::spool::{Seq, Spool};
 
 /// How often the checkpoint is written while it moves (two fsyncs each).
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
@@ -57,8 +56,8 @@ pub struct Drainer {
     pub budget: crate::budget::Budget,
     /// Most records dispatched and not yet reported back.
     pub max_in_flight: usize,
-    /// Set when shutdown starts: its deadline.
-    pub deadline: Arc<OnceLock<Instant>>,
+    /// Dispatching stops at its drain deadline (so what was sent can commit).
+    pub shutdown: crate::shutdown::Shutdown,
 }
 
 impl Drainer {
@@ -79,7 +78,7 @@ impl Drainer {
         loop {
             state.collect(&done_rx, Duration::ZERO);
             state.checkpoint(&self.spool, false);
-            let shutting_down = self.deadline.get().copied();
+            let shutting_down = self.shutdown.drain_deadline();
             if shutting_down.is_some_and(|d| Instant::now() >= d) {
                 // Out of time: what is in flight may still commit; the rest
                 // stays in the spool.
@@ -177,7 +176,7 @@ impl Drainer {
                 }
                 Err(_) => {
                     state.collect(done, Duration::from_millis(5));
-                    if self.deadline.get().is_some_and(|d| Instant::now() >= *d) {
+                    if self.shutdown.drain_deadline().is_some_and(|d| Instant::now() >= d) {
                         return false;
                     }
                 }
@@ -190,7 +189,7 @@ impl Drainer {
                 Err(HandOffError::Full(back)) => {
                     job = back;
                     state.collect(done, Duration::from_millis(1));
-                    if self.deadline.get().is_some_and(|d| Instant::now() >= *d) {
+                    if self.shutdown.drain_deadline().is_some_and(|d| Instant::now() >= d) {
                         return false;
                     }
                 }
