@@ -171,11 +171,9 @@ fn postgres_unreachable_at_start_up_starts_not_ready_and_recovers() {
     }
     assert!(statuses.iter().all(|s| *s == 503), "{statuses:?}");
     assert!(started.elapsed() < std::time::Duration::from_secs(10), "503s are fast: {:?}", started.elapsed());
-    let metrics = String::from_utf8_lossy(&server.get("/metrics").body).into_owned();
-    assert!(
-        metrics.contains("ingestd_breaker_state 1") || metrics.contains("ingestd_breaker_state 2"),
-        "breaker open:\n{metrics}"
-    );
+    let scrape = server.scrape();
+    let breaker: Vec<f64> = scrape.series("ingestd_breaker_state").map(|s| s.value).collect();
+    assert!(breaker == [1.0] || breaker == [2.0], "breaker open (1) or half-open (2):\n{}", scrape.text);
     pg.start_again();
     let back = std::time::Instant::now();
     let id = unique("back");

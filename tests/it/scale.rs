@@ -297,220 +297,6 @@ fn instances_started_together_on_a_new_table_all_get_ready() {
 // /metrics
 // ---------------------------------------------------------------------------
 
-/// One sample of a scrape.
-#[derive(Debug, Clone)]
-struct Sample {
-    name: String,
-    labels: BTreeMap<String, String>,
-    value: f64,
-}
-
-/// A strict reader of the Prometheus text format 0.0.4: every line is a
-/// `# HELP`, `# TYPE`, other comment, blank, or `name{labels} value [ts]`
-/// with a float value; names match `^[a-zA-Z_:][a-zA-Z0-9_:]*$`, label names
-/// `^[a-zA-Z_][a-zA-Z0-9_]*$`; every sample's family has a HELP and a TYPE
-/// before it; HELP and TYPE appear at most once per family; a family's lines
-/// are one group; no series appears twice; a summary's samples are
-/// `{quantile=...}`, `_sum` and `_count`; counters end in `_total` and are
-/// not negative. Panics naming the first bad line.
-fn parse_scrape(text: &str) -> (Vec<Sample>, BTreeMap<String, String>) {
-    try_parse_scrape(text).unwrap_or_else(|e| panic!("{e}\n--- scrape ---\n{text}"))
-}
-
-type Families = BTreeMap<String, String>;
-
-fn try_parse_scrape(text: &str) -> Result<(Vec<Sample>, Families), String> {
-    fn metric_name_ok(s: &str) -> bool {
-        let mut cs = s.chars();
-        matches!(cs.next(), Some(c) if c.is_ascii_alphabetic() || c == '_' || c == ':')
-            && cs.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
-    }
-    fn label_name_ok(s: &str) -> bool {
-        let mut cs = s.chars();
-        matches!(cs.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
-            && cs.all(|c| c.is_ascii_alphanumeric() || c == '_')
-    }
-    let mut types: Families = BTreeMap::new();
-    let mut helps: BTreeSet<String> = BTreeSet::new();
-    let mut finished: BTreeSet<String> = BTreeSet::new();
-    let mut current: Option<String> = None;
-    let mut series: BTreeSet<String> = BTreeSet::new();
-    let mut samples = Vec::new();
-    // A family's group ends when another family's line starts.
-    let mut enter = |family: &str, current: &mut Option<String>| -> Result<(), &'static str> {
-        if current.as_deref() != Some(family) {
-            if finished.contains(family) {
-                return Err("lines of this metric family are not grouped together");
-            }
-            if let Some(prev) = current.take() {
-                finished.insert(prev);
-            }
-            *current = Some(family.to_string());
-        }
-        Ok(())
-    };
-    for (n, line) in text.lines().enumerate() {
-        let bad = |why: &str| format!("/metrics line {}: {why}: {line:?}", n + 1);
-        if line.trim().is_empty() {
-            continue;
-        }
-        if let Some(rest) = line.strip_prefix('#') {
-            let mut words = rest.trim_start().splitn(3, ' ');
-            match words.next() {
-                Some("HELP") => {
-                    let name = words.next().ok_or_else(|| bad("HELP without a name"))?;
-                    if !metric_name_ok(name) {
-                        return Err(bad("bad metric name in HELP"));
-                    }
-                    if words.next().is_none_or(|h| h.trim().is_empty()) {
-                        return Err(bad("empty HELP text"));
-                    }
-                    enter(name, &mut current).map_err(bad)?;
-                    if !helps.insert(name.to_string()) {
-                        return Err(bad("second HELP for this family"));
-                    }
-                }
-                Some("TYPE") => {
-                    let name = words.next().ok_or_else(|| bad("TYPE without a name"))?;
-                    let kind = words.next().ok_or_else(|| bad("TYPE without a type"))?.trim();
-                    if !metric_name_ok(name) {
-                        return Err(bad("bad metric name in TYPE"));
-                    }
-                    if !["counter", "gauge", "summary", "histogram", "untyped"].contains(&kind) {
-                        return Err(bad("unknown metric type"));
-                    }
-                    enter(name, &mut current).map_err(bad)?;
-                    if types.insert(name.to_string(), kind.to_string()).is_some() {
-                        return Err(bad("second TYPE for this family"));
-                    }
-                }
-                _ => {} // any other comment
-            }
-            continue;
-        }
-        // name{labels} value [timestamp]
-        let name_end = line.find(['{', ' ']).ok_or_else(|| bad("no value"))?;
-        let name = &line[..name_end];
-        if !metric_name_ok(name) {
-            return Err(bad("metric name does not match ^[a-zA-Z_:][a-zA-Z0-9_:]*$"));
-        }
-        let mut rest = &line[name_end..];
-        let mut labels = BTreeMap::new();
-        if let Some(body) = rest.strip_prefix('{') {
-            let mut chars = body.char_indices().peekable();
-            let close = loop {
-                let start = match chars.peek() {
-                    Some(&(i, '}')) => break i,
-                    Some(&(i, _)) => i,
-                    None => return Err(bad("unclosed label set")),
-                };
-                let eq =
-                    chars.by_ref().find(|&(_, c)| c == '=').map(|(i, _)| i).ok_or_else(|| bad("label without ="))?;
-                let lname = &body[start..eq];
-                if !label_name_ok(lname) {
-                    return Err(bad("bad label name"));
-                }
-                if chars.next().map(|(_, c)| c) != Some('"') {
-                    return Err(bad("label value not quoted"));
-                }
-                let mut value = String::new();
-                let mut closed = false;
-                while let Some((_, c)) = chars.next() {
-                    match c {
-                        '\\' => match chars.next().map(|(_, c)| c) {
-                            Some('\\') => value.push('\\'),
-                            Some('"') => value.push('"'),
-                            Some('n') => value.push('\n'),
-                            _ => return Err(bad("bad escape in label value")),
-                        },
-                        '"' => {
-                            closed = true;
-                            break;
-                        }
-                        c => value.push(c),
-                    }
-                }
-                if !closed {
-                    return Err(bad("unterminated label value"));
-                }
-                if labels.insert(lname.to_string(), value).is_some() {
-                    return Err(bad("label repeated"));
-                }
-                match chars.next() {
-                    Some((_, ',')) => {}
-                    Some((i, '}')) => break i,
-                    _ => return Err(bad("expected , or } after a label")),
-                }
-            };
-            rest = &body[close + 1..];
-        }
-        if !rest.starts_with(' ') {
-            return Err(bad("no space before the value"));
-        }
-        let mut fields = rest.split_whitespace();
-        let value = match fields.next().ok_or_else(|| bad("no value"))? {
-            "+Inf" => f64::INFINITY,
-            "-Inf" => f64::NEG_INFINITY,
-            "NaN" => f64::NAN,
-            v => v.parse().map_err(|_| bad("value is not a float"))?,
-        };
-        if let Some(ts) = fields.next() {
-            ts.parse::<i64>().map_err(|_| bad("timestamp is not an integer"))?;
-        }
-        if fields.next().is_some() {
-            return Err(bad("trailing fields"));
-        }
-        // Its family: the name itself, or a summary/histogram's base name.
-        let family = if types.contains_key(name) {
-            name.to_string()
-        } else {
-            ["_sum", "_count", "_bucket"]
-                .iter()
-                .find_map(|suffix| {
-                    let base = name.strip_suffix(suffix)?;
-                    let kind = types.get(base)?;
-                    let fits = match *suffix {
-                        "_bucket" => kind == "histogram",
-                        _ => kind == "summary" || kind == "histogram",
-                    };
-                    fits.then(|| base.to_string())
-                })
-                .ok_or_else(|| bad("sample without a TYPE line before it"))?
-        };
-        if !helps.contains(&family) {
-            return Err(bad("sample without a HELP line before it"));
-        }
-        enter(&family, &mut current).map_err(bad)?;
-        match types[&family].as_str() {
-            "summary" if name == family && !labels.contains_key("quantile") => {
-                return Err(bad("summary sample without a quantile label"));
-            }
-            "summary" | "histogram" if name != family && labels.contains_key("quantile") => {
-                return Err(bad("quantile label on _sum/_count"));
-            }
-            "counter" if !name.ends_with("_total") => {
-                return Err(bad("counter name does not end in _total"));
-            }
-            "counter" if value.is_nan() || value < 0.0 => return Err(bad("negative or NaN counter")),
-            _ => {}
-        }
-        if !series.insert(format!("{name}{labels:?}")) {
-            return Err(bad("series repeated"));
-        }
-        samples.push(Sample { name: name.to_string(), labels, value });
-    }
-    Ok((samples, types))
-}
-
-fn sum_of(samples: &[Sample], name: &str, label: Option<(&str, &str)>) -> f64 {
-    samples
-        .iter()
-        .filter(|s| s.name == name)
-        .filter(|s| label.is_none_or(|(k, v)| s.labels.get(k).map(String::as_str) == Some(v)))
-        .map(|s| s.value)
-        .sum()
-}
-
 #[test]
 fn metrics_scrape_parses_strictly_after_load() {
     let s = instance().start();
@@ -530,12 +316,8 @@ fn metrics_scrape_parses_strictly_after_load() {
     let bg = load.stop();
     assert!(!bg.acked.is_empty(), "background load: {:?}", bg.statuses);
 
-    let resp = s.get("/metrics");
-    assert_eq!(resp.status, 200, "{resp:?}");
-    let ct = resp.header("content-type").unwrap_or_default().replace(' ', "");
-    assert!(ct.starts_with("text/plain") && ct.contains("version=0.0.4"), "/metrics content-type {ct:?}");
-    let text = resp.text();
-    let (samples, types) = parse_scrape(&text);
+    let scrape = s.scrape();
+    let Scrape { text, samples, types } = &scrape;
 
     // The families the dashboard and docs/OPERATIONS.md rely on.
     for (family, kind) in [
@@ -568,27 +350,27 @@ fn metrics_scrape_parses_strictly_after_load() {
 
     // The numbers agree with what was sent.
     let acked = (bg.acked.len() + 8 + 20 + 20) as f64;
-    let accepted = sum_of(&samples, "ingestd_events_accepted_total", None);
-    let committed = sum_of(&samples, "ingestd_events_committed_total", None);
-    let duplicate = sum_of(&samples, "ingestd_events_duplicate_total", None);
+    let accepted = scrape.sum("ingestd_events_accepted_total", None);
+    let committed = scrape.sum("ingestd_events_committed_total", None);
+    let duplicate = scrape.sum("ingestd_events_duplicate_total", None);
     assert_eq!(accepted, acked, "accepted_total vs events answered 200");
     assert_eq!(committed + duplicate, acked, "committed + duplicate vs events answered 200");
     assert_eq!(duplicate, 20.0, "the re-sent batch of 20");
     assert_eq!(committed as i64, s.count(), "committed_total vs rows stored");
-    assert_eq!(sum_of(&samples, "ingestd_events_rejected_total", None), 2.0, "two events were rejected");
+    assert_eq!(scrape.sum("ingestd_events_rejected_total", None), 2.0, "two events were rejected");
     assert_eq!(
-        sum_of(&samples, "ingestd_events_rejected_total", Some(("reason", "ts_out_of_range")))
-            + sum_of(&samples, "ingestd_events_rejected_total", Some(("reason", "invalid_value"))),
+        scrape.sum("ingestd_events_rejected_total", Some(("reason", "ts_out_of_range")))
+            + scrape.sum("ingestd_events_rejected_total", Some(("reason", "invalid_value"))),
         2.0
     );
-    assert_eq!(sum_of(&samples, "ingestd_up", None), 1.0);
-    assert_eq!(sum_of(&samples, "ingestd_database_up", None), 1.0);
-    let acks = sum_of(&samples, "ingestd_ack_latency_seconds_count", None);
+    assert_eq!(scrape.sum("ingestd_up", None), 1.0);
+    assert_eq!(scrape.sum("ingestd_database_up", None), 1.0);
+    let acks = scrape.sum("ingestd_ack_latency_seconds_count", None);
     assert!(acks >= 4.0, "ack latency count {acks}");
-    let p99 = sum_of(&samples, "ingestd_ack_latency_seconds", Some(("quantile", "0.99")));
+    let p99 = scrape.sum("ingestd_ack_latency_seconds", Some(("quantile", "0.99")));
     assert!(p99 > 0.0 && p99 < 20.0, "ack latency p99 {p99} s");
-    assert!(sum_of(&samples, "process_resident_memory_bytes", None) > 1e6);
-    assert!(sum_of(&samples, "process_open_fds", None) >= 3.0);
+    assert!(scrape.sum("process_resident_memory_bytes", None) > 1e6);
+    assert!(scrape.sum("process_open_fds", None) >= 3.0);
 
     // A sample of the scrape for docs/OPERATIONS.md: every HELP/TYPE pair,
     // non-zero samples, and summaries whole.
@@ -614,7 +396,7 @@ fn scrape_parser_rejects_what_prometheus_rejects() {
     let good = "# HELP a_total A.\n# TYPE a_total counter\na_total{x=\"1\",y=\"a,}b\\\"c\"} 3 1700000000000\n\
                 # HELP l_seconds L.\n# TYPE l_seconds summary\nl_seconds{quantile=\"0.5\"} 0.25\nl_seconds_sum 1.5e0\nl_seconds_count 4\n\
                 # HELP g G.\n# TYPE g gauge\ng NaN\ng{k=\"v\"} -Inf\n";
-    let (samples, types) = parse_scrape(good);
+    let Scrape { samples, types, .. } = parse_scrape(good);
     assert_eq!(samples.len(), 6);
     assert_eq!(samples[0].labels["y"], "a,}b\"c");
     assert_eq!(types["l_seconds"], "summary");

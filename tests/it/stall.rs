@@ -265,9 +265,12 @@ fn a_flood_of_large_bodies_during_a_table_lock_stays_within_the_memory_budget() 
     });
     let back_after = settle.elapsed();
     fast.sort();
-    let metrics = String::from_utf8_lossy(&server.get("/metrics").body).into_owned();
-    let shed: Vec<&str> =
-        metrics.lines().filter(|l| l.starts_with("ingestd_requests_shed_total") && !l.ends_with(" 0")).collect();
+    let shed: Vec<String> = server
+        .scrape()
+        .series("ingestd_requests_shed_total")
+        .filter(|s| s.value != 0.0)
+        .map(|s| s.to_string())
+        .collect();
     println!(
         "lock {LOCK:?} + {CLIENTS} clients x {} MB NDJSON ({EVENTS} events): RSS idle {idle} MiB, peak during the lock \
          {peak_during_lock} MiB, peak {peak} MiB, 1 s after {after_1s} MiB, {back} MiB {back_after:?} after the last \
@@ -371,8 +374,8 @@ fn a_slow_database_answers_within_the_bound_and_sheds_the_rest_fast() {
     ok.sort();
     shed.sort();
     let stats = server.get("/stats").json();
-    let metrics = String::from_utf8_lossy(&server.get("/metrics").body).into_owned();
-    let costs: Vec<&str> = metrics.lines().filter(|l| l.starts_with("ingestd_writer_batch_cost_seconds{")).collect();
+    let costs: Vec<String> =
+        server.scrape().series("ingestd_writer_batch_cost_seconds").map(|s| s.to_string()).collect();
     println!("slow database: writers' fitted costs {costs:?}; commits {}", stats["commit_latency_ms"]);
     println!(
         "slow database (0.5 ms per row), {CLIENTS} clients x 100 events, {RUN:?}: {} answered 200 (p50 {:?}, p99 {:?}, \
@@ -527,14 +530,10 @@ fn over_the_memory_budget_is_a_503_and_the_connection_is_kept() {
     });
     let (retry, close) = refused_without_100.expect("a 503 instead of a 100 once the budget is full");
     assert!(retry.is_some() && close, "Retry-After and Connection: close");
-    let metrics = String::from_utf8_lossy(&server.get("/metrics").body).into_owned();
-    let shed = metrics
-        .lines()
-        .filter(|l| l.starts_with("ingestd_requests_shed_total{") && l.contains("reason=\"memory_budget\""))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
-        .sum::<u64>();
+    let scrape = server.scrape();
+    let shed = scrape.sum("ingestd_requests_shed_total", Some(("reason", "memory_budget")));
     println!("memory budget 4 MiB: {waiting} requests of ~0.25 MB held, then 503; {shed} shed for memory");
-    assert!(shed >= 2, "counted in ingestd_requests_shed_total:\n{metrics}");
+    assert!(shed >= 2.0, "counted in ingestd_requests_shed_total:\n{}", scrape.text);
     tx.commit().expect("unlock");
     let answers: Vec<u16> = held.lock().unwrap().drain(..).map(|h| h.join().expect("held")).collect();
     assert!(answers.iter().all(|s| *s == 200), "{answers:?}");

@@ -14,7 +14,7 @@
 
 #![allow(dead_code)]
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -1001,6 +1001,270 @@ pub fn sum_numeric_keys(v: &Value, needle: &str) -> f64 {
         }
     }
     walk(v, needle, false)
+}
+
+// ---------------------------------------------------------------------------
+// Prometheus text format (GET /metrics): the one parser of the suite
+// ---------------------------------------------------------------------------
+
+/// One sample of a scrape.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub value: f64,
+}
+
+impl Sample {
+    pub fn label(&self, name: &str) -> Option<&str> {
+        self.labels.get(name).map(String::as_str)
+    }
+}
+
+impl fmt::Display for Sample {
+    /// `name{k="v",...} value` (label values shown unescaped).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name)?;
+        if !self.labels.is_empty() {
+            let labels: Vec<String> = self.labels.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
+            write!(f, "{{{}}}", labels.join(","))?;
+        }
+        write!(f, " {}", self.value)
+    }
+}
+
+/// A scrape read by [`parse_scrape`]: its text, its samples in order, and
+/// each family's TYPE.
+#[derive(Debug, Clone)]
+pub struct Scrape {
+    pub text: String,
+    pub samples: Vec<Sample>,
+    pub types: BTreeMap<String, String>,
+}
+
+impl Scrape {
+    /// The samples named `name` (exactly: a summary's `_sum` is its own name).
+    pub fn series<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Sample> + 'a {
+        self.samples.iter().filter(move |s| s.name == name)
+    }
+
+    /// The sum of the samples named `name`, only those with `label` if given.
+    pub fn sum(&self, name: &str, label: Option<(&str, &str)>) -> f64 {
+        self.series(name).filter(|s| label.is_none_or(|(k, v)| s.label(k) == Some(v))).map(|s| s.value).sum()
+    }
+}
+
+/// A strict reader of the Prometheus text format 0.0.4: every line is a
+/// `# HELP`, `# TYPE`, other comment, blank, or `name{labels} value [ts]`
+/// with a float value; names match `^[a-zA-Z_:][a-zA-Z0-9_:]*$`, label names
+/// `^[a-zA-Z_][a-zA-Z0-9_]*$`, label values are quoted with only `\\`,
+/// `\"` and `\n` escapes; every sample's family has a HELP and a TYPE
+/// (of a known type) before it; HELP and TYPE appear at most once per
+/// family; a family's lines are one group; no series appears twice; a
+/// summary's samples are `{quantile=...}`, `_sum` and `_count`; counters end
+/// in `_total` and are not negative. Panics naming the first bad line.
+pub fn parse_scrape(text: &str) -> Scrape {
+    try_parse_scrape(text).unwrap_or_else(|e| panic!("{e}\n--- scrape ---\n{text}"))
+}
+
+/// [`parse_scrape`], with the first bad line as an error
+/// (`"/metrics line N: WHY: LINE"`).
+pub fn try_parse_scrape(text: &str) -> Result<Scrape, String> {
+    fn metric_name_ok(s: &str) -> bool {
+        let mut cs = s.chars();
+        matches!(cs.next(), Some(c) if c.is_ascii_alphabetic() || c == '_' || c == ':')
+            && cs.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+    }
+    fn label_name_ok(s: &str) -> bool {
+        let mut cs = s.chars();
+        matches!(cs.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+            && cs.all(|c| c.is_ascii_alphanumeric() || c == '_')
+    }
+    let mut types: BTreeMap<String, String> = BTreeMap::new();
+    let mut helps: BTreeSet<String> = BTreeSet::new();
+    let mut finished: BTreeSet<String> = BTreeSet::new();
+    let mut current: Option<String> = None;
+    let mut series: BTreeSet<String> = BTreeSet::new();
+    let mut samples = Vec::new();
+    // A family's group ends when another family's line starts.
+    let mut enter = |family: &str, current: &mut Option<String>| -> Result<(), &'static str> {
+        if current.as_deref() != Some(family) {
+            if finished.contains(family) {
+                return Err("lines of this metric family are not grouped together");
+            }
+            if let Some(prev) = current.take() {
+                finished.insert(prev);
+            }
+            *current = Some(family.to_string());
+        }
+        Ok(())
+    };
+    for (n, line) in text.lines().enumerate() {
+        let bad = |why: &str| format!("/metrics line {}: {why}: {line:?}", n + 1);
+        if line.trim().is_empty() {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix('#') {
+            let mut words = rest.trim_start().splitn(3, ' ');
+            match words.next() {
+                Some("HELP") => {
+                    let name = words.next().ok_or_else(|| bad("HELP without a name"))?;
+                    if !metric_name_ok(name) {
+                        return Err(bad("bad metric name in HELP"));
+                    }
+                    if words.next().is_none_or(|h| h.trim().is_empty()) {
+                        return Err(bad("empty HELP text"));
+                    }
+                    enter(name, &mut current).map_err(bad)?;
+                    if !helps.insert(name.to_string()) {
+                        return Err(bad("second HELP for this family"));
+                    }
+                }
+                Some("TYPE") => {
+                    let name = words.next().ok_or_else(|| bad("TYPE without a name"))?;
+                    let kind = words.next().ok_or_else(|| bad("TYPE without a type"))?.trim();
+                    if !metric_name_ok(name) {
+                        return Err(bad("bad metric name in TYPE"));
+                    }
+                    if !["counter", "gauge", "summary", "histogram", "untyped"].contains(&kind) {
+                        return Err(bad("unknown metric type"));
+                    }
+                    enter(name, &mut current).map_err(bad)?;
+                    if types.insert(name.to_string(), kind.to_string()).is_some() {
+                        return Err(bad("second TYPE for this family"));
+                    }
+                }
+                _ => {} // any other comment
+            }
+            continue;
+        }
+        // name{labels} value [timestamp]
+        let name_end = line.find(['{', ' ']).ok_or_else(|| bad("no value"))?;
+        let name = &line[..name_end];
+        if !metric_name_ok(name) {
+            return Err(bad("metric name does not match ^[a-zA-Z_:][a-zA-Z0-9_:]*$"));
+        }
+        let mut rest = &line[name_end..];
+        let mut labels = BTreeMap::new();
+        if let Some(body) = rest.strip_prefix('{') {
+            let mut chars = body.char_indices().peekable();
+            let close = loop {
+                let start = match chars.peek() {
+                    Some(&(i, '}')) => break i,
+                    Some(&(i, _)) => i,
+                    None => return Err(bad("unclosed label set")),
+                };
+                let eq =
+                    chars.by_ref().find(|&(_, c)| c == '=').map(|(i, _)| i).ok_or_else(|| bad("label without ="))?;
+                let lname = &body[start..eq];
+                if !label_name_ok(lname) {
+                    return Err(bad("bad label name"));
+                }
+                if chars.next().map(|(_, c)| c) != Some('"') {
+                    return Err(bad("label value not quoted"));
+                }
+                let mut value = String::new();
+                let mut closed = false;
+                while let Some((_, c)) = chars.next() {
+                    match c {
+                        '\\' => match chars.next().map(|(_, c)| c) {
+                            Some('\\') => value.push('\\'),
+                            Some('"') => value.push('"'),
+                            Some('n') => value.push('\n'),
+                            _ => return Err(bad("bad escape in label value")),
+                        },
+                        '"' => {
+                            closed = true;
+                            break;
+                        }
+                        c => value.push(c),
+                    }
+                }
+                if !closed {
+                    return Err(bad("unterminated label value"));
+                }
+                if labels.insert(lname.to_string(), value).is_some() {
+                    return Err(bad("label repeated"));
+                }
+                match chars.next() {
+                    Some((_, ',')) => {}
+                    Some((i, '}')) => break i,
+                    _ => return Err(bad("expected , or } after a label")),
+                }
+            };
+            rest = &body[close + 1..];
+        }
+        if !rest.starts_with(' ') {
+            return Err(bad("no space before the value"));
+        }
+        let mut fields = rest.split_whitespace();
+        let value = match fields.next().ok_or_else(|| bad("no value"))? {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            "NaN" => f64::NAN,
+            v => v.parse().map_err(|_| bad("value is not a float"))?,
+        };
+        if let Some(ts) = fields.next() {
+            ts.parse::<i64>().map_err(|_| bad("timestamp is not an integer"))?;
+        }
+        if fields.next().is_some() {
+            return Err(bad("trailing fields"));
+        }
+        // Its family: the name itself, or a summary/histogram's base name.
+        let family = if types.contains_key(name) {
+            name.to_string()
+        } else {
+            ["_sum", "_count", "_bucket"]
+                .iter()
+                .find_map(|suffix| {
+                    let base = name.strip_suffix(suffix)?;
+                    let kind = types.get(base)?;
+                    let fits = match *suffix {
+                        "_bucket" => kind == "histogram",
+                        _ => kind == "summary" || kind == "histogram",
+                    };
+                    fits.then(|| base.to_string())
+                })
+                .ok_or_else(|| bad("sample without a TYPE line before it"))?
+        };
+        if !helps.contains(&family) {
+            return Err(bad("sample without a HELP line before it"));
+        }
+        enter(&family, &mut current).map_err(bad)?;
+        match types[&family].as_str() {
+            "summary" if name == family && !labels.contains_key("quantile") => {
+                return Err(bad("summary sample without a quantile label"));
+            }
+            "summary" | "histogram" if name != family && labels.contains_key("quantile") => {
+                return Err(bad("quantile label on _sum/_count"));
+            }
+            "counter" if !name.ends_with("_total") => {
+                return Err(bad("counter name does not end in _total"));
+            }
+            "counter" if value.is_nan() || value < 0.0 => return Err(bad("negative or NaN counter")),
+            _ => {}
+        }
+        if !series.insert(format!("{name}{labels:?}")) {
+            return Err(bad("series repeated"));
+        }
+        samples.push(Sample { name: name.to_string(), labels, value });
+    }
+    Ok(Scrape { text: text.to_string(), samples, types })
+}
+
+impl Server {
+    /// `GET /metrics`: a 200 in `text/plain; version=0.0.4`, parsed by
+    /// [`parse_scrape`] (panics naming a bad line).
+    pub fn scrape(&self) -> Scrape {
+        let resp = self.get("/metrics");
+        assert_eq!(resp.status, 200, "{resp:?}");
+        let ct = resp.header("content-type").unwrap_or_default().replace(' ', "");
+        assert!(
+            ct.starts_with("text/plain") && ct.contains("version=0.0.4"),
+            "/metrics content-type {ct:?}, want text/plain; version=0.0.4"
+        );
+        parse_scrape(&resp.text())
+    }
 }
 
 // ---------------------------------------------------------------------------
