@@ -392,28 +392,146 @@ fn metrics_scrape_parses_strictly_after_load() {
 
 #[test]
 fn scrape_parser_rejects_what_prometheus_rejects() {
-    // Guards the parser itself, both ways.
+    // Guards the suite's parser (support::parse_scrape) both ways: a valid
+    // exposition with the format's corner cases is read whole ...
     let good = "# HELP a_total A.\n# TYPE a_total counter\na_total{x=\"1\",y=\"a,}b\\\"c\"} 3 1700000000000\n\
+                # any other comment\n\n\
                 # HELP l_seconds L.\n# TYPE l_seconds summary\nl_seconds{quantile=\"0.5\"} 0.25\nl_seconds_sum 1.5e0\nl_seconds_count 4\n\
-                # HELP g G.\n# TYPE g gauge\ng NaN\ng{k=\"v\"} -Inf\n";
+                # HELP g G.\n# TYPE g gauge\ng NaN\ng{k=\"v\"} -Inf\ng{k=\"w\",l=\"x\\ny\\\\\"} +1\n";
     let Scrape { samples, types, .. } = parse_scrape(good);
-    assert_eq!(samples.len(), 6);
+    assert_eq!(samples.len(), 7);
     assert_eq!(samples[0].labels["y"], "a,}b\"c");
+    assert_eq!(samples[0].value, 3.0);
     assert_eq!(types["l_seconds"], "summary");
-    for bad in [
-        "a_total 1\n",                                                                        // no HELP/TYPE
-        "# HELP a_total A.\na_total 1\n",                                                     // no TYPE
-        "# HELP a A.\n# TYPE a gauge\na one\n",                                               // not a float
-        "# HELP 1a A.\n# TYPE 1a gauge\n1a 1\n",                                              // bad name
-        "# HELP a A.\n# TYPE a gauge\na{1x=\"v\"} 1\n",                                       // bad label name
-        "# HELP a A.\n# TYPE a gauge\na{x=v} 1\n",                                            // unquoted
-        "# HELP a A.\n# TYPE a gauge\na 1\na 2\n",                                            // repeated series
-        "# HELP a A.\n# TYPE a gauge\na 1\n# HELP b B.\n# TYPE b gauge\nb 1\na{x=\"1\"} 2\n", // split group
-        "# HELP c C.\n# TYPE c counter\nc 1\n",                                               // counter without _total
-        "# HELP s S.\n# TYPE s summary\ns 1\n", // summary without quantile
-    ] {
-        assert!(try_parse_scrape(bad).is_err(), "accepted a bad exposition:\n{bad}");
+    assert_eq!(samples[2].name, "l_seconds_sum");
+    assert_eq!(samples[6].labels["l"], "x\ny\\");
+
+    // ... and each of these is rejected, at the line and for the reason
+    // given (a case rejected for some other reason would prove nothing).
+    // Each is well formed but for that one defect.
+    const HG: &str = "# HELP a A.\n# TYPE a gauge\n"; // a valid head for family `a`
+    let cases: Vec<(&str, String, usize, &str)> = vec![
+        // HELP and TYPE: missing, late, for another name, unknown, twice.
+        ("no HELP or TYPE", "a_total 1\n".into(), 1, "sample without a TYPE line before it"),
+        ("HELP but no TYPE", "# HELP a_total A.\na_total 1\n".into(), 2, "sample without a TYPE line before it"),
+        ("TYPE but no HELP", "# TYPE a gauge\na 1\n".into(), 2, "sample without a HELP line before it"),
+        (
+            "a sample before its TYPE",
+            "# HELP a A.\na 1\n# TYPE a gauge\n".into(),
+            2,
+            "sample without a TYPE line before it",
+        ),
+        ("HELP and TYPE for another name", format!("{HG}b 1\n"), 3, "sample without a TYPE line before it"),
+        (
+            "TYPE for another name than HELP",
+            "# HELP a A.\n# TYPE b gauge\nb 1\n".into(),
+            3,
+            "sample without a HELP line before it",
+        ),
+        (
+            "HELP for another name than TYPE",
+            "# HELP b B.\n# TYPE a gauge\na 1\n".into(),
+            3,
+            "sample without a HELP line before it",
+        ),
+        ("unknown type", "# HELP a A.\n# TYPE a gauges\na 1\n".into(), 2, "unknown metric type"),
+        ("TYPE without a type", "# HELP a A.\n# TYPE a\na 1\n".into(), 2, "TYPE without a type"),
+        ("empty HELP text", "# HELP a\n# TYPE a gauge\na 1\n".into(), 1, "empty HELP text"),
+        ("second TYPE", format!("{HG}# TYPE a counter\na 1\n"), 3, "second TYPE for this family"),
+        ("second HELP", "# HELP a A.\n# HELP a B.\n# TYPE a gauge\na 1\n".into(), 2, "second HELP for this family"),
+        // Families not grouped.
+        (
+            "a family's sample after another family",
+            format!("{HG}a 1\n# HELP b B.\n# TYPE b gauge\nb 1\na{{x=\"1\"}} 2\n"),
+            7,
+            "lines of this metric family are not grouped together",
+        ),
+        (
+            "a family's HELP after another family",
+            format!("{HG}a 1\n# HELP b B.\n# TYPE b gauge\nb 1\n# HELP a A.\n"),
+            7,
+            "lines of this metric family are not grouped together",
+        ),
+        // Names.
+        (
+            "a metric name starting with a digit",
+            "# HELP 1a A.\n# TYPE 1a gauge\n1a 1\n".into(),
+            1,
+            "bad metric name in HELP",
+        ),
+        (
+            "a dash in a sample's name",
+            format!("{HG}a-b 1\n"),
+            3,
+            "metric name does not match ^[a-zA-Z_:][a-zA-Z0-9_:]*$",
+        ),
+        // Label syntax.
+        ("a label name starting with a digit", format!("{HG}a{{1x=\"v\"}} 1\n"), 3, "bad label name"),
+        ("an unquoted label value", format!("{HG}a{{x=v}} 1\n"), 3, "label value not quoted"),
+        ("a label without =", format!("{HG}a{{x}} 1\n"), 3, "label without ="),
+        ("no closing brace before the value", format!("{HG}a{{x=\"1\" 1\n"), 3, "expected , or } after a label"),
+        ("no closing brace at the end of the line", format!("{HG}a{{x=\"1\"\n"), 3, "unclosed label set"),
+        ("an unterminated label value", format!("{HG}a{{x=\"1}} 1\n"), 3, "unterminated label value"),
+        ("a bad escape in a label value", format!("{HG}a{{x=\"\\t\"}} 1\n"), 3, "bad escape in label value"),
+        ("a label twice", format!("{HG}a{{x=\"1\",x=\"2\"}} 1\n"), 3, "label repeated"),
+        // Values and timestamps.
+        ("a word as the value", format!("{HG}a one\n"), 3, "value is not a float"),
+        ("a decimal comma", format!("{HG}a 1,5\n"), 3, "value is not a float"),
+        ("no value", format!("{HG}a\n"), 3, "no value"),
+        ("no value after labels", format!("{HG}a{{x=\"1\"}}\n"), 3, "no space before the value"),
+        ("a fractional timestamp", format!("{HG}a 1 1.5\n"), 3, "timestamp is not an integer"),
+        ("trailing fields", format!("{HG}a 1 2 3\n"), 3, "trailing fields"),
+        // Duplicate series.
+        ("a series twice", format!("{HG}a 1\na 2\n"), 4, "series repeated"),
+        (
+            "a series twice, labels reordered",
+            format!("{HG}a{{x=\"1\",y=\"2\"}} 1\na{{y=\"2\",x=\"1\"}} 2\n"),
+            4,
+            "series repeated",
+        ),
+        // Counters and summaries.
+        (
+            "a counter without _total",
+            "# HELP c C.\n# TYPE c counter\nc 1\n".into(),
+            3,
+            "counter name does not end in _total",
+        ),
+        (
+            "a negative counter",
+            "# HELP c_total C.\n# TYPE c_total counter\nc_total -1\n".into(),
+            3,
+            "negative or NaN counter",
+        ),
+        (
+            "a summary sample without quantile",
+            "# HELP s S.\n# TYPE s summary\ns 1\n".into(),
+            3,
+            "summary sample without a quantile label",
+        ),
+        (
+            "a quantile on _sum",
+            "# HELP s S.\n# TYPE s summary\ns_sum{quantile=\"0.5\"} 1\n".into(),
+            3,
+            "quantile label on _sum/_count",
+        ),
+        ("_sum of a gauge", format!("{HG}a_sum 1\n"), 3, "sample without a TYPE line before it"),
+    ];
+    let mut problems = Vec::new();
+    for (label, text, line, why) in &cases {
+        let want = format!("/metrics line {line}: {why}: {:?}", text.lines().nth(line - 1).unwrap());
+        match try_parse_scrape(text) {
+            Ok(s) => problems.push(format!("{label}: accepted ({} samples):\n{text}", s.samples.len())),
+            Err(e) if e != want => problems.push(format!("{label}: want {want:?}, got {e:?}")),
+            Err(_) => {}
+        }
+        // Without its defect, the same text starts out valid: the defect is
+        // on the line named, not before it.
+        let before: String = text.lines().take(line - 1).map(|l| format!("{l}\n")).collect();
+        if let Err(e) = try_parse_scrape(&before) {
+            problems.push(format!("{label}: the lines before the defect are already refused: {e}"));
+        }
     }
+    assert!(problems.is_empty(), "the scrape parser is not as strict as it claims:\n{}", problems.join("\n"));
 }
 
 /// The guarantee the scale-out relies on, stated where it lives: a table

@@ -1189,7 +1189,8 @@ pub fn try_parse_scrape(text: &str) -> Result<Scrape, String> {
                 match chars.next() {
                     Some((_, ',')) => {}
                     Some((i, '}')) => break i,
-                    _ => return Err(bad("expected , or } after a label")),
+                    Some(_) => return Err(bad("expected , or } after a label")),
+                    None => return Err(bad("unclosed label set")),
                 }
             };
             rest = &body[close + 1..];
