@@ -383,6 +383,48 @@ impl Server {
         String::from_utf8_lossy(&self.stdout.lock().unwrap()).into_owned()
     }
 
+    /// How many bytes of stderr have been read so far: take it before an
+    /// action, then [`Server::wait_for_log_since`] sees only what came after.
+    pub fn log_mark(&self) -> usize {
+        self.stderr.lock().unwrap().len()
+    }
+
+    /// Waits for a complete stderr line containing `needle`; returns it.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> String {
+        self.wait_for_log_since(0, &[needle], timeout)
+    }
+
+    /// Waits for a complete stderr line, written after `mark` (see
+    /// [`Server::log_mark`]), that contains one of `needles`; returns the
+    /// first such line. Panics on timeout (the stderr tail is printed when
+    /// the server is dropped).
+    pub fn wait_for_log_since(&self, mark: usize, needles: &[&str], timeout: Duration) -> String {
+        eventually(timeout, format_args!("a log line with one of {needles:?}"), || {
+            let buf = self.stderr.lock().unwrap();
+            let text = String::from_utf8_lossy(&buf[mark.min(buf.len())..]);
+            text.split_inclusive('\n')
+                .filter(|l| l.ends_with('\n'))
+                .find(|l| needles.iter().any(|n| l.contains(n)))
+                .map(|l| l.trim_end().to_string())
+        })
+    }
+
+    /// Sends SIGHUP and waits for the reload's last log line (src/app.rs
+    /// `reload`): "SIGHUP: configuration reloaded" when it was applied, or
+    /// the refusal ("SIGHUP: reload refused", or "SIGHUP: token table
+    /// refused", one line per problem: the first is returned). Once it is
+    /// logged, the new configuration and tokens are in force (or the old
+    /// ones kept), so a test can check either at once.
+    pub fn sighup(&self) -> String {
+        let mark = self.log_mark();
+        self.signal("HUP");
+        self.wait_for_log_since(
+            mark,
+            &["SIGHUP: configuration reloaded", "SIGHUP: reload refused", "SIGHUP: token table refused"],
+            Duration::from_secs(10),
+        )
+    }
+
     /// Sends a signal by name ("TERM", "INT", "KILL") with `kill(1)`.
     pub fn signal(&self, name: &str) {
         let status =
@@ -486,6 +528,13 @@ impl Server {
         let rows = self.db().query(sql.as_str(), &[&event_id]).expect("select row");
         assert!(rows.len() <= 1, "{} rows for event_id {event_id}", rows.len());
         rows.first().map(StoredRow::from_row)
+    }
+
+    /// Sessions waiting for a lock on this server's table (e.g. a writer's
+    /// COPY behind a test's `LOCK TABLE`).
+    pub fn lock_waiters(&self) -> i64 {
+        let sql = "SELECT count(*) FROM pg_locks WHERE relation = $1::text::regclass AND NOT granted";
+        self.db().query_one(sql, &[&self.table]).expect("count lock waiters").get(0)
     }
 
     /// Every stored row.
@@ -1330,6 +1379,8 @@ impl Drop for PrivatePg {
 pub struct Load {
     stop: Arc<std::sync::atomic::AtomicBool>,
     threads: Vec<JoinHandle<LoadResult>>,
+    /// Answers by status so far, across threads (for waiting on a run).
+    seen: Arc<Mutex<std::collections::BTreeMap<u16, usize>>>,
 }
 
 /// What a load run saw.
@@ -1345,9 +1396,11 @@ pub struct LoadResult {
 impl Load {
     pub fn start(addr: SocketAddr, threads: usize, batch: usize, ok: u16) -> Load {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(std::collections::BTreeMap::new()));
         let threads = (0..threads)
             .map(|t| {
                 let stop = stop.clone();
+                let seen = seen.clone();
                 let prefix = unique(&format!("load{t}"));
                 thread::spawn(move || {
                     let mut out = LoadResult::default();
@@ -1364,6 +1417,9 @@ impl Load {
                                 }
                                 Err(_) => {
                                     out.transport_errors += 1;
+                                    // Pacing: the server is not accepting
+                                    // (down, or restarting); retry soon
+                                    // without spinning on connect.
                                     thread::sleep(Duration::from_millis(20));
                                     continue;
                                 }
@@ -1377,8 +1433,14 @@ impl Load {
                                     out.acked.extend(ids_of(&evs));
                                     out.ok_times.push(Instant::now());
                                 } else {
+                                    // Pacing: a client backs off after a
+                                    // refusal (503 + Retry-After) instead of
+                                    // hammering the server in a tight loop.
                                     thread::sleep(Duration::from_millis(10));
                                 }
+                                // Counted after `acked`: once `seen` shows
+                                // an `ok`, stop() returns its ids.
+                                *seen.lock().unwrap().entry(resp.status).or_default() += 1;
                                 if resp.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close")) {
                                     conn = None;
                                 }
@@ -1393,7 +1455,17 @@ impl Load {
                 })
             })
             .collect();
-        Load { stop, threads }
+        Load { stop, threads, seen }
+    }
+
+    /// How many answers with `status` the clients have had so far.
+    pub fn seen(&self, status: u16) -> usize {
+        self.seen.lock().unwrap().get(&status).copied().unwrap_or(0)
+    }
+
+    /// Waits until the clients have had at least `n` answers with `status`.
+    pub fn wait_for(&self, status: u16, n: usize, timeout: Duration) {
+        eventually(timeout, format_args!("{n} answers {status} to the load"), || (self.seen(status) >= n).then_some(()))
     }
 
     pub fn stop(self) -> LoadResult {
