@@ -69,6 +69,12 @@ fn refused_events_become_dead_letters_and_the_rest_commit() {
     assert_eq!(server.post_event(&ev(&unique("after"), "good")).status, 200);
 }
 
+/// A top-level value of `/stats` (None if absent or not JSON).
+fn stat(server: &Server, key: &str) -> Option<Value> {
+    let s: Value = serde_json::from_slice(&server.get("/stats").body).ok()?;
+    s.get(key).cloned()
+}
+
 /// Counts how many of `acked` are in `table` (in chunks, for big runs).
 fn present(url: &str, table: &str, acked: &[String]) -> usize {
     let mut db = db_connect(url);
@@ -114,18 +120,25 @@ fn postgres_restart_mid_load_loses_nothing_and_recovers_by_itself() {
         .set("database.connect_timeout_ms", 1000)
         .start();
     let load = Load::start(server.addr, 4, 100, 200);
-    std::thread::sleep(std::time::Duration::from_millis(1000));
+    load.wait_for(200, 10, std::time::Duration::from_secs(10));
     pg.stop();
     let down_at = std::time::Instant::now();
-    std::thread::sleep(std::time::Duration::from_millis(1500));
-    let health_down = server.get("/health").status;
+    // The outage lasts until the server says so on /health and the clients
+    // have been told (503s), whatever the time that takes.
+    let (health_down, health_down_after) =
+        eventually(std::time::Duration::from_secs(10), "/health 503 during the outage", || {
+            let status = server.get("/health").status;
+            (status == 503).then(|| (status, down_at.elapsed()))
+        });
+    load.wait_for(503, 1, std::time::Duration::from_secs(10));
     pg.start_again();
     let up_at = std::time::Instant::now();
-    eventually(std::time::Duration::from_secs(30), "a commit after PostgreSQL returned", || {
-        let s: Value = serde_json::from_slice(&server.get("/stats").body).ok()?;
-        s["database_up"].as_bool()?.then_some(())
+    eventually(std::time::Duration::from_secs(30), "the database up again in /stats", || {
+        (stat(&server, "database_up")?.as_bool()?).then_some(())
     });
-    std::thread::sleep(std::time::Duration::from_millis(1000));
+    // Then 200s again: more of them than before it was back.
+    let ok_then = load.seen(200);
+    load.wait_for(200, ok_then + 5, std::time::Duration::from_secs(30));
     let result = load.stop();
     let recovered_after = result
         .ok_times
@@ -135,7 +148,7 @@ fn postgres_restart_mid_load_loses_nothing_and_recovers_by_itself() {
         .expect("a 200 after PostgreSQL returned");
     let found = present(&pg.url, &server.table, &result.acked);
     println!(
-        "PostgreSQL restart mid-load: acked {}, present {found}, lost {}; statuses {:?}; outage {:?}; first 200 {:?} after PostgreSQL was back; /health during outage {health_down}",
+        "PostgreSQL restart mid-load: acked {}, present {found}, lost {}; statuses {:?}; outage {:?}; first 200 {:?} after PostgreSQL was back; /health during outage {health_down} ({health_down_after:?} after the stop)",
         result.acked.len(),
         result.acked.len() - found,
         result.statuses,
@@ -147,6 +160,8 @@ fn postgres_restart_mid_load_loses_nothing_and_recovers_by_itself() {
     assert!(result.statuses.get(&503).copied().unwrap_or(0) > 0, "503s during the outage: {:?}", result.statuses);
     assert!(result.statuses.keys().all(|s| *s == 200 || *s == 503), "{:?}", result.statuses);
     assert_eq!(health_down, 503, "/health says not ready during the outage");
+    // The bound of stall::health_follows_the_database_with_no_client_traffic.
+    assert!(health_down_after < std::time::Duration::from_secs(5), "/health 503 after {health_down_after:?}");
 }
 
 #[test]
@@ -205,8 +220,7 @@ fn spooled(url: &str, dir: &str) -> Ingestd {
 }
 
 fn pending(server: &Server) -> Option<u64> {
-    let s: Value = serde_json::from_slice(&server.get("/stats").body).ok()?;
-    s["spool"]["pending_records"].as_u64()
+    stat(server, "spool")?["pending_records"].as_u64()
 }
 
 #[test]
@@ -216,7 +230,7 @@ fn spool_sigkill_mid_load_loses_no_acknowledged_event() {
     let table = server.table.clone();
     server.set_owns_table(false);
     let load = Load::start(server.addr, 4, 100, 200);
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    load.wait_for(200, 50, std::time::Duration::from_secs(10));
     server.signal("KILL");
     server.wait_exit(std::time::Duration::from_secs(10));
     let result = load.stop();
@@ -244,13 +258,22 @@ fn spool_absorbs_a_postgres_outage() {
     let dir = spool_dir();
     let server = spooled(&pg.url, &dir).start();
     let load = Load::start(server.addr, 4, 100, 200);
-    std::thread::sleep(std::time::Duration::from_millis(700));
+    load.wait_for(200, 10, std::time::Duration::from_secs(10));
     pg.stop();
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // The server has seen the outage; from then on, clients keep getting
+    // 200s (the spool takes them) and records wait in the spool.
+    eventually(std::time::Duration::from_secs(15), "the outage seen in /stats", || {
+        (!stat(&server, "database_up")?.as_bool()?).then_some(())
+    });
+    let ok_then = load.seen(200);
+    load.wait_for(200, ok_then + 10, std::time::Duration::from_secs(10));
     let during = pending(&server).unwrap_or(0);
     pg.start_again();
     let back = std::time::Instant::now();
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    // The load goes on until the server is writing to PostgreSQL again.
+    eventually(std::time::Duration::from_secs(30), "the database up again in /stats", || {
+        (stat(&server, "database_up")?.as_bool()?).then_some(())
+    });
     let result = load.stop();
     eventually(std::time::Duration::from_secs(60), "spool drained", || (pending(&server)? == 0).then_some(()));
     let drained = back.elapsed();
@@ -360,7 +383,10 @@ fn shutdown_deadline_answers_503_and_exit_code_says_so() {
         conn.set_read_timeout(std::time::Duration::from_secs(20));
         conn.roundtrip(&Req::post("/events/batch").json(&Value::Array(events(&unique("stuck"), 5))))
     });
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    // TERM once the request is in the writer's COPY, waiting for the lock.
+    eventually(std::time::Duration::from_secs(10), "the writer waiting for the table lock", || {
+        (server.lock_waiters() > 0).then_some(())
+    });
     server.signal("TERM");
     let resp = waiting.join().expect("client");
     let status = server.wait_exit(std::time::Duration::from_secs(10));

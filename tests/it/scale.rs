@@ -312,7 +312,7 @@ fn metrics_scrape_parses_strictly_after_load() {
     assert_ingest(&s.post_batch(&again), 200, 20, &[]);
     assert_ingest(&s.post_batch(&again), 200, 20, &[]);
     assert_eq!(s.get("/nope").status, 404);
-    thread::sleep(Duration::from_millis(300));
+    load.wait_for(200, 2, Duration::from_secs(10));
     let bg = load.stop();
     assert!(!bg.acked.is_empty(), "background load: {:?}", bg.statuses);
 
