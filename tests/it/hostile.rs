@@ -119,18 +119,16 @@ fn check_outcome(label: &str, got: &Outcome, want: Want) {
     assert!(ok, "{label}: want {want:?}, got {got:?}");
 }
 
+/// The JSON array `[good(a), bad, good(b)]`, with `bad` as given.
+fn good_bad_good(a: &str, bad: &[u8], b: &str) -> Vec<u8> {
+    [&b"["[..], &good(a), b",", bad, b",", &good(b), b"]"].concat()
+}
+
 /// Posts `[good, bad, good]` as a JSON array and classifies the answer,
 /// checking the database agrees with it.
 fn batch_with_bad(s: &Server, label: &str, bad: &[u8]) -> Outcome {
     let (a, b) = (unique("ga"), unique("gb"));
-    let mut body = b"[".to_vec();
-    body.extend(good(&a));
-    body.push(b',');
-    body.extend_from_slice(bad);
-    body.push(b',');
-    body.extend(good(&b));
-    body.push(b']');
-    let resp = post_raw(s, "/events/batch", "application/json", body);
+    let resp = post_raw(s, "/events/batch", "application/json", good_bad_good(&a, bad, &b));
     classify(s, label, &resp, &[a, b])
 }
 
@@ -138,12 +136,7 @@ fn batch_with_bad(s: &Server, label: &str, bad: &[u8]) -> Outcome {
 fn ndjson_with_bad(s: &Server, label: &str, bad: &[u8]) -> Outcome {
     assert!(!bad.contains(&b'\n'), "{label}: an NDJSON line cannot hold a newline");
     let (a, b) = (unique("na"), unique("nb"));
-    let mut body = good(&a);
-    body.push(b'\n');
-    body.extend_from_slice(bad);
-    body.push(b'\n');
-    body.extend(good(&b));
-    body.push(b'\n');
+    let body = [&good(&a)[..], b"\n", bad, b"\n", &good(&b), b"\n"].concat();
     let resp = post_raw(s, "/events/batch", "application/x-ndjson", body);
     classify(s, &format!("{label} (NDJSON)"), &resp, &[a, b])
 }
@@ -572,14 +565,7 @@ fn oversized_fields_are_rejected_with_short_reasons() {
     for (label, field, raw) in &cases {
         let bad = event_with(&unique("big"), field, raw.as_bytes());
         let (a, b) = (unique("ga"), unique("gb"));
-        let mut body = b"[".to_vec();
-        body.extend(good(&a));
-        body.push(b',');
-        body.extend_from_slice(&bad);
-        body.push(b',');
-        body.extend(good(&b));
-        body.push(b']');
-        let resp = post_raw(&s, "/events/batch", "application/json", body);
+        let resp = post_raw(&s, "/events/batch", "application/json", good_bad_good(&a, &bad, &b));
         assert_ingest(&resp, 200, 2, &[1]);
         assert!(resp.body.len() < 4096, "{label}: the answer echoes the value ({} bytes)", resp.body.len());
         assert_eq!(s.count_ids(&[a, b]), 2, "{label}");
@@ -709,6 +695,15 @@ fn head(extra: &str) -> String {
     format!("POST /events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{extra}\r\n")
 }
 
+/// The exact bytes of a `POST /events`: [`head`] with the header lines
+/// `extra` (each ending in CRLF, sent as given: nothing checks or adds
+/// framing), then `body` as given.
+fn post_bytes(extra: &str, body: &[u8]) -> Vec<u8> {
+    [head(extra).as_bytes(), body].concat()
+}
+
+const CHUNKED: &str = "Transfer-Encoding: chunked\r\n";
+
 #[test]
 fn conflicting_framing_headers_are_400_and_close() {
     let s = Server::start();
@@ -717,90 +712,37 @@ fn conflicting_framing_headers_are_400_and_close() {
     let n = body.len();
     let chunked_body = chunked(&[&body]);
     let cl_te = |cl: usize, te: &str| {
-        let mut b = head(&format!("Content-Length: {cl}\r\nTransfer-Encoding: {te}\r\n")).into_bytes();
-        b.extend_from_slice(&chunked_body);
-        b
+        post_bytes(&format!("Content-Length: {cl}\r\nTransfer-Encoding: {te}\r\n"), &chunked_body)
     };
+    let te = |te: &str| post_bytes(&format!("Transfer-Encoding: {te}\r\n"), &chunked_body);
     let cases: Vec<(&str, Vec<u8>)> = vec![
-        ("two different Content-Length", {
-            let mut b = head(&format!("Content-Length: {n}\r\nContent-Length: {}\r\n", n + 40)).into_bytes();
-            b.extend_from_slice(&body);
-            b
-        }),
-        ("two different Content-Length, smaller second", {
-            let mut b = head(&format!("Content-Length: {n}\r\nContent-Length: 5\r\n")).into_bytes();
-            b.extend_from_slice(&body);
-            b
-        }),
-        ("a Content-Length list", {
-            let mut b = head(&format!("Content-Length: {n}, {n}\r\n")).into_bytes();
-            b.extend_from_slice(&body);
-            b
-        }),
+        (
+            "two different Content-Length",
+            post_bytes(&format!("Content-Length: {n}\r\nContent-Length: {}\r\n", n + 40), &body),
+        ),
+        (
+            "two different Content-Length, smaller second",
+            post_bytes(&format!("Content-Length: {n}\r\nContent-Length: 5\r\n"), &body),
+        ),
+        ("a Content-Length list", post_bytes(&format!("Content-Length: {n}, {n}\r\n"), &body)),
         ("Content-Length + Transfer-Encoding: chunked", cl_te(chunked_body.len(), "chunked")),
         ("Content-Length (body only) + chunked", cl_te(n, "chunked")),
-        ("Transfer-Encoding first, then Content-Length", {
-            let mut b =
-                head(&format!("Transfer-Encoding: chunked\r\nContent-Length: {}\r\n", chunked_body.len())).into_bytes();
-            b.extend_from_slice(&chunked_body);
-            b
-        }),
+        (
+            "Transfer-Encoding first, then Content-Length",
+            post_bytes(&format!("{CHUNKED}Content-Length: {}\r\n", chunked_body.len()), &chunked_body),
+        ),
         ("Content-Length: 0 + chunked", cl_te(0, "chunked")),
-        ("Transfer-Encoding twice", {
-            let mut b = head("Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n").into_bytes();
-            b.extend_from_slice(&chunked_body);
-            b
-        }),
-        ("chunked, chunked", {
-            let mut b = head("Transfer-Encoding: chunked, chunked\r\n").into_bytes();
-            b.extend_from_slice(&chunked_body);
-            b
-        }),
-        ("gzip, chunked", {
-            let mut b = head("Transfer-Encoding: gzip, chunked\r\n").into_bytes();
-            b.extend_from_slice(&chunked_body);
-            b
-        }),
-        ("chunked, identity", {
-            let mut b = head("Transfer-Encoding: chunked, identity\r\n").into_bytes();
-            b.extend_from_slice(&chunked_body);
-            b
-        }),
-        ("identity", {
-            let mut b = head(&format!("Transfer-Encoding: identity\r\nContent-Length: {n}\r\n")).into_bytes();
-            b.extend_from_slice(&body);
-            b
-        }),
-        ("xchunked", {
-            let mut b = head("Transfer-Encoding: xchunked\r\n").into_bytes();
-            b.extend_from_slice(&chunked_body);
-            b
-        }),
-        ("space before the colon", {
-            let mut b = head("Transfer-Encoding : chunked\r\n").into_bytes();
-            b.extend_from_slice(&chunked_body);
-            b
-        }),
-        ("obs-fold continuation line", {
-            let mut b = head("X-Pad: a\r\n Transfer-Encoding: chunked\r\n").into_bytes();
-            b.extend_from_slice(&chunked_body);
-            b
-        }),
-        ("negative Content-Length", {
-            let mut b = head("Content-Length: -1\r\n").into_bytes();
-            b.extend_from_slice(&body);
-            b
-        }),
-        ("Content-Length past u64", {
-            let mut b = head("Content-Length: 99999999999999999999999\r\n").into_bytes();
-            b.extend_from_slice(&body);
-            b
-        }),
-        ("hex Content-Length", {
-            let mut b = head(&format!("Content-Length: 0x{n:x}\r\n")).into_bytes();
-            b.extend_from_slice(&body);
-            b
-        }),
+        ("Transfer-Encoding twice", post_bytes(&format!("{CHUNKED}{CHUNKED}"), &chunked_body)),
+        ("chunked, chunked", te("chunked, chunked")),
+        ("gzip, chunked", te("gzip, chunked")),
+        ("chunked, identity", te("chunked, identity")),
+        ("identity", post_bytes(&format!("Transfer-Encoding: identity\r\nContent-Length: {n}\r\n"), &body)),
+        ("xchunked", te("xchunked")),
+        ("space before the colon", post_bytes("Transfer-Encoding : chunked\r\n", &chunked_body)),
+        ("obs-fold continuation line", post_bytes(&format!("X-Pad: a\r\n {CHUNKED}"), &chunked_body)),
+        ("negative Content-Length", post_bytes("Content-Length: -1\r\n", &body)),
+        ("Content-Length past u64", post_bytes("Content-Length: 99999999999999999999999\r\n", &body)),
+        ("hex Content-Length", post_bytes(&format!("Content-Length: 0x{n:x}\r\n"), &body)),
     ];
     for (label, bytes) in &cases {
         assert_smuggling_refused(&s, label, bytes, &[&id], &[400]);
@@ -816,8 +758,7 @@ fn content_length_with_a_plus_sign_is_400() {
     let s = Server::start();
     let id = unique("first");
     let body = good(&id);
-    let mut bytes = head(&format!("Content-Length: +{}\r\n", body.len())).into_bytes();
-    bytes.extend_from_slice(&body);
+    let bytes = post_bytes(&format!("Content-Length: +{}\r\n", body.len()), &body);
     assert_smuggling_refused(&s, "Content-Length: +N", &bytes, &[&id], &[400]);
     still_serving(&s);
 }
@@ -828,11 +769,7 @@ fn bad_chunk_sizes_are_400_and_close() {
     let id = unique("first");
     let body = good(&id);
     let n = body.len();
-    let with_chunks = |chunks: &str| {
-        let mut b = head("Transfer-Encoding: chunked\r\n").into_bytes();
-        b.extend_from_slice(chunks.as_bytes());
-        b
-    };
+    let with_chunks = |chunks: &str| post_bytes(CHUNKED, chunks.as_bytes());
     let text = String::from_utf8(body.clone()).unwrap();
     let cases: Vec<(String, Vec<u8>, Vec<u16>)> = vec![
         ("zz".into(), with_chunks(&format!("zz\r\n{text}\r\n0\r\n\r\n")), vec![400]),
@@ -877,10 +814,7 @@ fn chunk_extensions_are_parsed_strictly() {
     let s = Server::start();
     let id = unique("ext");
     let body = good(&id);
-    let mut bytes = head("Transfer-Encoding: chunked\r\n").into_bytes();
-    bytes.extend_from_slice(format!("{:x};name=value;quoted=\"a b\"\r\n", body.len()).as_bytes());
-    bytes.extend_from_slice(&body);
-    bytes.extend_from_slice(b"\r\n0;last\r\n\r\n");
+    let bytes = chunked_with(&format!("{:x};name=value;quoted=\"a b\"", body.len()), &body, "\r\n0;last\r\n\r\n");
     let (resp, _) = raw_exchange(&s, &bytes);
     assert_ingest(&resp, 200, 1, &[]);
     assert_eq!(s.count_id(&id), 1);
@@ -888,10 +822,7 @@ fn chunk_extensions_are_parsed_strictly() {
     // A bare CR there is refused.
     let id = unique("ext");
     let body = good(&id);
-    let mut bytes = head("Transfer-Encoding: chunked\r\n").into_bytes();
-    bytes.extend_from_slice(format!("{:x};a\rb\r\n", body.len()).as_bytes());
-    bytes.extend_from_slice(&body);
-    bytes.extend_from_slice(b"\r\n0\r\n\r\n");
+    let bytes = chunked_with(&format!("{:x};a\rb", body.len()), &body, "\r\n0\r\n\r\n");
     assert_smuggling_refused(&s, "bare CR in an extension", &bytes, &[&id], &[400]);
     still_serving(&s);
 }
@@ -899,12 +830,7 @@ fn chunk_extensions_are_parsed_strictly() {
 /// A chunked `POST /events`: its head, `size_line` and CRLF, `body`, then
 /// `rest` as given.
 fn chunked_with(size_line: &str, body: &[u8], rest: &str) -> Vec<u8> {
-    let mut bytes = head("Transfer-Encoding: chunked\r\n").into_bytes();
-    bytes.extend_from_slice(size_line.as_bytes());
-    bytes.extend_from_slice(b"\r\n");
-    bytes.extend_from_slice(body);
-    bytes.extend_from_slice(rest.as_bytes());
-    bytes
+    post_bytes(CHUNKED, &[size_line.as_bytes(), b"\r\n", body, rest.as_bytes()].concat())
 }
 
 #[test]
@@ -920,10 +846,7 @@ fn chunk_extension_with_a_bare_lf_is_refused() {
         ("NUL in an extension", ";a\0b".to_string()),
         ("control bytes in an extension", ";\x01\x02\x7f".to_string()),
     ] {
-        let mut bytes = head("Transfer-Encoding: chunked\r\n").into_bytes();
-        bytes.extend_from_slice(format!("{:x}{ext}\r\n", body.len()).as_bytes());
-        bytes.extend_from_slice(&body);
-        bytes.extend_from_slice(b"\r\n0\r\n\r\n");
+        let bytes = chunked_with(&format!("{:x}{ext}", body.len()), &body, "\r\n0\r\n\r\n");
         assert_smuggling_refused(&s, label, &bytes, &[&id], &[400]);
     }
     still_serving(&s);
@@ -977,6 +900,11 @@ fn gzip_bomb_1gib() -> Vec<u8> {
     enc.finish().unwrap()
 }
 
+/// A JSON POST with `Content-Encoding: gzip` and the given (compressed) body.
+fn gzip_post(path: &str, gz: &[u8]) -> Req {
+    Req::post(path).header("Content-Type", "application/json").header("Content-Encoding", "gzip").body(gz.to_vec())
+}
+
 #[test]
 fn gzip_bomb_is_413_and_memory_stays_bounded() {
     let s = Server::start(); // default limits: 8 MiB on the wire, 32 MiB inflated
@@ -992,11 +920,7 @@ fn gzip_bomb_is_413_and_memory_stays_bounded() {
             thread::spawn(move || {
                 let mut c = Conn::open(addr);
                 for path in ["/events/batch", "/events"] {
-                    let req = Req::post(path)
-                        .header("Content-Type", "application/json")
-                        .header("Content-Encoding", "gzip")
-                        .body(bomb.to_vec());
-                    let resp = c.roundtrip(&req);
+                    let resp = c.roundtrip(&gzip_post(path, &bomb));
                     assert_error(&resp, 413);
                     if resp.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close")) {
                         c = Conn::open(addr);
@@ -1009,11 +933,8 @@ fn gzip_bomb_is_413_and_memory_stays_bounded() {
         t.join().expect("bomb sender");
     }
     // The same bomb, chunked.
-    let req = Req::post("/events/batch")
-        .header("Content-Type", "application/json")
-        .header("Content-Encoding", "gzip")
-        .header("Transfer-Encoding", "chunked")
-        .body(chunked(&bomb.chunks(100_000).collect::<Vec<_>>()));
+    let req = gzip_post("/events/batch", &chunked(&bomb.chunks(100_000).collect::<Vec<_>>()))
+        .header("Transfer-Encoding", "chunked");
     assert_error(&s.send(&req), 413);
     let peak = proc_status_kib(s.pid(), "VmHWM");
     let now = proc_status_kib(s.pid(), "VmRSS");
@@ -1021,11 +942,7 @@ fn gzip_bomb_is_413_and_memory_stays_bounded() {
     assert!(peak < baseline + 256 * 1024, "peak RSS {peak} KiB vs baseline {baseline} KiB: inflated too far");
     // More bombs do not grow it further (nothing kept per bomb).
     for _ in 0..5 {
-        let req = Req::post("/events/batch")
-            .header("Content-Type", "application/json")
-            .header("Content-Encoding", "gzip")
-            .body(bomb.to_vec());
-        assert_error(&s.send(&req), 413);
+        assert_error(&s.send(&gzip_post("/events/batch", &bomb)), 413);
     }
     let later = proc_status_kib(s.pid(), "VmRSS");
     assert!(later < now + 16 * 1024, "RSS went from {now} KiB to {later} KiB over five more bombs");
@@ -1148,8 +1065,7 @@ fn body_shorter_than_its_content_length_is_408() {
     let s = Ingestd::new().set("server.request_timeout_ms", 1500).start();
     let id = unique("short");
     let body = good(&id);
-    let mut bytes = head(&format!("Content-Length: {}\r\n", body.len() + 50)).into_bytes();
-    bytes.extend_from_slice(&body);
+    let bytes = post_bytes(&format!("Content-Length: {}\r\n", body.len() + 50), &body);
     let t0 = Instant::now();
     let (resp, mut c) = raw_exchange(&s, &bytes);
     let took = t0.elapsed();
@@ -1157,9 +1073,7 @@ fn body_shorter_than_its_content_length_is_408() {
     assert!(took >= Duration::from_millis(1300) && took < Duration::from_secs(4), "408 after {took:?}");
     assert!(c.closed_by_peer(Duration::from_secs(5)), "not closed after 408");
     // A body that stops mid-chunk too.
-    let mut bytes = head("Transfer-Encoding: chunked\r\n").into_bytes();
-    bytes.extend_from_slice(format!("{:x}\r\n", body.len() + 50).as_bytes());
-    bytes.extend_from_slice(&body);
+    let bytes = chunked_with(&format!("{:x}", body.len() + 50), &body, "");
     assert_error(&raw_exchange(&s, &bytes).0, 408);
     assert_eq!(s.count_id(&id), 0);
     still_serving(&s);
