@@ -17,6 +17,9 @@
 //! committer's period (default 20; 0: no committer), to see what checkpoint
 //! fsyncs cost the appends on a shared journal.
 
+// A tool: a panic here is a failed measurement, not a crashed appliance.
+#![allow(clippy::unwrap_used)]
+
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};

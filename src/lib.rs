@@ -29,6 +29,8 @@
 //! its buffers and its counters; the only locks are the writers' histograms
 //! (one lock per batch, contended only by a scrape) and the pool's.
 
+#![forbid(unsafe_code)]
+
 pub mod app;
 pub mod auth;
 pub mod breaker;
@@ -36,6 +38,7 @@ pub mod broadcast;
 pub mod budget;
 pub mod config;
 pub mod drain;
+#[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod health;

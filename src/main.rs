@@ -30,6 +30,7 @@ const PURGE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 /// thread of its own costs nothing measurable and brings RSS back within
 /// about a second (measured in `tests/it/stall.rs`). The thread is detached:
 /// it holds nothing and ends with the process.
+#[allow(unsafe_code)]
 fn spawn_memory_purger() {
     let spawned = std::thread::Builder::new().name("mem-purge".into()).spawn(|| {
         // mi_collect works through the calling thread's heap, which exists

@@ -23,7 +23,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::http::{self, BodyFraming, ChunkError, Chunked, HeadError, RequestHead, Response};
+use super::http::{self, Body, BodyFraming, ChunkError, Chunked, HeadError, RequestHead, Response};
 use super::io::{IDLE_READ_BYTES, READ_CHUNK_BYTES, ReadOutcome};
 use super::transport::Transport;
 use super::{ShardCtx, routes, ws};
@@ -44,11 +44,6 @@ enum Next {
     Answer(Response),
 }
 
-/// A request body and its bytes in the memory budget.
-pub struct Body {
-    pub bytes: Vec<u8>,
-    pub lease: Lease,
-}
 
 /// Why the loop stops reading requests.
 enum Stop {

@@ -48,6 +48,13 @@ pub enum Method {
     Other,
 }
 
+/// A request body (de-chunked, not yet decompressed) and its bytes in the
+/// memory budget.
+pub struct Body {
+    pub bytes: Vec<u8>,
+    pub lease: crate::budget::Lease,
+}
+
 /// How the body is delimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyFraming {

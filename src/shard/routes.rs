@@ -8,8 +8,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::accept::{self, Ingested};
-use super::conn::Body;
-use super::http::{self, BodyFraming, GunzipError, HeadError, Media, Method, RequestHead, Response};
+use super::http::{self, Body, BodyFraming, GunzipError, HeadError, Media, Method, RequestHead, Response};
 use super::{ShardCtx, ws};
 use crate::auth::{Denied, Grant, Scope, Secret};
 use crate::broadcast::{Admission, Refusal};

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)]
 //! Black-box integration tests for `ingestd`: one test binary (ripgrep
 //! style), each module covering one part of the contract in
 //! `../shared/SPEC.md` and `docs/INTERFACE.md`.
