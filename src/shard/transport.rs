@@ -7,7 +7,9 @@
 //! that. The handshake happens inside the first read, under that read's
 //! deadline. A WebSocket splits the stream into a reading and a writing task
 //! on the same shard; with TLS both halves share the one session through an
-//! `Rc<RefCell<…>>` that is never borrowed across an `.await`.
+//! `Rc<RefCell<…>>` that is never borrowed across an `.await`. One read loop
+//! ([`tls_read_more`]) and one write ([`tls_write_all_by`]) serve the whole
+//! stream and the halves alike.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -17,7 +19,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
-use monoio::io::Splitable;
+use monoio::io::{CancelableAsyncReadRent, CancelableAsyncWriteRent, Splitable};
 use monoio::net::TcpStream;
 use monoio::net::tcp::{TcpOwnedReadHalf, TcpOwnedWriteHalf};
 use rustls::ServerConnection;
@@ -43,10 +45,11 @@ pub enum Transport {
 /// TLS over one TCP stream.
 pub struct TlsStream {
     tcp: TcpStream,
-    tls: TlsSession,
+    tls: Rc<RefCell<TlsSession>>,
 }
 
 /// The rustls session and the ciphertext received but not yet fed to it.
+/// Shared by a split stream's two halves; borrowed only between awaits.
 pub struct TlsSession {
     conn: ServerConnection,
     cipher_in: Vec<u8>,
@@ -56,7 +59,8 @@ impl Transport {
     /// A TLS stream over `tcp`; the handshake runs in the first read.
     pub fn tls(tcp: TcpStream, config: &Arc<rustls::ServerConfig>) -> Result<Transport, rustls::Error> {
         let conn = ServerConnection::new(config.clone())?;
-        Ok(Transport::Tls(Box::new(TlsStream { tcp, tls: TlsSession { conn, cipher_in: Vec::new() } })))
+        let tls = Rc::new(RefCell::new(TlsSession { conn, cipher_in: Vec::new() }));
+        Ok(Transport::Tls(Box::new(TlsStream { tcp, tls })))
     }
 
     /// See [`io::read_more`]: appends plaintext to `buf`.
@@ -71,28 +75,7 @@ impl Transport {
             Transport::Plain(tcp) => io::read_more(tcp, buf, want, deadline, interrupt).await,
             Transport::Tls(s) => {
                 let TlsStream { tcp, tls } = &mut **s;
-                let mut interrupt = pin!(interrupt);
-                loop {
-                    match tls.take_plaintext(buf, want) {
-                        Plaintext::Some => return ReadOutcome::Data,
-                        Plaintext::Closed => return ReadOutcome::Eof,
-                        Plaintext::Failed => {
-                            // Send the alert rustls queued, if the peer still listens.
-                            let _ = tls.flush(tcp, deadline).await;
-                            return ReadOutcome::Failed;
-                        }
-                        Plaintext::None => {}
-                    }
-                    // Handshake messages (and alerts) go out before we wait.
-                    if !tls.flush(tcp, deadline).await {
-                        return ReadOutcome::Failed;
-                    }
-                    match io::read_more(tcp, &mut tls.cipher_in, cipher_want(want), deadline, interrupt.as_mut()).await
-                    {
-                        ReadOutcome::Data => {}
-                        other => return other,
-                    }
-                }
+                tls_read_more(tcp, tls, buf, want, deadline, interrupt).await
             }
         }
     }
@@ -101,14 +84,7 @@ impl Transport {
     pub async fn write_all_by(&mut self, buf: Vec<u8>, deadline: Instant) -> (bool, Vec<u8>) {
         match self {
             Transport::Plain(tcp) => io::write_all_by(tcp, buf, deadline).await,
-            Transport::Tls(s) => {
-                let TlsStream { tcp, tls } = &mut **s;
-                let mut cipher = Vec::with_capacity(buf.len() + buf.len() / 16 + 64);
-                if !encrypt(&mut tls.conn, &buf, &mut cipher) {
-                    return (false, buf);
-                }
-                (io::write_all_by(tcp, cipher, deadline).await.0, buf)
-            }
+            Transport::Tls(s) => tls_write_all_by(&mut s.tcp, &s.tls, buf, deadline).await,
         }
     }
 
@@ -122,11 +98,88 @@ impl Transport {
             Transport::Tls(s) => {
                 let TlsStream { tcp, tls } = *s;
                 let (r, w) = tcp.into_split();
-                let tls = Rc::new(RefCell::new(tls));
                 (ReadHalf::Tls { tcp: r, tls: tls.clone() }, WriteHalf::Tls { tcp: w, tls })
             }
         }
     }
+}
+
+/// A socket under a TLS session, as the one read loop needs it: ciphertext
+/// in, and the session's queued records (handshake, alerts) out when this
+/// socket may write.
+trait CipherSocket: CancelableAsyncReadRent {
+    /// Sends the records the session has queued; false if that failed.
+    async fn send_queued(&mut self, tls: &RefCell<TlsSession>, deadline: Instant) -> bool;
+}
+
+impl CipherSocket for TcpStream {
+    async fn send_queued(&mut self, tls: &RefCell<TlsSession>, deadline: Instant) -> bool {
+        let mut cipher = Vec::new();
+        if !encrypt(&mut tls.borrow_mut().conn, &[], &mut cipher) {
+            return false;
+        }
+        cipher.is_empty() || io::write_all_by(self, cipher, deadline).await.0
+    }
+}
+
+impl CipherSocket for TcpOwnedReadHalf {
+    /// A reading half cannot write: what the session queued in answer to a
+    /// read (a TLS 1.3 key update, say) goes out with the writing half's
+    /// next write. The handshake is over before a stream is split.
+    async fn send_queued(&mut self, _: &RefCell<TlsSession>, _: Instant) -> bool {
+        true
+    }
+}
+
+/// The TLS read loop, for a whole stream and a reading half alike:
+/// plaintext the session already has, else its queued records out, else
+/// more ciphertext in (at most a record; see [`cipher_want`]).
+async fn tls_read_more<S: CipherSocket, I: Future<Output = ()>>(
+    tcp: &mut S,
+    tls: &RefCell<TlsSession>,
+    buf: &mut Vec<u8>,
+    want: usize,
+    deadline: Instant,
+    interrupt: I,
+) -> ReadOutcome {
+    let mut interrupt = pin!(interrupt);
+    let mut cipher = Vec::new();
+    loop {
+        let plaintext = tls.borrow_mut().take_plaintext(buf, want);
+        match plaintext {
+            Plaintext::Some => return ReadOutcome::Data,
+            Plaintext::Closed => return ReadOutcome::Eof,
+            Plaintext::Failed => {
+                // Send the alert rustls queued, if the peer still listens.
+                let _ = tcp.send_queued(tls, deadline).await;
+                return ReadOutcome::Failed;
+            }
+            Plaintext::None => {}
+        }
+        // Handshake messages (and alerts) go out before we wait.
+        if !tcp.send_queued(tls, deadline).await {
+            return ReadOutcome::Failed;
+        }
+        match io::read_more(tcp, &mut cipher, cipher_want(want), deadline, interrupt.as_mut()).await {
+            ReadOutcome::Data => tls.borrow_mut().cipher_in.append(&mut cipher),
+            other => return other,
+        }
+    }
+}
+
+/// Writes all of `buf` as TLS records: encrypted first (no borrow of the
+/// session lives across an await), then sent.
+async fn tls_write_all_by<W: CancelableAsyncWriteRent>(
+    tcp: &mut W,
+    tls: &RefCell<TlsSession>,
+    buf: Vec<u8>,
+    deadline: Instant,
+) -> (bool, Vec<u8>) {
+    let mut cipher = Vec::with_capacity(buf.len() + buf.len() / 16 + 64);
+    if !encrypt(&mut tls.borrow_mut().conn, &buf, &mut cipher) {
+        return (false, buf);
+    }
+    (io::write_all_by(tcp, cipher, deadline).await.0, buf)
 }
 
 /// What the session had for the reader.
@@ -185,15 +238,6 @@ impl TlsSession {
             }
         }
     }
-
-    /// Sends whatever TLS records rustls has queued (handshake, alerts).
-    async fn flush(&mut self, tcp: &mut TcpStream, deadline: Instant) -> bool {
-        let mut cipher = Vec::new();
-        if !encrypt(&mut self.conn, &[], &mut cipher) {
-            return false;
-        }
-        cipher.is_empty() || io::write_all_by(tcp, cipher, deadline).await.0
-    }
 }
 
 /// Encrypts all of `plain` into TLS records appended to `cipher`. Draining
@@ -223,8 +267,7 @@ pub enum ReadHalf {
 }
 
 impl ReadHalf {
-    /// See [`io::read_more`]. Records the session wants to send in answer
-    /// (a TLS 1.3 key update, say) go out with the writing half's next write.
+    /// See [`io::read_more`].
     pub async fn read_more<I: Future<Output = ()>>(
         &mut self,
         buf: &mut Vec<u8>,
@@ -234,25 +277,7 @@ impl ReadHalf {
     ) -> ReadOutcome {
         match self {
             ReadHalf::Plain(tcp) => io::read_more(tcp, buf, want, deadline, interrupt).await,
-            ReadHalf::Tls { tcp, tls } => {
-                let mut interrupt = pin!(interrupt);
-                let mut cipher = Vec::new();
-                loop {
-                    {
-                        let mut session = tls.borrow_mut();
-                        match session.take_plaintext(buf, want) {
-                            Plaintext::Some => return ReadOutcome::Data,
-                            Plaintext::Closed => return ReadOutcome::Eof,
-                            Plaintext::Failed => return ReadOutcome::Failed,
-                            Plaintext::None => {}
-                        }
-                    }
-                    match io::read_more(tcp, &mut cipher, cipher_want(want), deadline, interrupt.as_mut()).await {
-                        ReadOutcome::Data => tls.borrow_mut().cipher_in.append(&mut cipher),
-                        other => return other,
-                    }
-                }
-            }
+            ReadHalf::Tls { tcp, tls } => tls_read_more(tcp, tls, buf, want, deadline, interrupt).await,
         }
     }
 }
@@ -268,14 +293,7 @@ impl WriteHalf {
     pub async fn write_all_by(&mut self, buf: Vec<u8>, deadline: Instant) -> (bool, Vec<u8>) {
         match self {
             WriteHalf::Plain(tcp) => io::write_all_by(tcp, buf, deadline).await,
-            WriteHalf::Tls { tcp, tls } => {
-                // Encrypt first (no borrow lives across an await), then send.
-                let mut cipher = Vec::with_capacity(buf.len() + buf.len() / 16 + 64);
-                if !encrypt(&mut tls.borrow_mut().conn, &buf, &mut cipher) {
-                    return (false, buf);
-                }
-                (io::write_all_by(tcp, cipher, deadline).await.0, buf)
-            }
+            WriteHalf::Tls { tcp, tls } => tls_write_all_by(tcp, tls, buf, deadline).await,
         }
     }
 }
