@@ -51,7 +51,7 @@ impl DrainReport {
 
 pub struct Drainer {
     pub spool: Spool,
-    pub rings: RingSender,
+    pub ring: RingSender,
     /// Records in flight hold their rows in the memory budget, like requests.
     pub budget: crate::budget::Budget,
     /// Most records dispatched and not yet reported back.
@@ -97,7 +97,7 @@ impl Drainer {
                     from_seq = failed,
                     backoff_ms = backoff.as_millis()
                 );
-                std::thread::sleep(backoff);
+                self.shutdown.pause(backoff);
                 backoff = (backoff * 2).min(MAX_BACKOFF);
                 state.failed = None;
                 state.dispatched_to = state.checkpoint;
@@ -142,7 +142,7 @@ impl Drainer {
                 }
                 Err(e) => {
                     crate::error!("spool drain: cannot read the spool", error = e);
-                    std::thread::sleep(Duration::from_millis(200));
+                    self.shutdown.pause(Duration::from_millis(200));
                     reader = self.spool.reader(state.dispatched_to + 1);
                 }
             }
@@ -183,7 +183,7 @@ impl Drainer {
             }
         }
         loop {
-            match self.rings.try_send(job) {
+            match self.ring.try_send(job) {
                 Ok(()) => return true,
                 Err(HandOffError::Closed(_)) => return false,
                 Err(HandOffError::Full(back)) => {

@@ -31,6 +31,8 @@ struct Inner {
     begun: OnceLock<(Instant, Duration)>,
     trigger: parking_lot::Mutex<Option<oneshot::Sender<()>>>,
     signal: ShutdownSignal,
+    /// Wakes the threads in [`Shutdown::pause`] when it begins.
+    woken: parking_lot::Condvar,
 }
 
 /// The drainer stops dispatching at this share of the shutdown time.
@@ -50,6 +52,7 @@ impl Shutdown {
                 begun: OnceLock::new(),
                 trigger: parking_lot::Mutex::new(Some(tx)),
                 signal: rx.shared(),
+                woken: parking_lot::Condvar::new(),
             }),
         }
     }
@@ -58,9 +61,11 @@ impl Shutdown {
     /// change nothing. Returns when it began.
     pub fn begin(&self, timeout: Duration) -> Instant {
         let (at, _) = *self.inner.begun.get_or_init(|| (Instant::now(), timeout));
-        if let Some(tx) = self.inner.trigger.lock().take() {
+        let mut trigger = self.inner.trigger.lock();
+        if let Some(tx) = trigger.take() {
             let _ = tx.send(());
         }
+        self.inner.woken.notify_all();
         at
     }
 
@@ -76,6 +81,26 @@ impl Shutdown {
     /// When the spool drainer stops dispatching (begun + 0.8 × timeout).
     pub fn drain_deadline(&self) -> Option<Instant> {
         self.inner.begun.get().map(|(at, timeout)| *at + timeout.mul_f64(DRAIN_SHARE))
+    }
+
+    /// A blocking thread's pause (a retry backoff): `d` at most, less when
+    /// shutdown begins meanwhile, and never past the drain deadline once it
+    /// has begun, so that a thread in a backoff sees the shutdown at once
+    /// instead of after its sleep.
+    pub fn pause(&self, d: Duration) {
+        let now = Instant::now();
+        let mut until = now + d;
+        let mut trigger = self.inner.trigger.lock();
+        if let Some(drain) = self.drain_deadline() {
+            until = until.min(drain);
+        } else {
+            let _ = self.inner.woken.wait_until(&mut trigger, until);
+            return;
+        }
+        drop(trigger);
+        if let Some(left) = until.checked_duration_since(now) {
+            std::thread::sleep(left);
+        }
     }
 
     /// Resolves when shutdown begins (for shard tasks).
@@ -99,5 +124,28 @@ mod tests {
         assert_eq!(s.drain_deadline(), Some(at + Duration::from_secs(8)));
         assert!(futures_util::FutureExt::now_or_never(waiter).is_some(), "waiters wake");
         assert!(s.signal().peek().is_some(), "and later ones see it at once");
+    }
+
+    #[test]
+    fn a_pause_ends_when_shutdown_begins() {
+        let s = Shutdown::new();
+        let paused = {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let t = Instant::now();
+                s.pause(Duration::from_secs(60));
+                t.elapsed()
+            })
+        };
+        // begin() takes the lock the pause waits under, so it cannot fire
+        // between the pause's check and its wait.
+        while !paused.is_finished() {
+            s.begin(Duration::ZERO);
+            std::thread::yield_now();
+        }
+        assert!(paused.join().unwrap() < Duration::from_secs(30));
+        let t = Instant::now();
+        s.pause(Duration::from_secs(60));
+        assert!(t.elapsed() < Duration::from_secs(1), "past the drain deadline a pause is none");
     }
 }

@@ -477,7 +477,7 @@ impl Writer {
                     }
                     if attempt >= 2 {
                         crate::warn!("database unavailable, retrying queued batch", writer = self.id, error = e);
-                        std::thread::sleep(Duration::from_millis((100u64 << attempt.min(5)).min(2000)));
+                        self.shutdown.pause(Duration::from_millis((100u64 << attempt.min(5)).min(2000)));
                     }
                 }
             }
