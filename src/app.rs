@@ -135,7 +135,7 @@ fn start(config: Config, resources: Resources) -> Result<Running, RunError> {
     let report = Arc::new(Report {
         metrics: metrics.clone(),
         health: health.clone(),
-        rings: RingGauge::new(&receivers),
+        ring: RingGauge::new(&receivers),
         backlog,
         budget: budget.clone(),
         hub: hub.clone(),
@@ -200,7 +200,7 @@ fn start(config: Config, resources: Resources) -> Result<Running, RunError> {
             core: (!cores.is_empty()).then(|| cores[id % cores.len()]),
             listener,
             tls,
-            rings: ring_sender.clone(),
+            ring: ring_sender.clone(),
             budget: budget.clone(),
             config: live.clone(),
             metrics: metrics.clone(),
@@ -217,7 +217,7 @@ fn start(config: Config, resources: Resources) -> Result<Running, RunError> {
             .push(shard::spawn(setup).map_err(|e| RunError::Internal(format!("cannot start shard thread: {e}")))?);
     }
     // Only shards (and the spool drainer) hold ring senders now, and only
-    // shards hold spool senders: their exit is what closes the rings.
+    // shards hold spool senders: their exit is what closes the ring.
     drop(ring_sender);
     drop(spool_sender);
 
@@ -264,7 +264,7 @@ type SpoolThreads = (JoinHandle<crate::spool::AppenderReport>, JoinHandle<DrainR
 fn open_spool(
     config: &Config,
     health: &Health,
-    rings: &RingSender,
+    ring: &RingSender,
     budget: &Budget,
     shutdown: &Shutdown,
 ) -> Result<(Option<crate::spool::SpoolSender>, Option<SpoolThreads>), RunError> {
@@ -294,7 +294,7 @@ fn open_spool(
         appender.spawn().map_err(|e| RunError::Internal(format!("cannot start spool appender: {e}")))?;
     let drainer = Drainer {
         spool,
-        rings: rings.clone(),
+        ring: ring.clone(),
         budget: budget.clone(),
         max_in_flight: (config.pipeline.ring_capacity * config.writer.writers).max(1),
         shutdown: shutdown.clone(),
@@ -376,7 +376,7 @@ fn stop(running: Running, signal: i32) -> Ended {
                 crate::error!(
                     "shutdown deadline passed with work in flight",
                     timeout_ms = timeout.as_millis(),
-                    ring_depth = report.rings.depth()
+                    ring_depth = report.ring.depth()
                 );
                 return Ended::Incomplete;
             },

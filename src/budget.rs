@@ -1,7 +1,7 @@
 //! Memory budgets: how many bytes requests may hold at once, whatever the
 //! clients and the database do.
 //!
-//! Why: the rings, the connection cap and the body limit bound memory in
+//! Why: the ring, the connection cap and the body limit bound memory in
 //! *counts* (requests, connections, bytes per request); their product is
 //! tens of GiB. When PostgreSQL stalls, every accepted request stays in
 //! memory until it commits, and the kernel's OOM killer used to be the only

@@ -4,30 +4,37 @@
 //!
 //! # Layout
 //!
-//! The modules follow the data:
+//! The modules follow the data, top to bottom, and each imports only the
+//! ones below it (checked by `tests/layers.rs`; the drawing and each
+//! module's one job are in `docs/ARCHITECTURE.md`):
 //!
-//! - [`config`]: file → env → flags, validated into one [`config::Config`].
-//! - [`shard`]: one pinned monoio (io_uring) runtime per core, owning its
-//!   listener (SO_REUSEPORT) and connections; HTTP/1.1 framing and routes.
-//! - [`ingest`]: pure validation and encoding: body → simd-json tape → COPY
-//!   tuples, with a reason for every rejected event.
-//! - [`pipeline`]: the bounded rings from shards to writers and the oneshot
-//!   commit report that travels back.
-//! - [`writer`]: writer threads, binary COPY encoding, idempotent batch
-//!   commit over an `r2d2` pool.
-//! - [`broadcast`]: committed events, serialised once, to the shards'
-//!   WebSocket subscribers.
-//! - [`metrics`]: per-thread counters and histograms; `/stats`, `/metrics`.
-//! - [`app`]: starts the threads in order and owns the shutdown cascade.
-//! - [`log`]: structured log lines on stderr.
+//! - [`app`] starts the threads and owns the stop order; [`resources`]
+//!   loads the files the configuration names.
+//! - [`shard`]: one pinned monoio (io_uring) runtime per core owning its
+//!   listener and connections: `conn` → `routes` → `ws` → `accept` (the one
+//!   admission step for HTTP and WebSocket ingest) → `http`, `transport`,
+//!   `io`.
+//! - [`report`] renders `/health`, `/stats`, `/metrics`; [`auth`] and
+//!   [`limits`] say who may and how often.
+//! - [`ingest`]: pure validation and encoding: body → simd-json tape → rows.
+//! - [`drain`] feeds spooled rows back to the writers (`ack = "spool"`).
+//! - [`writer`]: writer threads, the `db-probe` thread, the idempotent COPY.
+//! - [`pipeline`]: the one bounded ring to the writers and the backlog that
+//!   bounds a wait; [`broadcast`]: committed events to subscribers.
+//! - [`health`], [`breaker`]: what is known about the database.
+//! - [`spool`]: the disk log; [`metrics`]: per-thread counters;
+//!   [`shutdown`]: one shutdown value; [`config`]: plain validated data.
+//! - [`log`], [`labels`], [`row`] (the binary COPY tuple every stage passes
+//!   along) and [`budget`] (memory budgets in bytes) at the bottom.
 //!
 //! # Threads and ownership
 //!
-//! `shard-{n}` threads never block: they `try_send` to the rings and await
-//! commit reports. `writer-{n}` threads block only on their ring and on
-//! PostgreSQL. Nothing mutable is shared on the hot path: each thread owns
-//! its buffers and its counters; the only locks are the writers' histograms
-//! (one lock per batch, contended only by a scrape) and the pool's.
+//! `shard-{n}` threads never block: they `try_send` to the ring and await
+//! commit reports. `writer-{n}` threads block only on the ring and on
+//! PostgreSQL. Each thread owns its buffers and its counters. The locks
+//! that exist are off the per-event path (per batch, per request when a
+//! limit is on, per subscribe, or contended only by a scrape); the list is
+//! in `docs/ARCHITECTURE.md`.
 
 #![forbid(unsafe_code)]
 

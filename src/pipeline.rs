@@ -157,10 +157,9 @@ impl Ticket {
 }
 
 /// Builds the ring: a sender for the shards and one receiver per writer.
-/// It holds `writers × per_writer` jobs, the bound `pipeline.ring_capacity`
-/// documents.
-pub fn ring(writers: usize, per_writer: usize) -> (RingSender, Vec<RingReceiver>, Arc<Backlog>) {
-    let (sender, receiver) = crossbeam_channel::bounded(writers.max(1) * per_writer.max(1));
+/// It holds `writers × ring_capacity` jobs (`pipeline.ring_capacity`).
+pub fn ring(writers: usize, ring_capacity: usize) -> (RingSender, Vec<RingReceiver>, Arc<Backlog>) {
+    let (sender, receiver) = crossbeam_channel::bounded(writers.max(1) * ring_capacity.max(1));
     let backlog = Arc::new(Backlog::new(writers.max(1)));
     let receivers =
         (0..writers).map(|_| RingReceiver { receiver: receiver.clone(), backlog: backlog.clone() }).collect();

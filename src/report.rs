@@ -23,7 +23,7 @@ pub struct Report {
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
     /// The writers' ring, for its depth.
-    pub rings: RingGauge,
+    pub ring: RingGauge,
     /// What waits in the ring and how fast the writers drain it.
     pub backlog: Arc<Backlog>,
     /// What requests hold in memory (`limits.memory_budget_bytes`).
@@ -134,8 +134,8 @@ impl Report {
             "dedup_suspects": self.metrics.sum_writers(|w| w.dedup_suspects.get()),
             "events_dead_lettered": self.metrics.sum_writers(|w| w.events_dead_lettered.get()),
             "batch_events": { "count": batch.len(), "mean": batch.mean(), "max": batch.max() },
-            "ring_depth": self.rings.depth(),
-            "ring_capacity": self.rings.capacity(),
+            "ring_depth": self.ring.depth(),
+            "ring_capacity": self.ring.capacity(),
             "requests": self.metrics.sum_shards(|s| s.requests.iter().map(Counter::get).sum()),
             "overload_rejections": self.metrics.sum_shards(|s| s.overload_rejections.get()),
             "connections_open": self.metrics.shards.iter().map(|s| s.connections_open.load(Ordering::Relaxed)).sum::<i64>(),
@@ -336,7 +336,7 @@ impl Report {
             &self.metrics.merged_shards(|s| &s.ws_fanout_us),
             1e-6,
         );
-        per_writer(
+        by_writer(
             o,
             &self.metrics,
             "ingestd_events_committed_total",
@@ -344,7 +344,7 @@ impl Report {
             "Events committed to PostgreSQL.",
             |w| w.events_committed.get(),
         );
-        per_writer(
+        by_writer(
             o,
             &self.metrics,
             "ingestd_events_duplicate_total",
@@ -352,7 +352,7 @@ impl Report {
             "Events skipped because their event_id was already stored.",
             |w| w.events_duplicate.get(),
         );
-        per_writer(
+        by_writer(
             o,
             &self.metrics,
             "ingestd_events_lost_total",
@@ -360,10 +360,10 @@ impl Report {
             "ack=queue events not committed before shutdown.",
             |w| w.events_lost.get(),
         );
-        per_writer(o, &self.metrics, "ingestd_batches_total", "counter", "COPY transactions committed.", |w| {
+        by_writer(o, &self.metrics, "ingestd_batches_total", "counter", "COPY transactions committed.", |w| {
             w.batches.get()
         });
-        per_writer(
+        by_writer(
             o,
             &self.metrics,
             "ingestd_batch_failures_total",
@@ -371,7 +371,7 @@ impl Report {
             "COPY transactions that failed.",
             |w| w.batch_failures.get(),
         );
-        per_writer(
+        by_writer(
             o,
             &self.metrics,
             "ingestd_staging_fallbacks_total",
@@ -379,7 +379,7 @@ impl Report {
             "Batches redone through the staging table after a unique violation.",
             |w| w.staging_fallbacks.get(),
         );
-        per_writer(
+        by_writer(
             o,
             &self.metrics,
             "ingestd_events_dead_lettered_total",
@@ -387,7 +387,7 @@ impl Report {
             "Events PostgreSQL refused, kept in the dead-letter table.",
             |w| w.events_dead_lettered.get(),
         );
-        per_writer(
+        by_writer(
             o,
             &self.metrics,
             "ingestd_dedup_suspects_total",
@@ -396,7 +396,7 @@ impl Report {
             |w| w.dedup_suspects.get(),
         );
 
-        per_writer(
+        by_writer(
             o,
             &self.metrics,
             "ingestd_jobs_expired_total",
@@ -405,7 +405,7 @@ impl Report {
             |w| w.jobs_expired.get(),
         );
         family(o, "ingestd_ring_depth", "gauge", "Requests waiting for a writer.");
-        let _ = writeln!(o, "ingestd_ring_depth {}", self.rings.depth());
+        let _ = writeln!(o, "ingestd_ring_depth {}", self.ring.depth());
         family(o, "ingestd_queued_events", "gauge", "Events waiting for a writer.");
         let _ = writeln!(o, "ingestd_queued_events {}", self.backlog.queued_events());
         let now = Instant::now();
@@ -440,7 +440,7 @@ impl Report {
             "gauge",
             "Requests the writers' ring holds (writers × pipeline.ring_capacity).",
         );
-        let _ = writeln!(o, "ingestd_ring_capacity {}", self.rings.capacity());
+        let _ = writeln!(o, "ingestd_ring_capacity {}", self.ring.capacity());
 
         summary(
             o,
@@ -539,7 +539,7 @@ fn per_shard(o: &mut String, m: &Metrics, name: &str, kind: &str, help: &str, f:
     }
 }
 
-fn per_writer(o: &mut String, m: &Metrics, name: &str, kind: &str, help: &str, f: impl Fn(&WriterStats) -> u64) {
+fn by_writer(o: &mut String, m: &Metrics, name: &str, kind: &str, help: &str, f: impl Fn(&WriterStats) -> u64) {
     family(o, name, kind, help);
     for (i, w) in m.writers.iter().enumerate() {
         let _ = writeln!(o, "{name}{{writer=\"{i}\"}} {}", f(w));
@@ -567,7 +567,7 @@ mod tests {
         Report {
             metrics: Arc::new(Metrics::new(2, 2)),
             health: Arc::new(Health::new(DbStatus::Up, breaker, crate::shutdown::Shutdown::new())),
-            rings: RingGauge::new(&receivers),
+            ring: RingGauge::new(&receivers),
             backlog,
             budget: Budget::new("limits.memory_budget_bytes", 1000),
             hub,

@@ -109,7 +109,7 @@ fn code_of(text: &str) -> String {
                 let rest: Vec<&str> = lines.collect();
                 let closes = rest.iter().rposition(|l| l.starts_with('}'));
                 assert!(
-                    closes.map_or(false, |i| rest[i + 1..].iter().all(|l| l.trim().is_empty())),
+                    closes.is_some_and(|i| rest[i + 1..].iter().all(|l| l.trim().is_empty())),
                     "a #[cfg(test)] module that is not last in its file"
                 );
                 break;

@@ -45,7 +45,7 @@ pub type LiveConfig = arc_swap::ArcSwap<Config>;
 pub type ConfigGuard = arc_swap::Guard<std::sync::Arc<Config>>;
 
 /// Keys a SIGHUP reload applies to the running process. Every other key
-/// needs a restart: it sized threads, rings, sockets or files at start-up.
+/// needs a restart: it sized threads, the ring, sockets or files at start-up.
 pub const LIVE_KEYS: &[&str] = &[
     "server.max_connections",
     "server.max_header_bytes",

@@ -116,13 +116,14 @@ pub enum AckMode {
     Spool,
 }
 
-/// The bounded rings between shards and writers.
+/// The bounded ring between shards and writers.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PipelineConfig {
     /// Requests waiting for a writer, per writer: the writers share one ring
-    /// of writers × ring_capacity; a full ring answers 503 at once.
-    /// Memory bound: writers × ring_capacity × the encoded size of one request.
+    /// of writers × ring_capacity; a full ring answers 503 at once. What
+    /// waits there is bounded in bytes by `limits.memory_budget_bytes` and
+    /// in time by `ingest.max_wait_ms`.
     pub ring_capacity: usize,
 }
 

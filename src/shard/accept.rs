@@ -114,7 +114,7 @@ pub fn load_refusal(ctx: &ShardCtx) -> Option<(Shed, String)> {
         ));
     }
     let max_wait = Duration::from_millis(ctx.config().ingest.max_wait_ms);
-    let wait = ctx.rings.backlog().wait_estimate(now);
+    let wait = ctx.ring.backlog().wait_estimate(now);
     (wait > max_wait).then(|| {
         (
             Shed::WaitEstimate,
@@ -216,11 +216,11 @@ fn hand_off(
         AckMode::Queue | AckMode::Spool => (Reply::None, None),
     };
     let enqueued = Instant::now();
-    match ctx.rings.try_send(Job { rows, reply, enqueued, lease }) {
+    match ctx.ring.try_send(Job { rows, reply, enqueued, lease }) {
         Ok(()) => Ok(wait.map(|(rx, ticket)| (rx, ticket, enqueued))),
         Err(HandOffError::Full(_)) => {
             ctx.stats().shed(Shed::RingFull);
-            Err(failed(503, "ingest rings are full; retry later", true))
+            Err(failed(503, "the ingest ring is full; retry later", true))
         }
         Err(HandOffError::Closed(_)) => {
             ctx.stats().shed(Shed::ShuttingDown);

@@ -57,7 +57,7 @@ pub struct ShardSetup {
     pub listener: std::net::TcpListener,
     /// The `[tls]` listener, bound the same way, and its rustls config.
     pub tls: Option<(std::net::TcpListener, Arc<rustls::ServerConfig>)>,
-    pub rings: RingSender,
+    pub ring: RingSender,
     /// What requests may hold in memory (`limits.memory_budget_bytes`).
     pub budget: Budget,
     pub config: Arc<LiveConfig>,
@@ -70,7 +70,7 @@ pub struct ShardSetup {
     pub hub: Arc<Hub>,
     /// Committed batches for this shard's subscribers.
     pub inbox: Inbox,
-    /// With `ack = "spool"`: where requests' rows go instead of the rings.
+    /// With `ack = "spool"`: where requests' rows go instead of the ring.
     pub spool: Option<crate::spool::SpoolSender>,
     /// The token table in force (SIGHUP swaps it).
     pub tokens: Arc<arc_swap::ArcSwap<crate::auth::Tokens>>,
@@ -87,7 +87,7 @@ pub struct ShardCtx {
     pub health: Arc<Health>,
     pub report: Arc<Report>,
     pub parser: RefCell<Parser>,
-    pub rings: RingSender,
+    pub ring: RingSender,
     /// What requests may hold in memory, shared by every shard and writer.
     pub budget: Budget,
     /// Resolves when shutdown begins.
@@ -162,7 +162,7 @@ async fn run(setup: ShardSetup) {
     let ctx = Rc::new(ShardCtx {
         id,
         parser: RefCell::new(Parser::new(rules)),
-        rings: setup.rings,
+        ring: setup.ring,
         budget: setup.budget,
         shutdown: setup.shutdown.signal(),
         stop: setup.shutdown,

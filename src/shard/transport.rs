@@ -8,7 +8,7 @@
 //! deadline. A WebSocket splits the stream into a reading and a writing task
 //! on the same shard; with TLS both halves share the one session through an
 //! `Rc<RefCell<…>>` that is never borrowed across an `.await`. One read loop
-//! ([`tls_read_more`]) and one write ([`tls_write_all_by`]) serve the whole
+//! (`tls_read_more`) and one write (`tls_write_all_by`) serve the whole
 //! stream and the halves alike.
 
 use std::cell::RefCell;
