@@ -254,10 +254,8 @@ pub fn ndjson_splitter(data: &[u8]) {
                 (Err(BodyError::Malformed(_)), Some(r)) => assert_eq!(r.error.kind, RejectKind::Malformed),
                 (Ok(one), Some(r)) if one.rows.is_empty() => assert_eq!(one.rejected[0].error, r.error),
                 (Ok(one), None) if one.rows.len() == 1 => {
-                    let (a, b) = (
-                        one.rows.view(0).expect("a row reads back"),
-                        parsed.rows.view(row).expect("a row reads back"),
-                    );
+                    let (a, b) =
+                        (one.rows.view(0).expect("a row reads back"), parsed.rows.view(row).expect("a row reads back"));
                     assert_eq!(
                         (a.device_id, a.event_type, a.ts, a.payload),
                         (b.device_id, b.event_type, b.ts, b.payload)

@@ -155,34 +155,65 @@ impl Report {
         .to_string()
     }
 
-    /// The `/metrics` body, Prometheus text format 0.0.4.
+    /// The `/metrics` body, Prometheus text format 0.0.4: one section per
+    /// stage, in the order of the data flow.
     pub fn prometheus(&self) -> String {
         let mut out = String::with_capacity(8 * 1024);
         let o = &mut out;
+        let now = Instant::now();
+        self.readiness(o);
+        self.memory(o);
+        self.requests(o);
+        self.websocket(o);
+        self.writers(o);
+        self.queue(o, now);
+        self.latencies(o);
+        self.pool_and_spool(o);
+        process(o, self.metrics.started);
+        out
+    }
+
+    fn readiness(&self, o: &mut String) {
         family(o, "ingestd_build_info", "gauge", "Build information.");
         let _ = writeln!(o, "ingestd_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
-        family(o, "ingestd_up", "gauge", "1 when ready to accept work (not shutting down, database reachable).");
-        let _ = writeln!(o, "ingestd_up {}", u8::from(self.health.ready()));
-        family(
-            o,
-            "ingestd_database_up",
-            "gauge",
-            "1 when the last database round trip (a write or a probe) succeeded.",
-        );
-        let _ = writeln!(o, "ingestd_database_up {}", u8::from(self.health.database.is_up()));
-        family(o, "ingestd_database_state", "gauge", "The database as last seen: 0 up, 1 unreachable, 2 refused us.");
-        let _ = writeln!(o, "ingestd_database_state {}", self.health.database.status().as_gauge());
+        let health = &self.health;
+        let gauges: [(&str, &str, u64); 5] = [
+            (
+                "ingestd_up",
+                "1 when ready to accept work (not shutting down, database reachable).",
+                health.ready().into(),
+            ),
+            (
+                "ingestd_database_up",
+                "1 when the last database round trip (a write or a probe) succeeded.",
+                health.database.is_up().into(),
+            ),
+            (
+                "ingestd_database_state",
+                "The database as last seen: 0 up, 1 unreachable, 2 refused us.",
+                health.database.status().as_gauge().into(),
+            ),
+            (
+                "ingestd_breaker_state",
+                "Database circuit breaker: 0 closed, 1 open, 2 half-open.",
+                health.breaker.state().as_gauge().into(),
+            ),
+            ("ingestd_breaker_opens_total", "Times the database circuit breaker opened.", health.breaker.opens()),
+        ];
+        for (name, help, value) in gauges {
+            family(o, name, if name.ends_with("_total") { "counter" } else { "gauge" }, help);
+            let _ = writeln!(o, "{name} {value}");
+        }
         family(o, "ingestd_db_probes_total", "counter", "Database probes (while no writer reached it), by verdict.");
         for status in [DbStatus::Up, DbStatus::Unreachable, DbStatus::Refused] {
-            let _ = writeln!(
-                o,
-                "ingestd_db_probes_total{{result=\"{}\"}} {}",
-                status.as_str(),
-                self.metrics.probes[status as usize].get()
-            );
+            let n = self.metrics.probes[status as usize].get();
+            let _ = writeln!(o, "ingestd_db_probes_total{{result=\"{}\"}} {n}", status.as_str());
         }
+    }
+
+    fn memory(&self, o: &mut String) {
         let budgets = [("requests", &self.budget), ("fanout", &self.hub.budget)];
-        let budget_families: [Family<Budget>; 4] = [
+        let families: [Family<Budget>; 4] = [
             (
                 "ingestd_memory_budget_bytes",
                 "gauge",
@@ -200,30 +231,25 @@ impl Report {
                 Budget::refused,
             ),
         ];
-        for (name, kind, help, value) in budget_families {
+        for (name, kind, help, value) in families {
             family(o, name, kind, help);
             for (budget, b) in budgets {
                 let _ = writeln!(o, "{name}{{budget=\"{budget}\"}} {}", value(b));
             }
         }
+    }
 
-        family(o, "ingestd_breaker_state", "gauge", "Database circuit breaker: 0 closed, 1 open, 2 half-open.");
-        let _ = writeln!(o, "ingestd_breaker_state {}", self.health.breaker.state().as_gauge());
-        family(o, "ingestd_breaker_opens_total", "counter", "Times the database circuit breaker opened.");
-        let _ = writeln!(o, "ingestd_breaker_opens_total {}", self.health.breaker.opens());
+    fn requests(&self, o: &mut String) {
+        let shards = &self.metrics.shards;
         family(o, "ingestd_http_requests_total", "counter", "HTTP requests by shard and route.");
-        for (i, s) in self.metrics.shards.iter().enumerate() {
+        for (i, s) in shards.iter().enumerate() {
             for r in Route::ALL {
-                let _ = writeln!(
-                    o,
-                    "ingestd_http_requests_total{{shard=\"{i}\",route=\"{}\"}} {}",
-                    r.label(),
-                    s.requests[r as usize].get()
-                );
+                let (route, n) = (r.label(), s.requests[r as usize].get());
+                let _ = writeln!(o, "ingestd_http_requests_total{{shard=\"{i}\",route=\"{route}\"}} {n}");
             }
         }
         family(o, "ingestd_http_responses_total", "counter", "HTTP responses by shard and status code.");
-        for (i, s) in self.metrics.shards.iter().enumerate() {
+        for (i, s) in shards.iter().enumerate() {
             for (slot, code) in STATUS_CODES.iter().enumerate() {
                 let n = s.responses[slot].get();
                 if n > 0 {
@@ -232,183 +258,127 @@ impl Report {
                 }
             }
         }
-        per_shard(
-            o,
-            &self.metrics,
-            "ingestd_events_accepted_total",
-            "counter",
-            "Events that passed validation.",
-            |s| s.events_accepted.get(),
-        );
         family(o, "ingestd_events_rejected_total", "counter", "Events rejected by validation, by reason.");
-        for (i, s) in self.metrics.shards.iter().enumerate() {
+        for (i, s) in shards.iter().enumerate() {
             for k in RejectKind::ALL {
-                let _ = writeln!(
-                    o,
-                    "ingestd_events_rejected_total{{shard=\"{i}\",reason=\"{}\"}} {}",
-                    k.label(),
-                    s.events_rejected[k as usize].get()
-                );
+                let (reason, n) = (k.label(), s.events_rejected[k as usize].get());
+                let _ = writeln!(o, "ingestd_events_rejected_total{{shard=\"{i}\",reason=\"{reason}\"}} {n}");
             }
         }
-        per_shard(
-            o,
-            &self.metrics,
-            "ingestd_overload_rejections_total",
-            "counter",
-            "Requests answered 503 without being stored (any reason; see ingestd_requests_shed_total).",
-            |s| s.overload_rejections.get(),
-        );
         family(o, "ingestd_requests_shed_total", "counter", "Requests answered 503 without being stored, by reason.");
-        for (i, s) in self.metrics.shards.iter().enumerate() {
+        for (i, s) in shards.iter().enumerate() {
             for k in Shed::ALL {
-                let _ = writeln!(
-                    o,
-                    "ingestd_requests_shed_total{{shard=\"{i}\",reason=\"{}\"}} {}",
-                    k.label(),
-                    s.shed[k as usize].get()
-                );
+                let (reason, n) = (k.label(), s.shed[k as usize].get());
+                let _ = writeln!(o, "ingestd_requests_shed_total{{shard=\"{i}\",reason=\"{reason}\"}} {n}");
             }
         }
-        per_shard(
-            o,
-            &self.metrics,
-            "ingestd_connections_accepted_total",
-            "counter",
-            "TCP connections accepted.",
-            |s| s.connections_accepted.get(),
-        );
-        per_shard(
-            o,
-            &self.metrics,
-            "ingestd_connections_refused_total",
-            "counter",
-            "TCP connections closed at once: shard at server.max_connections.",
-            |s| s.connections_refused.get(),
-        );
-        per_shard(o, &self.metrics, "ingestd_connections_open", "gauge", "Open TCP connections.", |s| {
-            s.connections_open.load(Ordering::Relaxed).max(0) as u64
-        });
+        let families: [Family<ShardStats>; 5] = [
+            ("ingestd_events_accepted_total", "counter", "Events that passed validation.", |s| s.events_accepted.get()),
+            (
+                "ingestd_overload_rejections_total",
+                "counter",
+                "Requests answered 503 without being stored (any reason; see ingestd_requests_shed_total).",
+                |s| s.overload_rejections.get(),
+            ),
+            ("ingestd_connections_accepted_total", "counter", "TCP connections accepted.", |s| {
+                s.connections_accepted.get()
+            }),
+            (
+                "ingestd_connections_refused_total",
+                "counter",
+                "TCP connections closed at once: shard at server.max_connections.",
+                |s| s.connections_refused.get(),
+            ),
+            ("ingestd_connections_open", "gauge", "Open TCP connections.", |s| {
+                s.connections_open.load(Ordering::Relaxed).max(0) as u64
+            }),
+        ];
+        by_shard(o, &self.metrics, &families);
+    }
 
+    fn websocket(&self, o: &mut String) {
         family(o, "ingestd_ws_subscribers", "gauge", "WebSocket subscribers, by shard.");
         for (i, slot) in self.hub.slots.iter().enumerate() {
             let _ = writeln!(o, "ingestd_ws_subscribers{{shard=\"{i}\"}} {}", slot.subscribers.load(Ordering::Relaxed));
         }
-        per_shard(
-            o,
-            &self.metrics,
-            "ingestd_ws_messages_sent_total",
-            "counter",
-            "WebSocket messages written to subscribers.",
-            |s| s.ws_messages_sent.get(),
-        );
-        per_shard(o, &self.metrics, "ingestd_ws_sent_bytes_total", "counter", "WebSocket bytes written.", |s| {
-            s.ws_bytes_sent.get()
-        });
-        per_shard(
-            o,
-            &self.metrics,
-            "ingestd_ws_dropped_events_total",
-            "counter",
-            "Events a subscriber did not get (dropped, lost to a 1013 close, or missed upstream).",
-            |s| s.ws_dropped.get(),
-        );
-        per_shard(
-            o,
-            &self.metrics,
-            "ingestd_ws_slow_closes_total",
-            "counter",
-            "Subscribers closed with 1013 because their queue was full.",
-            |s| s.ws_slow_closes.get(),
-        );
-        per_shard(
-            o,
-            &self.metrics,
-            "ingestd_ws_ingest_frames_total",
-            "counter",
-            "Ingest frames received over WebSocket.",
-            |s| s.ws_ingest_frames.get(),
-        );
-        summary(
-            o,
-            "ingestd_ws_fanout_latency_seconds",
-            "Commit to frame written, per event.",
-            &self.metrics.merged_shards(|s| &s.ws_fanout_us),
-            1e-6,
-        );
-        by_writer(
-            o,
-            &self.metrics,
-            "ingestd_events_committed_total",
-            "counter",
-            "Events committed to PostgreSQL.",
-            |w| w.events_committed.get(),
-        );
-        by_writer(
-            o,
-            &self.metrics,
-            "ingestd_events_duplicate_total",
-            "counter",
-            "Events skipped because their event_id was already stored.",
-            |w| w.events_duplicate.get(),
-        );
-        by_writer(
-            o,
-            &self.metrics,
-            "ingestd_events_lost_total",
-            "counter",
-            "ack=queue events not committed before shutdown.",
-            |w| w.events_lost.get(),
-        );
-        by_writer(o, &self.metrics, "ingestd_batches_total", "counter", "COPY transactions committed.", |w| {
-            w.batches.get()
-        });
-        by_writer(
-            o,
-            &self.metrics,
-            "ingestd_batch_failures_total",
-            "counter",
-            "COPY transactions that failed.",
-            |w| w.batch_failures.get(),
-        );
-        by_writer(
-            o,
-            &self.metrics,
-            "ingestd_staging_fallbacks_total",
-            "counter",
-            "Batches redone through the staging table after a unique violation.",
-            |w| w.staging_fallbacks.get(),
-        );
-        by_writer(
-            o,
-            &self.metrics,
-            "ingestd_events_dead_lettered_total",
-            "counter",
-            "Events PostgreSQL refused, kept in the dead-letter table.",
-            |w| w.events_dead_lettered.get(),
-        );
-        by_writer(
-            o,
-            &self.metrics,
-            "ingestd_dedup_suspects_total",
-            "counter",
-            "Rows inserted through staging because their event_id was committed lately.",
-            |w| w.dedup_suspects.get(),
-        );
+        let families: [Family<ShardStats>; 5] = [
+            ("ingestd_ws_messages_sent_total", "counter", "WebSocket messages written to subscribers.", |s| {
+                s.ws_messages_sent.get()
+            }),
+            ("ingestd_ws_sent_bytes_total", "counter", "WebSocket bytes written.", |s| s.ws_bytes_sent.get()),
+            (
+                "ingestd_ws_dropped_events_total",
+                "counter",
+                "Events a subscriber did not get (dropped, lost to a 1013 close, or missed upstream).",
+                |s| s.ws_dropped.get(),
+            ),
+            (
+                "ingestd_ws_slow_closes_total",
+                "counter",
+                "Subscribers closed with 1013 because their queue was full.",
+                |s| s.ws_slow_closes.get(),
+            ),
+            ("ingestd_ws_ingest_frames_total", "counter", "Ingest frames received over WebSocket.", |s| {
+                s.ws_ingest_frames.get()
+            }),
+        ];
+        by_shard(o, &self.metrics, &families);
+    }
 
-        by_writer(
-            o,
-            &self.metrics,
-            "ingestd_jobs_expired_total",
-            "counter",
-            "Requests a writer answered 503 because they had waited past ingest.max_wait_ms.",
-            |w| w.jobs_expired.get(),
-        );
+    fn writers(&self, o: &mut String) {
+        let families: [Family<WriterStats>; 9] = [
+            ("ingestd_events_committed_total", "counter", "Events committed to PostgreSQL.", |w| {
+                w.events_committed.get()
+            }),
+            (
+                "ingestd_events_duplicate_total",
+                "counter",
+                "Events skipped because their event_id was already stored.",
+                |w| w.events_duplicate.get(),
+            ),
+            ("ingestd_events_lost_total", "counter", "ack=queue events not committed before shutdown.", |w| {
+                w.events_lost.get()
+            }),
+            ("ingestd_batches_total", "counter", "COPY transactions committed.", |w| w.batches.get()),
+            ("ingestd_batch_failures_total", "counter", "COPY transactions that failed.", |w| w.batch_failures.get()),
+            (
+                "ingestd_staging_fallbacks_total",
+                "counter",
+                "Batches redone through the staging table after a unique violation.",
+                |w| w.staging_fallbacks.get(),
+            ),
+            (
+                "ingestd_events_dead_lettered_total",
+                "counter",
+                "Events PostgreSQL refused, kept in the dead-letter table.",
+                |w| w.events_dead_lettered.get(),
+            ),
+            (
+                "ingestd_dedup_suspects_total",
+                "counter",
+                "Rows inserted through staging because their event_id was committed lately.",
+                |w| w.dedup_suspects.get(),
+            ),
+            (
+                "ingestd_jobs_expired_total",
+                "counter",
+                "Requests a writer answered 503 because they had waited past ingest.max_wait_ms.",
+                |w| w.jobs_expired.get(),
+            ),
+        ];
+        for (name, kind, help, value) in families {
+            family(o, name, kind, help);
+            for (i, w) in self.metrics.writers.iter().enumerate() {
+                let _ = writeln!(o, "{name}{{writer=\"{i}\"}} {}", value(w));
+            }
+        }
+    }
+
+    fn queue(&self, o: &mut String, now: Instant) {
         family(o, "ingestd_ring_depth", "gauge", "Requests waiting for a writer.");
         let _ = writeln!(o, "ingestd_ring_depth {}", self.ring.depth());
         family(o, "ingestd_queued_events", "gauge", "Events waiting for a writer.");
         let _ = writeln!(o, "ingestd_queued_events {}", self.backlog.queued_events());
-        let now = Instant::now();
         family(
             o,
             "ingestd_queue_wait_estimate_seconds",
@@ -423,16 +393,10 @@ impl Report {
             "Each writer's fitted commit cost: fixed per batch, and per event.",
         );
         for (i, load) in self.backlog.loads(now).enumerate() {
-            let _ = writeln!(
-                o,
-                "ingestd_writer_batch_cost_seconds{{writer=\"{i}\",part=\"batch\"}} {}",
-                load.model.overhead_us * 1e-6
-            );
-            let _ = writeln!(
-                o,
-                "ingestd_writer_batch_cost_seconds{{writer=\"{i}\",part=\"event\"}} {}",
-                load.model.per_event_us * 1e-6
-            );
+            for (part, us) in [("batch", load.model.overhead_us), ("event", load.model.per_event_us)] {
+                let _ =
+                    writeln!(o, "ingestd_writer_batch_cost_seconds{{writer=\"{i}\",part=\"{part}\"}} {}", us * 1e-6);
+            }
         }
         family(
             o,
@@ -441,88 +405,86 @@ impl Report {
             "Requests the writers' ring holds (writers × pipeline.ring_capacity).",
         );
         let _ = writeln!(o, "ingestd_ring_capacity {}", self.ring.capacity());
+    }
 
+    fn latencies(&self, o: &mut String) {
+        let m = &self.metrics;
+        summary(
+            o,
+            "ingestd_ws_fanout_latency_seconds",
+            "Commit to frame written, per event.",
+            &m.merged_shards(|s| &s.ws_fanout_us),
+            1e-6,
+        );
         summary(
             o,
             "ingestd_commit_duration_seconds",
             "COPY and commit time per batch.",
-            &self.metrics.merged(|w| &w.commit_us),
+            &m.merged(|w| &w.commit_us),
             1e-6,
         );
         summary(
             o,
             "ingestd_ack_latency_seconds",
             "Time from ring hand-off to commit, per request.",
-            &self.metrics.merged(|w| &w.ack_us),
+            &m.merged(|w| &w.ack_us),
             1e-6,
         );
-        summary(o, "ingestd_batch_events", "Events per COPY batch.", &self.metrics.merged(|w| &w.batch_events), 1.0);
-
-        family(
+        summary(o, "ingestd_batch_events", "Events per COPY batch.", &m.merged(|w| &w.batch_events), 1.0);
+        summary(
             o,
             "ingestd_shard_loop_lag_seconds",
-            "summary",
             "How late a shard's 100 ms timer fires: event-loop lag.",
+            &m.merged_shards(|s| &s.loop_lag_us),
+            1e-6,
         );
-        let lag = self.metrics.merged_shards(|s| &s.loop_lag_us);
-        for q in [0.5, 0.99, 0.999] {
-            let _ = writeln!(
-                o,
-                "ingestd_shard_loop_lag_seconds{{quantile=\"{q}\"}} {}",
-                lag.value_at_quantile(q) as f64 * 1e-6
-            );
-        }
-        let _ = writeln!(o, "ingestd_shard_loop_lag_seconds_sum {}", lag.mean() * lag.len() as f64 * 1e-6);
-        let _ = writeln!(o, "ingestd_shard_loop_lag_seconds_count {}", lag.len());
         family(o, "ingestd_shard_loop_lag_last_seconds", "gauge", "The latest event-loop lag reading per shard.");
-        for (i, s) in self.metrics.shards.iter().enumerate() {
-            let _ = writeln!(
-                o,
-                "ingestd_shard_loop_lag_last_seconds{{shard=\"{i}\"}} {}",
-                s.loop_lag_last_us.load(Ordering::Relaxed) as f64 * 1e-6
-            );
+        for (i, s) in m.shards.iter().enumerate() {
+            let lag = s.loop_lag_last_us.load(Ordering::Relaxed) as f64 * 1e-6;
+            let _ = writeln!(o, "ingestd_shard_loop_lag_last_seconds{{shard=\"{i}\"}} {lag}");
         }
-        {
-            let pool = &self.pool;
-            let state = pool.state();
-            family(o, "ingestd_db_pool_connections", "gauge", "PostgreSQL connections in the writers' pool, by state.");
-            let _ = writeln!(
-                o,
-                "ingestd_db_pool_connections{{state=\"in_use\"}} {}",
-                state.connections - state.idle_connections
-            );
-            let _ = writeln!(o, "ingestd_db_pool_connections{{state=\"idle\"}} {}", state.idle_connections);
-            family(o, "ingestd_db_pool_max_connections", "gauge", "Size of the writers' pool (database.pool_size).");
-            let _ = writeln!(o, "ingestd_db_pool_max_connections {}", pool.max_size());
-        }
-        if let Some(spool) = self.health.spool.get() {
-            let st = spool.stats();
-            family(o, "ingestd_spool_used_bytes", "gauge", "Bytes in the disk spool.");
-            let _ = writeln!(o, "ingestd_spool_used_bytes {}", st.used_bytes);
-            family(o, "ingestd_spool_max_bytes", "gauge", "Bound on the disk spool (spool.max_bytes).");
-            let _ = writeln!(o, "ingestd_spool_max_bytes {}", st.max_bytes);
-            family(
-                o,
+    }
+
+    fn pool_and_spool(&self, o: &mut String) {
+        let state = self.pool.state();
+        family(o, "ingestd_db_pool_connections", "gauge", "PostgreSQL connections in the writers' pool, by state.");
+        let in_use = state.connections - state.idle_connections;
+        let _ = writeln!(o, "ingestd_db_pool_connections{{state=\"in_use\"}} {in_use}");
+        let _ = writeln!(o, "ingestd_db_pool_connections{{state=\"idle\"}} {}", state.idle_connections);
+        family(o, "ingestd_db_pool_max_connections", "gauge", "Size of the writers' pool (database.pool_size).");
+        let _ = writeln!(o, "ingestd_db_pool_max_connections {}", self.pool.max_size());
+        let Some(spool) = self.health.spool.get() else { return };
+        let st = spool.stats();
+        let values: [(&str, &str, &str, u64); 4] = [
+            ("ingestd_spool_used_bytes", "gauge", "Bytes in the disk spool.", st.used_bytes),
+            ("ingestd_spool_max_bytes", "gauge", "Bound on the disk spool (spool.max_bytes).", st.max_bytes),
+            (
                 "ingestd_spool_pending_records",
                 "gauge",
                 "Spool records durable but not yet committed in PostgreSQL.",
-            );
-            let _ = writeln!(o, "ingestd_spool_pending_records {}", st.durable_seq.saturating_sub(st.committed_seq));
-            family(o, "ingestd_spool_fsyncs_total", "counter", "Group commits (one fsync each) of the spool.");
-            let _ = writeln!(o, "ingestd_spool_fsyncs_total {}", st.append_groups);
+                st.durable_seq.saturating_sub(st.committed_seq),
+            ),
+            ("ingestd_spool_fsyncs_total", "counter", "Group commits (one fsync each) of the spool.", st.append_groups),
+        ];
+        for (name, kind, help, value) in values {
+            family(o, name, kind, help);
+            let _ = writeln!(o, "{name} {value}");
         }
-        if let Some(rss) = process_rss_bytes() {
-            family(o, "process_resident_memory_bytes", "gauge", "Resident set size.");
-            let _ = writeln!(o, "process_resident_memory_bytes {rss}");
-        }
-        if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
-            family(o, "process_open_fds", "gauge", "Open file descriptors.");
-            let _ = writeln!(o, "process_open_fds {}", dir.count());
-        }
-        family(o, "process_uptime_seconds", "gauge", "Seconds since start.");
-        let _ = writeln!(o, "process_uptime_seconds {:.3}", self.metrics.started.elapsed().as_secs_f64());
-        out
     }
+}
+
+/// The process families every exporter has.
+fn process(o: &mut String, started: Instant) {
+    if let Some(rss) = process_rss_bytes() {
+        family(o, "process_resident_memory_bytes", "gauge", "Resident set size.");
+        let _ = writeln!(o, "process_resident_memory_bytes {rss}");
+    }
+    if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+        family(o, "process_open_fds", "gauge", "Open file descriptors.");
+        let _ = writeln!(o, "process_open_fds {}", dir.count());
+    }
+    family(o, "process_uptime_seconds", "gauge", "Seconds since start.");
+    let _ = writeln!(o, "process_uptime_seconds {:.3}", started.elapsed().as_secs_f64());
 }
 
 /// A metric family read off a `T`: name, type, help, value.
@@ -532,17 +494,13 @@ fn family(o: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
-fn per_shard(o: &mut String, m: &Metrics, name: &str, kind: &str, help: &str, f: impl Fn(&ShardStats) -> u64) {
-    family(o, name, kind, help);
-    for (i, s) in m.shards.iter().enumerate() {
-        let _ = writeln!(o, "{name}{{shard=\"{i}\"}} {}", f(s));
-    }
-}
-
-fn by_writer(o: &mut String, m: &Metrics, name: &str, kind: &str, help: &str, f: impl Fn(&WriterStats) -> u64) {
-    family(o, name, kind, help);
-    for (i, w) in m.writers.iter().enumerate() {
-        let _ = writeln!(o, "{name}{{writer=\"{i}\"}} {}", f(w));
+/// Families of per-shard values, one series per shard.
+fn by_shard(o: &mut String, m: &Metrics, families: &[Family<ShardStats>]) {
+    for (name, kind, help, value) in families {
+        family(o, name, kind, help);
+        for (i, s) in m.shards.iter().enumerate() {
+            let _ = writeln!(o, "{name}{{shard=\"{i}\"}} {}", value(s));
+        }
     }
 }
 

@@ -87,11 +87,7 @@ fn module_of(rel: &Path) -> String {
 
 /// The longest entry of LAYERS that `path` starts with.
 fn unit_of(path: &str) -> Option<&'static str> {
-    LAYERS
-        .iter()
-        .filter(|l| path == **l || path.starts_with(&format!("{l}::")))
-        .max_by_key(|l| l.len())
-        .copied()
+    LAYERS.iter().filter(|l| path == **l || path.starts_with(&format!("{l}::"))).max_by_key(|l| l.len()).copied()
 }
 
 /// The code of a file without comments and without `#[cfg(test)]` modules.

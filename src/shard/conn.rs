@@ -44,7 +44,6 @@ enum Next {
     Answer(Response),
 }
 
-
 /// Why the loop stops reading requests.
 enum Stop {
     /// Close without a word (EOF, idle timeout, shutdown while idle, I/O error).
