@@ -29,6 +29,8 @@ pub struct Config {
     pub breaker: BreakerConfig,
     /// The disk spool behind `ack = "spool"`.
     pub spool: SpoolConfig,
+    /// The latest state per device.
+    pub state: StateConfig,
     pub websocket: WebSocketConfig,
     /// Bearer tokens and their scopes.
     pub auth: AuthConfig,
@@ -313,6 +315,11 @@ impl Config {
             "must be empty (<table>_dead_letter), `name` or `schema.name`",
         );
         check(
+            self.state.table.is_empty() || table_name_is_valid(&self.state.table),
+            "state.table",
+            "must be empty (<table>_state), `name` or `schema.name`",
+        );
+        check(
             self.database.pool_size == 0 || self.database.pool_size as usize >= self.writer.writers,
             "database.pool_size",
             "must be 0 (writers + 1) or at least writer.writers",
@@ -409,6 +416,17 @@ impl Config {
         } else {
             self.database.dead_letter_table.clone()
         }
+    }
+
+    /// The state table's name, when `[state]` is on.
+    pub fn state_table(&self) -> Option<String> {
+        self.state.enabled.then(|| {
+            if self.state.table.is_empty() {
+                format!("{}_state", self.database.table)
+            } else {
+                self.state.table.clone()
+            }
+        })
     }
 
     /// Connections in the PostgreSQL pool.

@@ -374,6 +374,18 @@ impl BreakerConfig {
     }
 }
 
+/// The latest state of every device: the `[state]` section.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateConfig {
+    /// Keep one row per `device_id` with its newest event, written by the
+    /// writers in the same transaction as the events.
+    pub enabled: bool,
+    /// The state table, `name` or `schema.name`; empty means `<table>_state`.
+    /// Created with the events table (`database.create_table`).
+    pub table: String,
+}
+
 /// Where the spool lives and how big it may grow: the `[spool]` section.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]

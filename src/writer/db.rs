@@ -9,6 +9,7 @@
 //! staging every batch runs at 0.73–0.81 × raw COPY.) Repeats inside one batch
 //! are removed before the COPY by the writer, so they never force the fallback.
 
+use std::collections::HashSet;
 use std::io::Write as _;
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ use r2d2_postgres::PostgresConnectionManager;
 
 use crate::config::DatabaseConfig;
 use crate::row::{COLUMNS, HEADER, TRAILER};
+use super::state::StateSql;
 
 pub type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
 
@@ -162,12 +164,14 @@ pub struct Statements {
     create_staging: String,
     copy_into_staging: String,
     insert_from_staging: String,
+    /// The latest-state table's statements, when `[state]` is on.
+    pub state: Option<StateSql>,
 }
 
 impl Statements {
     /// `table` is validated by the config (`name` or `schema.name`); it is
     /// quoted here all the same.
-    pub fn new(table: &str, dead_letter_table: &str) -> Self {
+    pub fn new(table: &str, dead_letter_table: &str, state_table: Option<&str>) -> Self {
         let quote = quote_table;
         let quoted = quote(table);
         let dead = quote(dead_letter_table);
@@ -200,6 +204,7 @@ impl Statements {
                 "INSERT INTO {quoted} ({COLUMNS}) SELECT {COLUMNS} FROM {staging} ORDER BY event_id \
                  ON CONFLICT DO NOTHING RETURNING event_id"
             ),
+            state: state_table.map(StateSql::new),
         }
     }
 }
@@ -232,8 +237,9 @@ pub fn prepare_table(client: &mut Client, sql: &Statements, create: bool) -> Res
 pub fn prepare_table_raw(client: &mut Client, sql: &Statements, create: bool) -> Result<(), postgres::Error> {
     if create {
         // Quiet the NOTICE "relation already exists" for these statements.
+        let state = sql.state.as_ref().map_or(String::new(), |s| format!("{}; ", s.create_table));
         let statements = format!(
-            "SET client_min_messages = warning; {}; {}; RESET client_min_messages",
+            "SET client_min_messages = warning; {}; {}; {state}RESET client_min_messages",
             sql.create_table, sql.create_dead_letter
         );
         match client.batch_execute(&statements) {
@@ -246,8 +252,9 @@ pub fn prepare_table_raw(client: &mut Client, sql: &Statements, create: bool) ->
             other => other?,
         }
     } else {
+        let state = sql.state.as_ref().map_or(String::new(), |s| format!("; SELECT 1 FROM {} LIMIT 0", s.table));
         client.batch_execute(&format!(
-            "SELECT 1 FROM {} LIMIT 0; SELECT 1 FROM {} LIMIT 0",
+            "SELECT 1 FROM {} LIMIT 0; SELECT 1 FROM {} LIMIT 0{state}",
             sql.table, sql.dead_letter_table
         ))?;
     }
@@ -305,7 +312,26 @@ pub struct Committed {
 /// trailer, which [`copy_batch`] writes). Called again if the batch is redone.
 pub type RowWriter<'a> = &'a dyn Fn(&mut dyn std::io::Write) -> std::io::Result<()>;
 
-/// Commits one batch idempotently, in one transaction.
+/// Gives the latest-state staging stream (see [`super::state`]) for the rows
+/// a commit is about to insert, or nothing when no row was new.
+pub type StateRows<'a> = &'a dyn Fn(&Committed) -> Option<Vec<u8>>;
+
+impl Committed {
+    /// The ids staging inserted, to test rows against with [`Committed::was_new`].
+    pub fn staged_set(&self) -> HashSet<&[u8], foldhash::fast::RandomState> {
+        self.staged_ids.iter().map(|id| id.as_bytes()).collect()
+    }
+
+    /// Whether a row is new in this commit: a `clean` row (expected new,
+    /// COPYed straight in) unless the batch was redone through staging; any
+    /// other row if staging inserted its id.
+    pub fn was_new(&self, staged: &HashSet<&[u8], foldhash::fast::RandomState>, event_id: &[u8], clean: bool) -> bool {
+        (clean && !self.via_staging) || staged.contains(event_id)
+    }
+}
+
+/// Commits one batch idempotently, in one transaction, with the latest
+/// state of its devices when `state` is given and `[state]` is on.
 ///
 /// `clean` rows are expected to be new and are COPYed straight into the
 /// table. `suspects` (rows whose id was seen recently) go through staging and
@@ -317,6 +343,7 @@ pub fn copy_batch(
     sql: &Statements,
     clean: RowWriter<'_>,
     suspects: Option<RowWriter<'_>>,
+    state: Option<StateRows<'_>>,
 ) -> Result<Committed, WriteError> {
     let mut tx = client.transaction()?;
     match copy(&mut tx, &sql.copy_into_table, clean) {
@@ -325,8 +352,10 @@ pub fn copy_batch(
                 Some(rows) => copy_via_staging(&mut tx, sql, &[rows])?,
                 None => Vec::new(),
             };
+            let done = Committed { inserted: copied + staged_ids.len() as u64, via_staging: false, staged_ids };
+            upsert_state(&mut tx, sql, state, &done)?;
             tx.commit()?;
-            return Ok(Committed { inserted: copied + staged_ids.len() as u64, via_staging: false, staged_ids });
+            return Ok(done);
         }
         Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => tx.rollback()?,
         Err(e) => return Err(e.into()),
@@ -334,8 +363,28 @@ pub fn copy_batch(
     let mut tx = client.transaction()?;
     let all: Vec<RowWriter<'_>> = std::iter::once(clean).chain(suspects).collect();
     let staged_ids = copy_via_staging(&mut tx, sql, &all)?;
+    let done = Committed { inserted: staged_ids.len() as u64, via_staging: true, staged_ids };
+    upsert_state(&mut tx, sql, state, &done)?;
     tx.commit()?;
-    Ok(Committed { inserted: staged_ids.len() as u64, via_staging: true, staged_ids })
+    Ok(done)
+}
+
+/// The latest-state upsert, inside the batch's transaction: COPY the
+/// collapsed rows into staging, then one `INSERT … ON CONFLICT`.
+fn upsert_state(
+    tx: &mut Transaction<'_>,
+    sql: &Statements,
+    state: Option<StateRows<'_>>,
+    done: &Committed,
+) -> Result<(), postgres::Error> {
+    let (Some(rows), Some(statements)) = (state, &sql.state) else { return Ok(()) };
+    let Some(stream) = rows(done) else { return Ok(()) };
+    tx.batch_execute(&statements.create_staging)?;
+    let mut w = tx.copy_in(&statements.copy_into_staging)?;
+    // An I/O error here is the connection failing; `finish` reports it typed.
+    let _streamed = w.write_all(&stream);
+    w.finish()?;
+    tx.batch_execute(&statements.upsert)
 }
 
 /// COPY into the staging table, then `INSERT … ON CONFLICT DO NOTHING`;
@@ -382,7 +431,7 @@ mod tests {
 
     #[test]
     fn statements_quote_and_name_staging() {
-        let s = Statements::new("ingest.events", "ingest.events_dead_letter");
+        let s = Statements::new("ingest.events", "ingest.events_dead_letter", None);
         assert_eq!(s.dead_letter_table, "\"ingest\".\"events_dead_letter\"");
         assert_eq!(s.table, "\"ingest\".\"events\"");
         assert!(s.insert_from_staging.contains("\"ingestd_staging_ingest_events\""));

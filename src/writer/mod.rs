@@ -24,12 +24,15 @@
 //!
 //! - [`db`]: pool, table, idempotent COPY of a batch.
 //! - [`recent`]: fingerprints of recently committed ids (a hint).
+//! - [`state`]: the latest state per device, upserted in the batch's
+//!   transaction (`[state] enabled`).
 //! - [`probe`]: the `db-probe` thread that keeps `/health` and the breaker
 //!   current while no writer reaches the database.
 
 pub mod db;
 pub mod probe;
 pub mod recent;
+pub mod state;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -254,20 +257,32 @@ impl Batch {
         if self.classes.is_none() && !done.via_staging {
             return None;
         }
-        let staged: HashSet<&[u8]> = done.staged_ids.iter().map(|id| id.as_bytes()).collect();
+        let staged = done.staged_set();
         let mask = jobs
             .map(|j| {
                 let rows = &self.jobs[j].rows;
                 (0..rows.len())
                     .map(|r| match self.class(j, r) {
-                        RowClass::Clean if !done.via_staging => true,
                         RowClass::Repeat => false,
-                        _ => staged.contains(rows.event_id(r)),
+                        class => done.was_new(&staged, rows.event_id(r), class == RowClass::Clean),
                     })
                     .collect()
             })
             .collect();
         Some(mask)
+    }
+
+    /// The latest-state stream of the rows of jobs `first..first+count` that
+    /// the commit `done` inserts (see [`state`]); `None` when none is new.
+    fn latest_state(&self, first: usize, count: usize, done: &Committed) -> Option<Vec<u8>> {
+        let rows = (first..first + count).flat_map(|j| {
+            let buf = &self.jobs[j].rows;
+            (0..buf.len()).filter_map(move |r| match self.class(j, r) {
+                RowClass::Repeat => None,
+                class => Some((buf.row(r), buf.event_id(r), class == RowClass::Clean)),
+            })
+        });
+        state::of_new_rows(rows, done)
     }
 
     /// Fingerprints of the written rows of jobs `first..first+count`.
@@ -421,7 +436,9 @@ impl Writer {
             let result = self.guarded(|conn| {
                 let clean = |out: &mut dyn std::io::Write| batch.write_rows(first, count, RowClass::Clean, out);
                 let suspect = |out: &mut dyn std::io::Write| batch.write_rows(first, count, RowClass::Suspect, out);
-                db::copy_batch(conn, &self.sql, &clean, (suspects > 0).then_some(&suspect as db::RowWriter<'_>))
+                let state = |done: &Committed| batch.latest_state(first, count, done);
+                let suspect = (suspects > 0).then_some(&suspect as db::RowWriter<'_>);
+                db::copy_batch(conn, &self.sql, &clean, suspect, Some(&state))
             });
             let took = started.elapsed();
             let written = batch.count(first, count, RowClass::Clean) + suspects;
@@ -529,7 +546,8 @@ impl Writer {
             let mut sorted = part.clone();
             sorted.sort_unstable_by(|a, b| rows.event_id(*a).cmp(rows.event_id(*b)));
             let write = |out: &mut dyn std::io::Write| sorted.iter().try_for_each(|&r| out.write_all(rows.row(r)));
-            let result = self.guarded(|conn| db::copy_batch(conn, &self.sql, &write, None));
+            let state = |done: &Committed| state::of_new_rows(part.iter().map(|&r| (rows.row(r), rows.event_id(r), true)), done);
+            let result = self.guarded(|conn| db::copy_batch(conn, &self.sql, &write, None, Some(&state)));
             match result {
                 Ok(c) => {
                     done.inserted += c.inserted;

@@ -42,6 +42,7 @@ mod reliability;
 mod scale;
 mod security;
 mod spec;
+mod state;
 mod stall;
 mod validation;
 mod ws;

@@ -573,7 +573,7 @@ impl Drop for Server {
             // Best effort: keep the throwaway cluster small. Kept on failure
             // for inspection.
             if let Ok(mut db) = try_db_connect(&self.db_url) {
-                let _ = db.batch_execute(&format!("DROP TABLE IF EXISTS {0}, {0}_dead_letter", self.table));
+                let _ = db.batch_execute(&format!("DROP TABLE IF EXISTS {0}, {0}_dead_letter, {0}_state", self.table));
             }
         }
     }
