@@ -92,6 +92,8 @@ struct Running {
     report: Arc<Report>,
     hub: Arc<Hub>,
     tokens: Arc<arc_swap::ArcSwap<crate::auth::Tokens>>,
+    /// The TLS listener's rustls configuration, when `[tls]` is on.
+    tls: Option<Arc<shard::TlsConfig>>,
     signals: crossbeam_channel::Receiver<i32>,
     threads: Threads,
 }
@@ -177,7 +179,11 @@ fn start(config: Config, resources: Resources) -> Result<Running, RunError> {
     let Resources { tokens, tls: tls_config } = resources;
     let mut tls_listeners: Vec<_> = Vec::new();
     let mut tls_local = None;
-    if let Some(tls_config) = tls_config {
+    let tls_config = tls_config.map(|(rustls_config, fingerprint)| {
+        crate::info!("TLS certificate loaded", cert_file = config.tls.cert_file, sha256 = fingerprint);
+        Arc::new(shard::TlsConfig::new(rustls_config))
+    });
+    if let Some(tls_config) = &tls_config {
         let bound = bind_listeners(config.tls.listen_addr(), shards)?;
         tls_local = Some(bound[0].local_addr().map_err(|e| RunError::Bind(e.to_string()))?);
         tls_listeners = bound.into_iter().map(|l| Some((l, tls_config.clone()))).collect();
@@ -237,7 +243,7 @@ fn start(config: Config, resources: Resources) -> Result<Running, RunError> {
         probe,
         probe_stop,
     };
-    Ok(Running { live, shutdown, health, report, hub, tokens, signals, threads })
+    Ok(Running { live, shutdown, health, report, hub, tokens, tls: tls_config, signals, threads })
 }
 
 /// A database that refuses us (credentials, TLS, pg_hba.conf, a missing
@@ -466,7 +472,7 @@ fn bind_one(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 /// keys, keeps the rest (naming them), and keeps everything when the new
 /// configuration is bad.
 fn reload(running: &Running, sources: &Sources) {
-    let Running { live, tokens, health, report: observed, hub, .. } = running;
+    let Running { live, tokens, tls, health, report: observed, hub, .. } = running;
     let mut sources = sources.clone();
     sources.env = Sources::env_overrides(std::env::vars());
     match Config::load(&sources).and_then(|new| live.load().reloaded(&new)) {
@@ -475,10 +481,20 @@ fn reload(running: &Running, sources: &Sources) {
             crate::log::init(merged.log.level, merged.log.format);
             // The files are read through the same function as at start-up.
             match Resources::load(&merged) {
-                Ok(Resources { tokens: table, tls: _ }) => {
+                Ok(Resources { tokens: table, tls: pair }) => {
                     crate::info!("SIGHUP: tokens loaded", mode = table.mode().as_str(), tokens = table.len());
                     health.auth_tokens.store(table.mode() == crate::auth::AuthMode::Tokens, Ordering::Relaxed);
                     tokens.store(Arc::new(table));
+                    // New handshakes take the re-read pair; open connections
+                    // keep the configuration they started with.
+                    if let (Some(running), Some((config, fingerprint))) = (tls, pair) {
+                        running.store(config);
+                        crate::info!(
+                            "SIGHUP: TLS certificate loaded",
+                            cert_file = merged.tls.cert_file,
+                            sha256 = fingerprint
+                        );
+                    }
                 }
                 Err(ResourceError(problems)) => {
                     for (key, why) in problems {

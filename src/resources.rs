@@ -5,7 +5,9 @@
 //! is where files are read, once at start-up (`main`, before anything is
 //! bound, so that a bad file is exit 64 naming its key, and `--check-config`
 //! reports it too) and again on SIGHUP through the same function (a bad file
-//! then keeps the running resources and says why).
+//! then keeps the running resources and says why). On SIGHUP the token table
+//! and the TLS pair are both swapped in (`app::reload`): a renewed
+//! certificate needs no restart.
 
 use std::sync::Arc;
 
@@ -15,8 +17,9 @@ use crate::config::Config;
 /// What the configuration's files hold.
 pub struct Resources {
     pub tokens: Tokens,
-    /// The TLS listener's rustls configuration, when `[tls]` is on.
-    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The TLS listener's rustls configuration, when `[tls]` is on, and
+    /// the SHA-256 fingerprint of its leaf certificate (for the log).
+    pub tls: Option<(Arc<rustls::ServerConfig>, String)>,
 }
 
 /// Every file problem, each with the key that names the file.

@@ -34,6 +34,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// The optional TLS listener.
     pub tls: TlsConfig,
+    /// Browser pages on other origins: CORS and the WebSocket `Origin` check.
+    pub cors: CorsConfig,
     /// Abuse limits across shards: per IP and per token.
     pub limits: LimitsConfig,
     pub log: LogConfig,
@@ -86,6 +88,11 @@ pub const LIVE_KEYS: &[&str] = &[
     "limits.memory_budget_bytes",
     "log.level",
     "log.format",
+    "log.slow_request_ms",
+    "tls.cert_file",
+    "tls.key_file",
+    "cors.allowed_origins",
+    "cors.max_age_s",
 ];
 
 /// What a reload did.
@@ -347,6 +354,9 @@ impl Config {
                 "must differ from server.listen",
             );
         }
+        if let Some(why) = self.cors.problem() {
+            problems.push(("cors.allowed_origins".to_string(), why));
+        }
         let smallest_budget = self.server.max_body_bytes.saturating_mul(4);
         if self.limits.memory_budget_bytes < smallest_budget {
             problems.push((
@@ -552,6 +562,24 @@ mod tests {
         applied.sort();
         assert_eq!(applied, ["ingest.max_payload_bytes", "log.level"]);
         assert_eq!(running.reloaded(&running).unwrap().1, Reload::default());
+    }
+
+    #[test]
+    fn cors_origins_are_exact_origins_or_a_lone_star() {
+        for ok in ["https://app.example.com", "http://127.0.0.1:8080", "http://[::1]:3000", "https://a-b.c"] {
+            with(&[("cors.allowed_origins", &format!("[\"{ok}\"]"))]).expect(ok);
+        }
+        with(&[("cors.allowed_origins", "[\"*\"]")]).expect("star");
+        for bad in ["app.example.com", "https://a.com/", "https://a.com/x", "ftp://a.com", "https://a.com:x", "*.a.com"]
+        {
+            let e = with(&[("cors.allowed_origins", &format!("[\"{bad}\"]"))]).unwrap_err().to_string();
+            assert!(e.contains("cors.allowed_origins") && e.contains("not an origin"), "{bad}: {e}");
+        }
+        let e = with(&[("cors.allowed_origins", "[\"*\", \"https://a.com\"]")]).unwrap_err().to_string();
+        assert!(e.contains("must be alone"), "{e}");
+        let c = with(&[("cors.allowed_origins", "[\"https://A.example\"]")]).unwrap();
+        assert!(c.cors.allows("https://a.example") && !c.cors.allows("https://a.example:8443"));
+        assert!(!with(&[]).unwrap().cors.allows("https://a.example"));
     }
 
     #[test]
