@@ -9,6 +9,8 @@
 //!
 //! - `support`: the harness (spawning, raw HTTP client, database helpers).
 //! - `config`: command line, `--check-config`, config errors, exit codes.
+//! - `cors`: browsers as clients: CORS and the WebSocket `Origin` check, in
+//!   a real headless Chromium.
 //! - `ingest`: the success paths of `POST /events` and `/events/batch`,
 //!   timestamps, partial rejection, idempotency, `ack = "queue"`.
 //! - `validation`: per-event validation rules and their reasons.
@@ -31,6 +33,7 @@
 mod support;
 
 mod config;
+mod cors;
 mod hostile;
 mod http;
 mod ingest;

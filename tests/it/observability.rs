@@ -89,3 +89,78 @@ fn metrics_parser_accepts_the_format() {
     assert_eq!(samples[2].value, f64::INFINITY);
     assert!(samples[3].value.is_nan());
 }
+
+// ---------------------------------------------------------------------------
+// Request ids
+// ---------------------------------------------------------------------------
+
+/// The `request_id=` of a logfmt line.
+fn logged_id(line: &str) -> &str {
+    line.split(' ').find_map(|kv| kv.strip_prefix("request_id=")).unwrap_or_else(|| panic!("no request_id in {line}"))
+}
+
+#[test]
+fn request_ids_are_in_the_answer_and_in_the_log() {
+    let s = Ingestd::new().set("log.slow_request_ms", 50).start();
+    // Made when the client sends none: a UUIDv7, a new one per request.
+    let a = s.get("/health");
+    let b = s.get("/health");
+    let (ida, idb) = (a.header("x-request-id").expect("made id"), b.header("x-request-id").expect("made id"));
+    assert!(ida.len() == 36 && ida.as_bytes()[14] == b'7', "{ida}");
+    assert_ne!(ida, idb);
+
+    // The client's id comes back, and names the log line of a refusal.
+    let mark = s.log_mark();
+    let bad =
+        s.send(&Req::post("/events").header("X-Request-Id", "device-7/req:42").json(&serde_json::json!({"x": 1})));
+    assert_eq!(bad.status, 400, "{bad:?}");
+    assert_eq!(bad.header("x-request-id"), Some("device-7/req:42"));
+    let line = s.wait_for_log_since(mark, &["request refused"], Duration::from_secs(5));
+    assert_eq!(logged_id(&line), "device-7/req:42", "{line}");
+    assert!(line.contains("status=400") && line.contains("route=/events"), "{line}");
+
+    // Too long, or unprintable: 400 naming the header, with an id made for it.
+    let long = "a".repeat(129);
+    for bad_id in [long.as_str(), "has space"] {
+        let resp = s.send(&Req::get("/health").header("X-Request-Id", bad_id));
+        let msg = assert_error(&resp, 400);
+        assert!(msg.contains("X-Request-Id"), "{msg}");
+        assert_eq!(resp.header("x-request-id").map(str::len), Some(36), "{resp:?}");
+    }
+
+    // A slow request (its body comes 200 ms after its head) is logged with its id.
+    let mark = s.log_mark();
+    let id = unique("ev");
+    let body = serde_json::to_vec(&event(&id)).unwrap();
+    let head = format!(
+        "POST /events HTTP/1.1\r\nHost: x\r\nX-Request-Id: slow-1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let mut c = s.conn();
+    c.write(head.as_bytes());
+    std::thread::sleep(Duration::from_millis(200));
+    c.write(&body);
+    let resp = c.read_response();
+    assert_eq!((resp.status, resp.header("x-request-id")), (200, Some("slow-1")), "{resp:?}");
+    let line = s.wait_for_log_since(mark, &["slow request"], Duration::from_secs(5));
+    assert_eq!(logged_id(&line), "slow-1", "{line}");
+    assert_eq!(s.count_id(&id), 1);
+}
+
+#[test]
+fn a_websocket_carries_its_request_id_in_the_upgrade_and_its_log_lines() {
+    use tungstenite::client::IntoClientRequest as _;
+    let s = Ingestd::new().set("websocket.max_message_bytes", 1024).start();
+    let stream = std::net::TcpStream::connect(s.addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut request = format!("ws://{}/ws?device_id=x", s.addr).into_client_request().unwrap();
+    request.headers_mut().insert("X-Request-Id", "sock-9".parse().unwrap());
+    let (mut ws, resp) = tungstenite::client(request, stream).expect("upgrade");
+    assert_eq!(resp.headers().get("x-request-id").and_then(|v| v.to_str().ok()), Some("sock-9"));
+    let mark = s.log_mark();
+    // Too large a message: the server closes with 1009 and says so, naming the socket.
+    let _ = ws.send(tungstenite::Message::Text("x".repeat(4096).into()));
+    let line = s.wait_for_log_since(mark, &["websocket closed by the server"], Duration::from_secs(5));
+    assert_eq!(logged_id(&line), "sock-9", "{line}");
+    assert!(line.contains("code=1009"), "{line}");
+}
