@@ -176,7 +176,7 @@ impl Conn {
         let mut head = head;
         self.current = Some(Current {
             id: head.request_id.take().unwrap_or_else(|| self.ctx.new_request_id()),
-            origin: head.origin.take(),
+            origin: head.origin.clone(),
             method: head.method,
             route: head.target,
             started: deadline.checked_sub(request_timeout).unwrap_or_else(Instant::now),

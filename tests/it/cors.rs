@@ -140,7 +140,7 @@ fn browse(url: &str, report: &mpsc::Receiver<Value>) -> Value {
         .spawn()
         .unwrap_or_else(|e| panic!("spawn {chromium}: {e}"));
     let got = report.recv_timeout(Duration::from_secs(40));
-    let _ = Command::new("kill").args(["-KILL", &format!("-{}", child.id())]).status();
+    let _ = Command::new("kill").args(["-s", "KILL", "--", &format!("-{}", child.id())]).status();
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&profile);
     got.unwrap_or_else(|e| panic!("no report from the page {url} within 40 s: {e}"))
