@@ -8,8 +8,9 @@
 #   scripts/test.sh --test it -- NAME    arguments before "--" go to cargo test,
 #                                        arguments after it to the test harness
 #
-# PostgreSQL is installed from Debian packages if missing, and so is Chromium
-# (the browser tests in tests/it/cors.rs run it headless; scripts/lib/chromium.sh). The cluster lives in
+# PostgreSQL, promtool (package prometheus, for the /metrics lint test) and
+# Chromium (the browser tests in tests/it/cors.rs run it headless;
+# scripts/lib/chromium.sh) are installed from Debian packages if missing. The cluster lives in
 # a temporary directory on a free port and is removed on exit; tests find it in
 # INGESTD_TEST_DATABASE_URL (if the caller already sets that variable, its
 # database is used and no cluster is started). Other INGESTD_* variables are
@@ -40,6 +41,12 @@ done < <(compgen -e | grep '^INGESTD_' || true)
 
 # shellcheck source-path=SCRIPTDIR source=lib/pg.sh
 . "$ROOT/scripts/lib/pg.sh"
+
+# shellcheck source-path=SCRIPTDIR source=lib/promtool.sh
+. "$ROOT/scripts/lib/promtool.sh"
+
+step "promtool"
+promtool_ensure_installed
 
 step "PostgreSQL"
 pgtmp=$(mktemp -d "${TMPDIR:-/tmp}/ingestd-test-pg.XXXXXX")

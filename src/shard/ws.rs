@@ -751,7 +751,7 @@ async fn write_loop(mut writer: WriteHalf, session: &Session, ctx: &ShardCtx) {
                 while budget > 0 {
                     let Some(q) = sub.pop() else { break };
                     budget = budget.saturating_sub(q.json.len());
-                    stats.ws_fanout_us.record_duration(q.committed_at.elapsed());
+                    stats.ws_fanout_us.record_since(q.committed_at);
                     if let Ok(text) = Utf8Bytes::try_from(q.json) {
                         let _ = ws.write(mem, Message::Text(text));
                         sent_events += 1;

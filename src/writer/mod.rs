@@ -588,7 +588,7 @@ impl Writer {
     ) {
         let stats = &self.metrics.writers[self.id];
         for job in &batch.jobs[jobs.clone()] {
-            stats.ack_us.record_duration(job.enqueued.elapsed());
+            stats.ack_us.record_since(job.enqueued);
             report.committed += job.rows.len() as u64;
         }
         if self.publisher.hub.subscribers() > 0 {

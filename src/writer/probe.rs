@@ -145,7 +145,7 @@ impl Probe {
         } else {
             prepare(c, &self.sql, db.create_table).map(|()| self.table_ready.store(true, Ordering::Release))
         };
-        self.metrics.probe_us.record_duration(started.elapsed());
+        self.metrics.probe_us.record_since(started);
         match result {
             Ok(()) => Verdict::Up,
             Err(e) => {

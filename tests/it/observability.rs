@@ -1,9 +1,13 @@
 //! `GET /health` (200 + JSON when ready), `GET /stats` (JSON counters that
 //! move with ingest) and `GET /metrics` (Prometheus text 0.0.4: the whole
-//! scrape parses strictly, and a "committed" metric grows). Counter names are not
-//! pinned: any key containing "accepted" / "committed" counts.
+//! scrape parses strictly, and a "committed" metric grows; `promtool check
+//! metrics` finds nothing to say about it; the ack-latency histogram moves
+//! with traffic). Counter names are not pinned: any key containing
+//! "accepted" / "committed" counts.
 
 use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -78,16 +82,76 @@ fn metrics_parser_accepts_the_format() {
     // exponent, a timestamp, +Inf as a label value and as a value, NaN.
     let text = "# HELP a_total help text\n# TYPE a_total counter\na_total 3\n\
                 # HELP b B.\n# TYPE b gauge\nb{x=\"1\",y=\"a,}b\\\"c\"} 2.5e3 1700000000000\n\
-                # HELP c C.\n# TYPE c histogram\nc_bucket{le=\"+Inf\"} +Inf\n\
+                # HELP c C.\n# TYPE c histogram\nc_bucket{le=\"+Inf\"} +Inf\nc_count +Inf\n\
                 # HELP d D.\n# TYPE d untyped\nd NaN\n";
     let samples = parse_scrape(text).samples;
-    assert_eq!(samples.len(), 4);
+    assert_eq!(samples.len(), 5);
     assert_eq!(samples[1].name, "b");
     assert_eq!(samples[1].label("y"), Some("a,}b\"c"));
     assert_eq!(samples[1].value, 2500.0);
     assert_eq!(samples[2].label("le"), Some("+Inf"));
     assert_eq!(samples[2].value, f64::INFINITY);
-    assert!(samples[3].value.is_nan());
+    assert!(samples[4].value.is_nan());
+}
+
+/// `promtool` (Debian package `prometheus`, installed by scripts/test.sh),
+/// or `INGESTD_TEST_PROMTOOL`. Missing is a failure, not a skip: CI must
+/// run this test.
+fn promtool() -> String {
+    let path = std::env::var("INGESTD_TEST_PROMTOOL").unwrap_or_else(|_| "promtool".into());
+    match Command::new(&path).arg("--version").output() {
+        Ok(out) if out.status.success() => path,
+        other => panic!(
+            "promtool not found ({path}: {other:?}); scripts/test.sh installs it (apt-get install prometheus), \
+             or set INGESTD_TEST_PROMTOOL"
+        ),
+    }
+}
+
+#[test]
+fn metrics_pass_promtool_and_ack_histogram_moves_with_traffic() {
+    let promtool = promtool();
+    let s = Server::start();
+    let count0 = s.scrape().sum("ingestd_ack_latency_seconds_count", None);
+    const REQUESTS: usize = 5;
+    for i in 0..REQUESTS {
+        assert_ingest(&s.post_batch(&events(&format!("hist{i}"), 10)), 200, 10, &[]);
+    }
+    // The writer records the latency before it answers, so the five 200s
+    // are already counted; eventually() still allows for a scrape racing it.
+    let scrape = eventually(Duration::from_secs(10), "the ack-latency histogram to count 5 requests", || {
+        let scrape = s.scrape();
+        (scrape.sum("ingestd_ack_latency_seconds_count", None) >= count0 + REQUESTS as f64).then_some(scrape)
+    });
+    let buckets = scrape.buckets("ingestd_ack_latency_seconds");
+    let les: Vec<&str> = buckets.iter().map(|(le, _)| le.as_str()).collect();
+    assert_eq!(les.first(), Some(&"0.0001"), "{buckets:?}");
+    assert_eq!(les.last(), Some(&"+Inf"), "{buckets:?}");
+    // The requests landed in finite buckets (each well under 30 s), and at
+    // least one bucket below +Inf counts them all.
+    let finite = buckets.iter().rev().nth(1).map(|(_, n)| *n).unwrap_or(0.0);
+    assert!(finite >= count0 + REQUESTS as f64, "{buckets:?}");
+    assert!(scrape.sum("ingestd_ack_latency_seconds_sum", None) > 0.0);
+    assert!(scrape.sum("ingestd_batch_events_count", None) >= 1.0);
+
+    // promtool reads the scrape as Prometheus would and lints it (names,
+    // units, HELP text): it must print nothing and exit 0.
+    let mut child = Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    child.stdin.take().unwrap().write_all(scrape.text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "promtool check metrics: {}\n{said}\n--- scrape ---\n{}",
+        out.status,
+        scrape.text
+    );
 }
 
 // ---------------------------------------------------------------------------
