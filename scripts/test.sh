@@ -8,7 +8,8 @@
 #   scripts/test.sh --test it -- NAME    arguments before "--" go to cargo test,
 #                                        arguments after it to the test harness
 #
-# PostgreSQL is installed from Debian packages if missing. The cluster lives in
+# PostgreSQL and PgBouncer (for tests/it/pgbouncer.rs) are installed from
+# Debian packages if missing. The cluster lives in
 # a temporary directory on a free port and is removed on exit; tests find it in
 # INGESTD_TEST_DATABASE_URL (if the caller already sets that variable, its
 # database is used and no cluster is started). Other INGESTD_* variables are
@@ -62,6 +63,10 @@ else
 fi
 export INGESTD_TEST_DATABASE_URL=$url
 echo "INGESTD_TEST_DATABASE_URL=$url" >&2
+
+step "PgBouncer"
+pgbouncer_ensure_installed
+/usr/sbin/pgbouncer --version | head -n 1 >&2
 
 step "cargo build --release --bins"
 cargo build --release --bins
