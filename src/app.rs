@@ -116,7 +116,11 @@ fn start(config: Config, resources: Resources) -> Result<Running, RunError> {
     let live: Arc<LiveConfig> = Arc::new(LiveConfig::from_pointee(config));
     let config = live.load_full();
     let (shards, writers) = (config.shard_count(), config.writer.writers);
-    let sql = Arc::new(Statements::new(&config.database.table, &config.dead_letter_table()));
+    let sql = Arc::new(Statements::new(
+        &config.database.table,
+        &config.dead_letter_table(),
+        config.database.statement_timeout_ms,
+    ));
     let pool = db::pool(&config.database, config.pool_size()).map_err(|e| RunError::Database(e.to_string()))?;
     let database = check_database(&config, &sql)?;
     let table_ready = Arc::new(AtomicBool::new(database == DbStatus::Up));

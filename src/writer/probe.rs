@@ -7,7 +7,10 @@
 //! breaker is not closed), it runs `SELECT 1` on a connection of its own,
 //! within `database.probe_timeout_ms` (connect timeout, TCP user timeout and
 //! `statement_timeout` all set to it, so a server that vanished without a
-//! RST is noticed too). Its own connection, not the writers' pool: a probe
+//! RST is noticed too). The `SELECT 1` runs in a transaction that sets
+//! `statement_timeout` itself, as every statement of ingestd does (see
+//! [`super::db`]: nothing is set per session, so a PgBouncer in transaction
+//! mode in between changes nothing); it is still one round trip. Its own connection, not the writers' pool: a probe
 //! must not wait behind writers stuck in a COPY, and it needs PostgreSQL's
 //! typed errors (a pool only reports that it timed out) to tell "cannot
 //! reach" from "refused us".
@@ -64,7 +67,6 @@ fn connect(db: &DatabaseConfig, timeout: Duration) -> Result<Client, postgres::E
     let mut config = db::pg_config(db)?;
     config.connect_timeout(timeout);
     config.tcp_user_timeout(timeout);
-    config.options(&format!("-c statement_timeout={}", timeout.as_millis().max(1)));
     config.application_name("ingestd-probe");
     config.connect(NoTls)
 }
@@ -74,14 +76,19 @@ fn connect(db: &DatabaseConfig, timeout: Duration) -> Result<Client, postgres::E
 /// is bound.
 pub fn check(db: &DatabaseConfig, sql: &Statements, create: bool) -> Verdict {
     let timeout = Duration::from_millis(db.connect_timeout_ms);
-    match connect(db, timeout).and_then(|mut c| prepare(&mut c, sql, create)) {
+    match connect(db, timeout).and_then(|mut c| prepare(&mut c, sql, create, timeout)) {
         Ok(()) => Verdict::Up,
         Err(e) => verdict(&e),
     }
 }
 
-fn prepare(client: &mut Client, sql: &Statements, create: bool) -> Result<(), postgres::Error> {
-    db::prepare_table_raw(client, sql, create)
+fn prepare(client: &mut Client, sql: &Statements, create: bool, timeout: Duration) -> Result<(), postgres::Error> {
+    db::prepare_table_raw(client, sql, create, millis(timeout))
+}
+
+/// A timeout in whole milliseconds, at least 1 (0 would mean none).
+fn millis(timeout: Duration) -> u64 {
+    u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
 /// The probe thread's state.
@@ -141,9 +148,9 @@ impl Probe {
         }
         let Some(c) = client.as_mut() else { return Verdict::Unreachable("no connection".into()) };
         let result = if self.table_ready.load(Ordering::Acquire) {
-            c.simple_query("SELECT 1").map(drop)
+            db::in_transaction(c, millis(timeout), "SELECT 1")
         } else {
-            prepare(c, &self.sql, db.create_table).map(|()| self.table_ready.store(true, Ordering::Release))
+            prepare(c, &self.sql, db.create_table, timeout).map(|()| self.table_ready.store(true, Ordering::Release))
         };
         self.metrics.probe_us.record_since(started);
         match result {

@@ -19,6 +19,8 @@
 //!   bombs, floods, slow clients, broken WebSocket frames).
 //! - `observability`: `/health`, `/stats`, `/metrics`.
 //! - `ops`: SIGHUP reload.
+//! - `pgbouncer`: through a real PgBouncer in transaction pooling mode
+//!   (ingest, idempotency, dead letters, statement_timeout, the breaker).
 //! - `overload`: fail fast with 503 + Retry-After.
 //! - `reliability`: faults: dead letters, SIGKILL, PostgreSQL restarts, the spool (issue 5).
 //! - `scale`: two instances on one table; strict `/metrics` parsing.
@@ -41,6 +43,7 @@ mod lifecycle;
 mod observability;
 mod ops;
 mod overload;
+mod pgbouncer;
 mod reliability;
 mod scale;
 mod security;
