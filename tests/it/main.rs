@@ -9,6 +9,7 @@
 //!
 //! - `support`: the harness (spawning, raw HTTP client, database helpers).
 //! - `config`: command line, `--check-config`, config errors, exit codes.
+//! - `dbtls`: TLS to PostgreSQL (sslmode, CA, password file), a TLS-only cluster.
 //! - `ingest`: the success paths of `POST /events` and `/events/batch`,
 //!   timestamps, partial rejection, idempotency, `ack = "queue"`.
 //! - `validation`: per-event validation rules and their reasons.
@@ -31,6 +32,7 @@
 mod support;
 
 mod config;
+mod dbtls;
 mod hostile;
 mod http;
 mod ingest;
