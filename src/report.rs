@@ -560,7 +560,11 @@ mod tests {
             backlog,
             budget: Budget::new("limits.memory_budget_bytes", 1000),
             hub,
-            pool: crate::writer::db::pool(&db, 1).expect("a lazy pool"),
+            pool: {
+                let access = crate::writer::connect::Access::load_with(&db, None).expect("plain access");
+                crate::writer::db::pool(&db, &Arc::new(arc_swap::ArcSwap::from_pointee(access)), 1)
+                    .expect("a lazy pool")
+            },
         }
     }
 

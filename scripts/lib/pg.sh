@@ -12,6 +12,8 @@
 #   pg_running DIR                 succeed if the cluster in DIR runs
 #   pg_ensure_database URL NAME    create database NAME if missing, print its URL
 #   pg_psql URL ARGS...            run psql against URL
+#   pg_tls_only DIR CERT KEY       the running cluster in DIR: TCP only over TLS
+#                                  (hostssl, scram-sha-256), reloaded
 #
 # Messages go to stderr; only results (URLs, ports) go to stdout.
 #
@@ -352,4 +354,26 @@ pg_ensure_database() {
         pg_psql "$url" -c "CREATE DATABASE $name" || return 1
     fi
     printf '%s/%s\n' "${url%/*}" "$name"
+}
+
+# pg_tls_only DIR CERT KEY: TLS on with CERT and KEY (PEM, copied into DIR
+# and owned by the cluster's user, as PostgreSQL requires of its key); TCP
+# only through hostssl with a password (scram-sha-256); the Unix socket
+# stays trust for administration. Reloads the running cluster.
+pg_tls_only() {
+    local dir=$1 cert=$2 key=$3 pg_ctl
+    dir=$(realpath -m -- "$dir")
+    pg_as install -m 600 /dev/stdin "$dir/server.crt" <"$cert" || return 1
+    pg_as install -m 600 /dev/stdin "$dir/server.key" <"$key" || return 1
+    printf '%s\n' "# Written by pg_tls_only in scripts/lib/pg.sh." "ssl = on" \
+        "ssl_cert_file = 'server.crt'" "ssl_key_file = 'server.key'" \
+        "password_encryption = 'scram-sha-256'" | pg_as tee "$dir/ingestd-tls.conf" >/dev/null || return 1
+    if ! grep -q "ingestd-tls.conf" "$dir/postgresql.conf"; then
+        printf "include_if_exists = 'ingestd-tls.conf'\n" | pg_as tee -a "$dir/postgresql.conf" >/dev/null || return 1
+    fi
+    printf '%s\n' "# Written by pg_tls_only in scripts/lib/pg.sh: TCP only over TLS." \
+        "local   all all                trust" \
+        "hostssl all all 127.0.0.1/32   scram-sha-256" | pg_as tee "$dir/pg_hba.conf" >/dev/null || return 1
+    pg_ctl=$(pg_bin pg_ctl "$dir") || return 1
+    pg_as "$pg_ctl" reload -D "$dir" >/dev/null
 }

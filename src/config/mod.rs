@@ -13,7 +13,9 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+mod pgurl;
 mod sections;
+pub use pgurl::{DbTarget, DbTls, Given, Roots, TlsMode, Verify, mask_password, split_tls_params};
 pub use sections::*;
 
 /// The whole effective configuration.
@@ -305,11 +307,6 @@ impl Config {
             "is required (or --database-url / INGESTD_DATABASE_URL)",
         );
         check(
-            self.database.url.is_empty() || self.database.url.parse::<postgres::Config>().is_ok(),
-            "database.url",
-            "is not a valid PostgreSQL URL or key=value string",
-        );
-        check(
             table_name_is_valid(&self.database.table),
             "database.table",
             "must be `name` or `schema.name`, each [A-Za-z_][A-Za-z0-9_]{0,62}",
@@ -366,6 +363,12 @@ impl Config {
                      limit can be read and encoded within it"
                 ),
             ));
+        }
+        // The URL with the TLS keys (config::pgurl), once a URL is given.
+        if !self.database.url.trim().is_empty()
+            && let Err(p) = self.database.target()
+        {
+            problems.extend(p);
         }
         for (key, why) in self.breaker.problems() {
             problems.push((format!("breaker.{key}"), why.to_string()));
@@ -468,17 +471,6 @@ fn table_name_is_valid(name: &str) -> bool {
         Some((schema, table)) => ident(schema) && ident(table),
         None => ident(name),
     }
-}
-
-/// Replaces the password of a `scheme://user:password@host` URL with `***`.
-pub fn mask_password(url: &str) -> String {
-    if let Some((scheme, rest)) = url.split_once("://")
-        && let Some((userinfo, host)) = rest.split_once('@')
-        && let Some((user, _)) = userinfo.split_once(':')
-    {
-        return format!("{scheme}://{user}:***@{host}");
-    }
-    url.to_string()
 }
 
 #[cfg(test)]
@@ -611,12 +603,6 @@ mod tests {
         assert!(!table_name_is_valid("events; drop table x"));
         assert!(!table_name_is_valid("1events"));
         assert!(!table_name_is_valid(""));
-    }
-
-    #[test]
-    fn password_is_masked() {
-        assert_eq!(mask_password("postgres://u:secret@h/db"), "postgres://u:***@h/db");
-        assert_eq!(mask_password("postgres://u@h/db"), "postgres://u@h/db");
     }
 
     #[test]

@@ -178,8 +178,30 @@ impl Default for WriterConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseConfig {
-    /// PostgreSQL URL, e.g. `postgres://user@127.0.0.1:5432/db`. Required.
+    /// PostgreSQL URL (or libpq `key=value` string), e.g.
+    /// `postgres://user@127.0.0.1:5432/db?sslmode=verify-full`. Required.
+    /// libpq's `sslmode`, `sslrootcert`, `sslcert` and `sslkey` are read
+    /// as the keys below; a parameter and a key that differ are an error.
     pub url: String,
+    /// TLS to PostgreSQL (libpq's `sslmode`): `disable`, `prefer` (TLS when
+    /// offered, else plain), `require` (TLS, certificate not checked unless
+    /// `ca_file` is set), `verify-ca` (chain checked) or `verify-full`
+    /// (chain and host name). Empty: the URL's `sslmode`, else `prefer`.
+    pub tls_mode: String,
+    /// PEM file of the CA certificates that sign the server's certificate
+    /// (libpq's `sslrootcert`); empty: the system's trusted roots for the
+    /// verify modes, none otherwise; `system`: the system's roots, and
+    /// `verify-full`. Re-read on SIGHUP.
+    pub ca_file: String,
+    /// PEM client certificate chain for certificate authentication
+    /// (`sslcert`); needs `key_file`. Re-read on SIGHUP.
+    pub cert_file: String,
+    /// PEM private key of `cert_file` (`sslkey`). Re-read on SIGHUP.
+    pub key_file: String,
+    /// File holding the password (one line); re-read on SIGHUP, so new
+    /// connections use a rotated password. Empty: the URL's password, else
+    /// the `PGPASSWORD` environment variable. Never logged.
+    pub password_file: String,
     /// Table to write, `name` or `schema.name`; created at start-up when missing.
     pub table: String,
     /// Connections in the pool; 0 means writers + 1.
@@ -205,6 +227,11 @@ impl Default for DatabaseConfig {
     fn default() -> Self {
         Self {
             url: String::new(),
+            tls_mode: String::new(),
+            ca_file: String::new(),
+            cert_file: String::new(),
+            key_file: String::new(),
+            password_file: String::new(),
             table: "events".into(),
             pool_size: 0,
             connect_timeout_ms: 5_000,

@@ -54,13 +54,41 @@ use std::io::Write as _;
 use std::time::Duration;
 
 use postgres::error::SqlState;
-use postgres::{Client, NoTls};
-use r2d2_postgres::PostgresConnectionManager;
+use postgres::Client;
 
+use super::connect::SharedAccess;
 use crate::config::DatabaseConfig;
 use crate::row::{COLUMNS, HEADER, TRAILER};
 
-pub type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
+pub type Pool = r2d2::Pool<Manager>;
+
+/// The pool's connection maker: the URL's settings fixed at start-up, the
+/// TLS material and password as they are now ([`SharedAccess`] is swapped
+/// on SIGHUP), so a connection opened after a reload uses a rotated
+/// password or certificate. (`r2d2_postgres`'s manager holds one fixed
+/// config, which is why this is not it.)
+#[derive(Debug)]
+pub struct Manager {
+    config: postgres::Config,
+    access: SharedAccess,
+}
+
+impl r2d2::ManageConnection for Manager {
+    type Connection = Client;
+    type Error = postgres::Error;
+
+    fn connect(&self) -> Result<Client, postgres::Error> {
+        self.access.load().connect(&self.config)
+    }
+
+    fn is_valid(&self, conn: &mut Client) -> Result<(), postgres::Error> {
+        conn.simple_query("").map(drop)
+    }
+
+    fn has_broken(&self, conn: &mut Client) -> bool {
+        conn.is_closed()
+    }
+}
 
 /// A database failure, classified once: transient failures (connection,
 /// timeout, resources, shutdown) may succeed on retry; permanent ones are
@@ -99,14 +127,7 @@ impl std::fmt::Display for WriteError {
     }
 }
 
-/// PostgreSQL's own words for an error (severity, message, SQLSTATE), or
-/// the client's when the server said nothing.
-pub fn describe(e: &postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!("{}: {} ({})", db.severity(), db.message(), db.code().code()),
-        None => e.to_string(),
-    }
-}
+pub use super::connect::describe;
 
 impl From<postgres::Error> for WriteError {
     fn from(e: postgres::Error) -> Self {
@@ -140,10 +161,15 @@ pub fn is_refusal(e: &postgres::Error) -> bool {
             c.starts_with("28") || c.starts_with("3D") || c == "42P01" || c == "42501" || c == "3F000"
         }
         // The client refusing before any SQL: a bad or incomplete URL
-        // (password missing), or TLS the URL asks for and ingestd cannot speak.
+        // (password missing); a certificate that does not verify or an
+        // alert from the server (a rustls error), or a server without TLS
+        // when TLS is required. The connection dropping during a handshake
+        // is an outage like any other.
         None => {
             let m = e.to_string();
-            m.starts_with("invalid configuration") || m.contains("TLS") || m.contains("tls")
+            m.starts_with("invalid configuration")
+                || super::connect::rustls_error(e).is_some()
+                || (super::connect::is_tls_error(e) && m.contains("does not support TLS"))
         }
     }
 }
@@ -156,9 +182,13 @@ fn is_transient_state(code: &SqlState) -> bool {
     ["08", "53", "57", "40", "58"].iter().any(|class| c.starts_with(class))
 }
 
-/// `postgres::Config` from the configured URL with ingestd's session settings.
+/// `postgres::Config` from the configured URL (without its TLS parameters,
+/// which [`super::connect::Access`] applies) with ingestd's session settings.
 pub fn pg_config(db: &DatabaseConfig) -> Result<postgres::Config, postgres::Error> {
-    let mut config: postgres::Config = db.url.parse()?;
+    // A URL whose TLS parameters do not split (bad quoting or escapes) is
+    // parsed whole, for the postgres crate's own error on it.
+    let url = crate::config::split_tls_params(&db.url).map_or_else(|_| db.url.clone(), |(url, _)| url);
+    let mut config: postgres::Config = url.parse()?;
     config.connect_timeout(Duration::from_millis(db.connect_timeout_ms));
     if config.get_application_name().is_none() {
         config.application_name("ingestd");
@@ -181,9 +211,9 @@ pub fn pg_config(db: &DatabaseConfig) -> Result<postgres::Config, postgres::Erro
 
 /// The writer pool. Connections are checked for breakage when returned, not
 /// tested with a query on every checkout (that would be a round trip per batch).
-pub fn pool(db: &DatabaseConfig, size: u32) -> Result<Pool, WriteError> {
+pub fn pool(db: &DatabaseConfig, access: &SharedAccess, size: u32) -> Result<Pool, WriteError> {
     let config = pg_config(db)?;
-    let manager = PostgresConnectionManager::new(config, NoTls);
+    let manager = Manager { config, access: access.clone() };
     r2d2::Pool::builder()
         .max_size(size)
         .min_idle(Some(0))

@@ -23,10 +23,12 @@
 //! that re-sent events rarely force a whole batch through the fallback.
 //!
 //! - [`db`]: pool, table, idempotent COPY of a batch.
+//! - [`connect`]: opening a connection: TLS (libpq's `sslmode`), password.
 //! - [`recent`]: fingerprints of recently committed ids (a hint).
 //! - [`probe`]: the `db-probe` thread that keeps `/health` and the breaker
 //!   current while no writer reaches the database.
 
+pub mod connect;
 pub mod db;
 pub mod probe;
 pub mod recent;

@@ -28,8 +28,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
-use postgres::{Client, NoTls};
+use postgres::Client;
 
+use super::connect::{Access, SharedAccess};
 use super::db::{self, Statements};
 use crate::breaker::{Breaker, BreakerState};
 use crate::config::{DatabaseConfig, LiveConfig};
@@ -57,28 +58,28 @@ impl Verdict {
     }
 }
 
-fn verdict(e: &postgres::Error) -> Verdict {
-    let message = db::describe(e);
+fn verdict(access: &Access, e: &postgres::Error) -> Verdict {
+    let message = access.describe(e);
     if db::is_refusal(e) { Verdict::Refused(message) } else { Verdict::Unreachable(message) }
 }
 
 /// A connection for probing, with every timeout set to `timeout`.
-fn connect(db: &DatabaseConfig, timeout: Duration) -> Result<Client, postgres::Error> {
+fn connect(access: &Access, db: &DatabaseConfig, timeout: Duration) -> Result<Client, postgres::Error> {
     let mut config = db::pg_config(db)?;
     config.connect_timeout(timeout);
     config.tcp_user_timeout(timeout);
     config.application_name("ingestd-probe");
-    config.connect(NoTls)
+    access.connect(&config)
 }
 
 /// Checks the database once on a fresh connection: reachable, accepting us,
 /// and (with `create`) the table made. What start-up runs before anything
 /// is bound.
-pub fn check(db: &DatabaseConfig, sql: &Statements, create: bool) -> Verdict {
+pub fn check(access: &Access, db: &DatabaseConfig, sql: &Statements, create: bool) -> Verdict {
     let timeout = Duration::from_millis(db.connect_timeout_ms);
-    match connect(db, timeout).and_then(|mut c| prepare(&mut c, sql, create, timeout)) {
+    match connect(access, db, timeout).and_then(|mut c| prepare(&mut c, sql, create, timeout)) {
         Ok(()) => Verdict::Up,
-        Err(e) => verdict(&e),
+        Err(e) => verdict(access, &e),
     }
 }
 
@@ -94,6 +95,8 @@ fn millis(timeout: Duration) -> u64 {
 /// The probe thread's state.
 pub struct Probe {
     pub config: Arc<LiveConfig>,
+    /// TLS material and password, as of the last SIGHUP.
+    pub access: SharedAccess,
     pub sql: Arc<Statements>,
     pub table_ready: Arc<AtomicBool>,
     pub breaker: Arc<parking_lot::Mutex<Breaker>>,
@@ -140,10 +143,11 @@ impl Probe {
 
     fn probe_once(&self, client: &mut Option<Client>, db: &DatabaseConfig, timeout: Duration) -> Verdict {
         let started = Instant::now();
+        let access = self.access.load();
         if client.as_ref().is_none_or(Client::is_closed) {
-            match connect(db, timeout) {
+            match connect(&access, db, timeout) {
                 Ok(c) => *client = Some(c),
-                Err(e) => return verdict(&e),
+                Err(e) => return verdict(&access, &e),
             }
         }
         let Some(c) = client.as_mut() else { return Verdict::Unreachable("no connection".into()) };
@@ -158,7 +162,7 @@ impl Probe {
             Err(e) => {
                 // Start over on a fresh connection next time.
                 *client = None;
-                verdict(&e)
+                verdict(&access, &e)
             }
         }
     }
@@ -187,7 +191,8 @@ impl Probe {
                     *refusal_logged = Some(now);
                     crate::error!(
                         "database refuses ingestd: a configuration problem, not an outage; check database.url \
-                         (user, password, database, TLS), pg_hba.conf, and database.table / create_table",
+                         (user, password, database), the TLS keys (database.tls_mode, ca_file, cert_file, \
+                         key_file), pg_hba.conf, and database.table / create_table",
                         error = why
                     );
                 }

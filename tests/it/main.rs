@@ -11,6 +11,7 @@
 //! - `config`: command line, `--check-config`, config errors, exit codes.
 //! - `cors`: browsers as clients: CORS and the WebSocket `Origin` check, in
 //!   a real headless Chromium.
+//! - `dbtls`: TLS to PostgreSQL (sslmode, CA, password file), a TLS-only cluster.
 //! - `ingest`: the success paths of `POST /events` and `/events/batch`,
 //!   timestamps, partial rejection, idempotency, `ack = "queue"`.
 //! - `validation`: per-event validation rules and their reasons.
@@ -36,6 +37,7 @@ mod support;
 
 mod config;
 mod cors;
+mod dbtls;
 mod hostile;
 mod http;
 mod ingest;

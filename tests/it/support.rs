@@ -121,6 +121,7 @@ pub struct Ingestd {
     table: Option<String>,
     database_url: Option<String>,
     config_file: Option<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Default for Ingestd {
@@ -141,6 +142,7 @@ impl Ingestd {
             table: None,
             database_url: None,
             config_file: None,
+            env: Vec::new(),
         }
     }
 
@@ -168,6 +170,12 @@ impl Ingestd {
         self
     }
 
+    /// An environment variable for the process (e.g. `PGPASSWORD`).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
     /// Override the database URL (default: `INGESTD_TEST_DATABASE_URL`).
     pub fn database_url(mut self, url: &str) -> Self {
         self.database_url = Some(url.to_string());
@@ -189,6 +197,9 @@ impl Ingestd {
         cmd.arg("--set").arg(format!("database.table={table}"));
         for (k, v) in &self.sets {
             cmd.arg("--set").arg(format!("{k}={v}"));
+        }
+        for (k, v) in &self.env {
+            cmd.env(k, v);
         }
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
@@ -1439,6 +1450,29 @@ impl PrivatePg {
         let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
         let url = pg_script(&format!("pg_start '{}' {port}", dir.display()));
         PrivatePg { dir, port, url }
+    }
+
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// TCP only over TLS with this certificate and key (scripts/lib/pg.sh
+    /// `pg_tls_only`); the cluster reloads its configuration.
+    pub fn tls_only(&self, cert: &std::path::Path, key: &std::path::Path) {
+        pg_script(&format!("pg_tls_only '{}' '{}' '{}'", self.dir.display(), cert.display(), key.display()));
+    }
+
+    /// A superuser connection over the Unix socket (trust), which stays
+    /// open to the test when TCP needs TLS and a password.
+    pub fn admin(&self) -> postgres::Client {
+        let mut config = postgres::Config::new();
+        config.host_path(&self.dir).port(self.port).user("postgres").dbname("postgres");
+        config.connect_timeout(Duration::from_secs(10));
+        config.connect(postgres::NoTls).expect("admin connection over the Unix socket")
     }
 
     /// `pg_ctl stop -m fast`: connections are cut, as in a crash or restart.
