@@ -8,7 +8,10 @@
 #   scripts/test.sh --test it -- NAME    arguments before "--" go to cargo test,
 #                                        arguments after it to the test harness
 #
-# PostgreSQL is installed from Debian packages if missing. The cluster lives in
+# PostgreSQL, PgBouncer (for tests/it/pgbouncer.rs), promtool (package
+# prometheus, for the /metrics lint test) and Chromium (the browser tests in
+# tests/it/cors.rs run it headless; scripts/lib/chromium.sh) are installed from
+# Debian packages if missing. The cluster lives in
 # a temporary directory on a free port and is removed on exit; tests find it in
 # INGESTD_TEST_DATABASE_URL (if the caller already sets that variable, its
 # database is used and no cluster is started). Other INGESTD_* variables are
@@ -40,6 +43,12 @@ done < <(compgen -e | grep '^INGESTD_' || true)
 # shellcheck source-path=SCRIPTDIR source=lib/pg.sh
 . "$ROOT/scripts/lib/pg.sh"
 
+# shellcheck source-path=SCRIPTDIR source=lib/promtool.sh
+. "$ROOT/scripts/lib/promtool.sh"
+
+step "promtool"
+promtool_ensure_installed
+
 step "PostgreSQL"
 pgtmp=$(mktemp -d "${TMPDIR:-/tmp}/ingestd-test-pg.XXXXXX")
 cleanup() {
@@ -62,6 +71,15 @@ else
 fi
 export INGESTD_TEST_DATABASE_URL=$url
 echo "INGESTD_TEST_DATABASE_URL=$url" >&2
+
+# shellcheck source-path=SCRIPTDIR source=lib/chromium.sh
+. "$ROOT/scripts/lib/chromium.sh"
+step "Chromium (headless, for tests/it/cors.rs)"
+chromium_ensure_installed
+
+step "PgBouncer"
+pgbouncer_ensure_installed
+/usr/sbin/pgbouncer --version | head -n 1 >&2
 
 step "cargo build --release --bins"
 cargo build --release --bins

@@ -36,6 +36,7 @@ use crate::resources::{ResourceError, Resources};
 use crate::shard::{self, ShardSetup};
 use crate::shutdown::Shutdown;
 use crate::spool::Spool;
+use crate::writer::connect::{Access, SharedAccess};
 use crate::writer::db::{self, Statements};
 use crate::writer::probe::{self, Probe, Verdict};
 use crate::writer::recent::RecentIds;
@@ -92,6 +93,11 @@ struct Running {
     report: Arc<Report>,
     hub: Arc<Hub>,
     tokens: Arc<arc_swap::ArcSwap<crate::auth::Tokens>>,
+    /// The TLS listener's rustls configuration, when `[tls]` is on.
+    tls: Option<Arc<shard::TlsConfig>>,
+    /// The database's TLS material and password: new connections use
+    /// what the last SIGHUP read.
+    access: SharedAccess,
     signals: crossbeam_channel::Receiver<i32>,
     threads: Threads,
 }
@@ -117,10 +123,14 @@ fn start(config: Config, resources: Resources) -> Result<Running, RunError> {
     let sql = Arc::new(Statements::new(
         &config.database.table,
         &config.dead_letter_table(),
+        config.database.statement_timeout_ms,
         config.state_table().as_deref(),
     ));
-    let pool = db::pool(&config.database, config.pool_size()).map_err(|e| RunError::Database(e.to_string()))?;
-    let database = check_database(&config, &sql)?;
+    let Resources { tokens, tls: tls_config, database: access } = resources;
+    let access: SharedAccess = Arc::new(arc_swap::ArcSwap::from_pointee(access));
+    let pool =
+        db::pool(&config.database, &access, config.pool_size()).map_err(|e| RunError::Database(e.to_string()))?;
+    let database = check_database(&config, &access.load(), &sql)?;
     let table_ready = Arc::new(AtomicBool::new(database == DbStatus::Up));
     let breaker = Breaker::new(config.breaker, Instant::now());
     let shutdown = Shutdown::new();
@@ -178,10 +188,13 @@ fn start(config: Config, resources: Resources) -> Result<Running, RunError> {
 
     let listeners = bind_listeners(config.server.listen_addr(), shards)?;
     let local = listeners[0].local_addr().map_err(|e| RunError::Bind(e.to_string()))?;
-    let Resources { tokens, tls: tls_config } = resources;
     let mut tls_listeners: Vec<_> = Vec::new();
     let mut tls_local = None;
-    if let Some(tls_config) = tls_config {
+    let tls_config = tls_config.map(|(rustls_config, fingerprint)| {
+        crate::info!("TLS certificate loaded", cert_file = config.tls.cert_file, sha256 = fingerprint);
+        Arc::new(shard::TlsConfig::new(rustls_config))
+    });
+    if let Some(tls_config) = &tls_config {
         let bound = bind_listeners(config.tls.listen_addr(), shards)?;
         tls_local = Some(bound[0].local_addr().map_err(|e| RunError::Bind(e.to_string()))?);
         tls_listeners = bound.into_iter().map(|l| Some((l, tls_config.clone()))).collect();
@@ -227,8 +240,16 @@ fn start(config: Config, resources: Resources) -> Result<Running, RunError> {
 
     // The probe keeps /health and the breaker current with no client traffic.
     let (probe_stop, stopped) = crossbeam_channel::bounded::<()>(0);
-    let probe =
-        Probe { config: live.clone(), sql, table_ready, breaker, metrics, health: health.clone(), stop: stopped };
+    let probe = Probe {
+        config: live.clone(),
+        access: access.clone(),
+        sql,
+        table_ready,
+        breaker,
+        metrics,
+        health: health.clone(),
+        stop: stopped,
+    };
     let probe = spawn("db-probe", move || probe.run())?;
 
     let signals = signal_channel()?;
@@ -241,22 +262,23 @@ fn start(config: Config, resources: Resources) -> Result<Running, RunError> {
         probe,
         probe_stop,
     };
-    Ok(Running { live, shutdown, health, report, hub, tokens, signals, threads })
+    Ok(Running { live, shutdown, health, report, hub, tokens, tls: tls_config, access, signals, threads })
 }
 
 /// A database that refuses us (credentials, TLS, pg_hba.conf, a missing
 /// table with create_table = false) stops start-up: that is configuration.
 /// One that is unreachable does not: ingestd starts not ready, answers 503,
 /// and the probe makes the table when it first gets through.
-fn check_database(config: &Config, sql: &Statements) -> Result<DbStatus, RunError> {
-    match probe::check(&config.database, sql, config.database.create_table) {
+fn check_database(config: &Config, access: &Access, sql: &Statements) -> Result<DbStatus, RunError> {
+    match probe::check(access, &config.database, sql, config.database.create_table) {
         Verdict::Up => Ok(DbStatus::Up),
         Verdict::Unreachable(why) => {
             crate::warn!("database unreachable at start-up; starting not ready", error = why);
             Ok(DbStatus::Unreachable)
         }
         Verdict::Refused(why) => Err(RunError::Database(format!(
-            "PostgreSQL refused ingestd (check database.url, database.table and create_table): {why}"
+            "PostgreSQL refused ingestd (check database.url, the database.tls_mode / ca_file / cert_file / \
+             key_file / password_file keys, database.table and create_table): {why}"
         ))),
     }
 }
@@ -470,7 +492,7 @@ fn bind_one(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 /// keys, keeps the rest (naming them), and keeps everything when the new
 /// configuration is bad.
 fn reload(running: &Running, sources: &Sources) {
-    let Running { live, tokens, health, report: observed, hub, .. } = running;
+    let Running { live, tokens, tls, access, health, report: observed, hub, .. } = running;
     let mut sources = sources.clone();
     sources.env = Sources::env_overrides(std::env::vars());
     match Config::load(&sources).and_then(|new| live.load().reloaded(&new)) {
@@ -479,10 +501,23 @@ fn reload(running: &Running, sources: &Sources) {
             crate::log::init(merged.log.level, merged.log.format);
             // The files are read through the same function as at start-up.
             match Resources::load(&merged) {
-                Ok(Resources { tokens: table, tls: _ }) => {
+                Ok(Resources { tokens: table, tls: pair, database }) => {
                     crate::info!("SIGHUP: tokens loaded", mode = table.mode().as_str(), tokens = table.len());
                     health.auth_tokens.store(table.mode() == crate::auth::AuthMode::Tokens, Ordering::Relaxed);
                     tokens.store(Arc::new(table));
+                    // New handshakes take the re-read pair; open connections
+                    // keep the configuration they started with.
+                    if let (Some(running), Some((config, fingerprint))) = (tls, pair) {
+                        running.store(config);
+                        crate::info!(
+                            "SIGHUP: TLS certificate loaded",
+                            cert_file = merged.tls.cert_file,
+                            sha256 = fingerprint
+                        );
+                    }
+                    // Database connections already open keep their session;
+                    // new ones use the files as they are now.
+                    access.store(Arc::new(database));
                 }
                 Err(ResourceError(problems)) => {
                     for (key, why) in problems {

@@ -9,13 +9,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use hdrhistogram::Histogram;
-
 use crate::broadcast::Hub;
 use crate::budget::Budget;
 use crate::health::{DbStatus, Health};
 use crate::labels::{RejectKind, Route, Shed};
-use crate::metrics::{Counter, Metrics, STATUS_CODES, ShardStats, WriterStats, process_rss_bytes};
+use crate::metrics::{
+    self, Counter, Metrics, SLOT_SECS, STATUS_CODES, ShardStats, Snapshot, WINDOW_SLOTS, WriterStats, process_rss_bytes,
+};
 use crate::pipeline::{Backlog, RingGauge};
 
 /// Everything the three routes read; built once by `app`, shared by shards.
@@ -68,7 +68,8 @@ impl Report {
         .to_string()
     }
 
-    /// The `/stats` body: totals, plus per-reason rejections and latencies.
+    /// The `/stats` body: totals since start, per-reason rejections, and
+    /// latency quantiles and batch sizes over the last minute (`window_s`).
     pub fn stats_json(&self) -> String {
         let shed_by_reason: serde_json::Map<String, serde_json::Value> = Shed::ALL
             .iter()
@@ -78,16 +79,20 @@ impl Report {
             .iter()
             .map(|k| (k.label().to_string(), self.metrics.sum_shards(|s| s.events_rejected[*k as usize].get()).into()))
             .collect();
-        let quantiles_ms = |h: &Histogram<u64>| {
+        // Quantiles over the recent window (metrics::Window), in ms.
+        let now = Instant::now();
+        let m = &self.metrics;
+        let quantiles_ms = |d: &Snapshot| {
+            let w = &d.window;
             serde_json::json!({
-                "count": h.len(),
-                "p50": h.value_at_quantile(0.5) as f64 / 1000.0,
-                "p99": h.value_at_quantile(0.99) as f64 / 1000.0,
-                "p999": h.value_at_quantile(0.999) as f64 / 1000.0,
-                "max": h.max() as f64 / 1000.0,
+                "count": w.count,
+                "p50": w.quantile(0.5) as f64 / 1000.0,
+                "p99": w.quantile(0.99) as f64 / 1000.0,
+                "p999": w.quantile(0.999) as f64 / 1000.0,
+                "max": w.max as f64 / 1000.0,
             })
         };
-        let batch = self.metrics.merged(|w| &w.batch_events);
+        let batch = m.merged(now, |w| &w.batch_events).window;
         let spool = self.health.spool.get().map(|s| {
             let st = s.stats();
             serde_json::json!({
@@ -133,7 +138,14 @@ impl Report {
             "staging_fallbacks": self.metrics.sum_writers(|w| w.staging_fallbacks.get()),
             "dedup_suspects": self.metrics.sum_writers(|w| w.dedup_suspects.get()),
             "events_dead_lettered": self.metrics.sum_writers(|w| w.events_dead_lettered.get()),
-            "batch_events": { "count": batch.len(), "mean": batch.mean(), "max": batch.max() },
+            "window_s": WINDOW_SLOTS as u64 * SLOT_SECS,
+            "batch_events": {
+                "count": batch.count,
+                "mean": batch.mean(),
+                "p50": batch.quantile(0.5),
+                "p99": batch.quantile(0.99),
+                "max": batch.max,
+            },
             "ring_depth": self.ring.depth(),
             "ring_capacity": self.ring.capacity(),
             "requests": self.metrics.sum_shards(|s| s.requests.iter().map(Counter::get).sum()),
@@ -143,14 +155,14 @@ impl Report {
             "ws_messages_sent": self.metrics.sum_shards(|s| s.ws_messages_sent.get()),
             "ws_dropped": self.metrics.sum_shards(|s| s.ws_dropped.get()),
             "ws_slow_closes": self.metrics.sum_shards(|s| s.ws_slow_closes.get()),
-            "ws_fanout_latency_ms": quantiles_ms(&self.metrics.merged_shards(|s| &s.ws_fanout_us)),
-            "shard_loop_lag_ms": quantiles_ms(&self.metrics.merged_shards(|s| &s.loop_lag_us)),
+            "ws_fanout_latency_ms": quantiles_ms(&m.merged_shards(now, |s| &s.ws_fanout_us)),
+            "shard_loop_lag_ms": quantiles_ms(&m.merged_shards(now, |s| &s.loop_lag_us)),
             "db_pool": Some(&self.pool).map(|p| {
                 let st = p.state();
                 serde_json::json!({"in_use": st.connections - st.idle_connections, "idle": st.idle_connections, "max": p.max_size()})
             }),
-            "commit_latency_ms": quantiles_ms(&self.metrics.merged(|w| &w.commit_us)),
-            "ack_latency_ms": quantiles_ms(&self.metrics.merged(|w| &w.ack_us)),
+            "commit_latency_ms": quantiles_ms(&m.merged(now, |w| &w.commit_us)),
+            "ack_latency_ms": quantiles_ms(&m.merged(now, |w| &w.ack_us)),
         })
         .to_string()
     }
@@ -167,7 +179,7 @@ impl Report {
         self.websocket(o);
         self.writers(o);
         self.queue(o, now);
-        self.latencies(o);
+        self.latencies(o, now);
         self.pool_and_spool(o);
         process(o, self.metrics.started);
         out
@@ -407,36 +419,43 @@ impl Report {
         let _ = writeln!(o, "ingestd_ring_capacity {}", self.ring.capacity());
     }
 
-    fn latencies(&self, o: &mut String) {
+    /// The distributions, as histograms summed over the instance's threads:
+    /// per-shard or per-writer buckets would multiply the series by the
+    /// thread count for quantiles nobody reads per thread; a stuck shard
+    /// shows in `ingestd_shard_loop_lag_last_seconds`, a slow writer in
+    /// `ingestd_writer_batch_cost_seconds`.
+    fn latencies(&self, o: &mut String, now: Instant) {
         let m = &self.metrics;
-        summary(
+        histogram(
             o,
             "ingestd_ws_fanout_latency_seconds",
-            "Commit to frame written, per event.",
-            &m.merged_shards(|s| &s.ws_fanout_us),
-            1e-6,
+            "Commit to WebSocket frame written, per event and subscriber.",
+            &m.merged_shards(now, |s| &s.ws_fanout_us),
         );
-        summary(
+        histogram(
             o,
             "ingestd_commit_duration_seconds",
             "COPY and commit time per batch.",
-            &m.merged(|w| &w.commit_us),
-            1e-6,
+            &m.merged(now, |w| &w.commit_us),
         );
-        summary(
+        histogram(
             o,
             "ingestd_ack_latency_seconds",
             "Time from ring hand-off to commit, per request.",
-            &m.merged(|w| &w.ack_us),
-            1e-6,
+            &m.merged(now, |w| &w.ack_us),
         );
-        summary(o, "ingestd_batch_events", "Events per COPY batch.", &m.merged(|w| &w.batch_events), 1.0);
-        summary(
+        histogram(o, "ingestd_batch_events", "Events per COPY batch.", &m.merged(now, |w| &w.batch_events));
+        histogram(
             o,
             "ingestd_shard_loop_lag_seconds",
             "How late a shard's 100 ms timer fires: event-loop lag.",
-            &m.merged_shards(|s| &s.loop_lag_us),
-            1e-6,
+            &m.merged_shards(now, |s| &s.loop_lag_us),
+        );
+        histogram(
+            o,
+            "ingestd_db_probe_duration_seconds",
+            "Database probes (while no writer reached it): connect and round trip.",
+            &metrics::merge([&m.probe_us].into_iter(), now),
         );
         family(o, "ingestd_shard_loop_lag_last_seconds", "gauge", "The latest event-loop lag reading per shard.");
         for (i, s) in m.shards.iter().enumerate() {
@@ -504,13 +523,25 @@ fn by_shard(o: &mut String, m: &Metrics, families: &[Family<ShardStats>]) {
     }
 }
 
-fn summary(o: &mut String, name: &str, help: &str, h: &Histogram<u64>, scale: f64) {
-    family(o, name, "summary", help);
-    for q in [0.5, 0.9, 0.99, 0.999] {
-        let _ = writeln!(o, "{name}{{quantile=\"{q}\"}} {}", h.value_at_quantile(q) as f64 * scale);
+/// A histogram family: cumulative `_bucket{le}` series (the edges in the
+/// exported unit, then `+Inf`), `_sum` and `_count`. `_count` is the `+Inf`
+/// bucket as read, so the two always agree.
+fn histogram(o: &mut String, name: &str, help: &str, d: &Snapshot) {
+    family(o, name, "histogram", help);
+    let mut count = 0;
+    for (i, n) in d.cumulative().enumerate() {
+        match d.edges.get(i) {
+            Some(&edge) => {
+                let _ = writeln!(o, "{name}_bucket{{le=\"{}\"}} {n}", edge as f64 / d.per_unit);
+            }
+            None => {
+                let _ = writeln!(o, "{name}_bucket{{le=\"+Inf\"}} {n}");
+            }
+        }
+        count = n;
     }
-    let _ = writeln!(o, "{name}_sum {}", h.mean() * h.len() as f64 * scale);
-    let _ = writeln!(o, "{name}_count {}", h.len());
+    let _ = writeln!(o, "{name}_sum {}", d.sum as f64 / d.per_unit);
+    let _ = writeln!(o, "{name}_count {count}");
 }
 
 #[cfg(test)]
@@ -529,7 +560,11 @@ mod tests {
             backlog,
             budget: Budget::new("limits.memory_budget_bytes", 1000),
             hub,
-            pool: crate::writer::db::pool(&db, 1).expect("a lazy pool"),
+            pool: {
+                let access = crate::writer::connect::Access::load_with(&db, None).expect("plain access");
+                crate::writer::db::pool(&db, &Arc::new(arc_swap::ArcSwap::from_pointee(access)), 1)
+                    .expect("a lazy pool")
+            },
         }
     }
 
@@ -547,6 +582,25 @@ mod tests {
         }
         assert!(text.contains("ingestd_events_accepted_total{shard=\"1\"} 5"));
         assert!(text.contains("ingestd_events_committed_total{writer=\"0\"} 3"));
+        // A histogram summed over writers, edges in seconds, cumulative.
+        r.metrics.writers[1].ack_us.record(2_000);
+        r.metrics.writers[0].ack_us.record(40_000_000);
+        let text = r.prometheus();
+        for line in [
+            "# TYPE ingestd_ack_latency_seconds histogram",
+            "ingestd_ack_latency_seconds_bucket{le=\"0.0001\"} 0",
+            "ingestd_ack_latency_seconds_bucket{le=\"0.001\"} 0",
+            "ingestd_ack_latency_seconds_bucket{le=\"0.0025\"} 1",
+            "ingestd_ack_latency_seconds_bucket{le=\"30\"} 1",
+            "ingestd_ack_latency_seconds_bucket{le=\"+Inf\"} 2",
+            "ingestd_ack_latency_seconds_sum 40.002",
+            "ingestd_ack_latency_seconds_count 2",
+            "ingestd_shard_loop_lag_seconds_bucket{le=\"0.00005\"} 0",
+            "ingestd_batch_events_bucket{le=\"100000\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no line {line:?} in\n{text}");
+        }
+        assert!(!text.contains("quantile="), "no summaries left");
     }
 
     #[test]
@@ -559,5 +613,14 @@ mod tests {
         assert_eq!(v["events_accepted"], 5);
         assert_eq!(v["events_rejected"], 1);
         assert_eq!(v["events_rejected_by_reason"]["nul_character"], 1);
+        // Latencies over the last minute, in ms.
+        r.metrics.writers[0].ack_us.record(1_000);
+        r.metrics.writers[1].ack_us.record(3_000);
+        let v: serde_json::Value = serde_json::from_str(&r.stats_json()).unwrap();
+        assert_eq!(v["window_s"], 60);
+        assert_eq!(v["ack_latency_ms"]["count"], 2);
+        assert_eq!(v["ack_latency_ms"]["max"], 3.0);
+        let p50 = v["ack_latency_ms"]["p50"].as_f64().unwrap();
+        assert!((1.0..=1.0625).contains(&p50), "p50 {p50}");
     }
 }

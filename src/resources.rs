@@ -1,22 +1,30 @@
 //! The files the configuration names, loaded: the token table
-//! (`auth.token_file` and the inline tokens) and the TLS certificate and key.
+//! (`auth.token_file` and the inline tokens), the TLS certificate and key,
+//! and the database's access (its CA, client certificate and password
+//! files, and `PGPASSWORD`: [`crate::writer::connect::Access`]).
 //!
 //! The configuration itself is plain validated data and reads no file; this
 //! is where files are read, once at start-up (`main`, before anything is
 //! bound, so that a bad file is exit 64 naming its key, and `--check-config`
 //! reports it too) and again on SIGHUP through the same function (a bad file
-//! then keeps the running resources and says why).
+//! then keeps the running resources and says why). On SIGHUP the token table
+//! and the TLS pair are both swapped in (`app::reload`): a renewed
+//! certificate needs no restart.
 
 use std::sync::Arc;
 
 use crate::auth::Tokens;
 use crate::config::Config;
+use crate::writer::connect::Access;
 
 /// What the configuration's files hold.
 pub struct Resources {
     pub tokens: Tokens,
-    /// The TLS listener's rustls configuration, when `[tls]` is on.
-    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The TLS listener's rustls configuration, when `[tls]` is on, and
+    /// the SHA-256 fingerprint of its leaf certificate (for the log).
+    pub tls: Option<(Arc<rustls::ServerConfig>, String)>,
+    /// How to open a database connection: TLS and the password.
+    pub database: Access,
 }
 
 /// Every file problem, each with the key that names the file.
@@ -49,8 +57,9 @@ impl Resources {
         } else {
             None
         };
-        match tokens {
-            Some(tokens) if problems.is_empty() => Ok(Resources { tokens, tls }),
+        let database = Access::load(&config.database).map_err(|p| problems.extend(p)).ok();
+        match (tokens, database) {
+            (Some(tokens), Some(database)) if problems.is_empty() => Ok(Resources { tokens, tls, database }),
             _ => Err(ResourceError(problems)),
         }
     }

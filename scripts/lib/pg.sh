@@ -3,6 +3,7 @@
 # Source this file; it defines functions only and changes no shell options.
 #
 #   pg_ensure_installed            install PostgreSQL from Debian packages if missing
+#   pgbouncer_ensure_installed     install PgBouncer (/usr/sbin/pgbouncer) if missing
 #   pg_free_port                   print a free TCP port on 127.0.0.1
 #   pg_port_free PORT              succeed if nothing listens on 127.0.0.1:PORT
 #   pg_start DIR PORT              init (if DIR is empty) and start a cluster in DIR,
@@ -11,6 +12,8 @@
 #   pg_running DIR                 succeed if the cluster in DIR runs
 #   pg_ensure_database URL NAME    create database NAME if missing, print its URL
 #   pg_psql URL ARGS...            run psql against URL
+#   pg_tls_only DIR CERT KEY       the running cluster in DIR: TCP only over TLS
+#                                  (hostssl, scram-sha-256), reloaded
 #
 # Messages go to stderr; only results (URLs, ports) go to stdout.
 #
@@ -124,6 +127,41 @@ pg_ensure_installed() {
         return 1
     fi
     pg_msg "PostgreSQL installed: $(pg_bindir)"
+}
+
+# Install PgBouncer from Debian packages when /usr/sbin/pgbouncer is missing
+# (tests/it/pgbouncer.rs runs it in front of the test cluster). Idempotent.
+pgbouncer_ensure_installed() {
+    [[ -x /usr/sbin/pgbouncer ]] && return 0
+    local sudo=()
+    if [[ $(id -u) -ne 0 ]]; then
+        if command -v sudo >/dev/null 2>&1; then
+            sudo=(sudo)
+        else
+            pg_msg "PgBouncer is not installed and we are not root (no sudo either): apt-get install pgbouncer"
+            return 1
+        fi
+    fi
+    if ! command -v apt-get >/dev/null 2>&1; then
+        pg_msg "PgBouncer is not installed and apt-get is not available; install pgbouncer yourself"
+        return 1
+    fi
+    pg_msg "PgBouncer not found; installing it from Debian packages (apt-get) ..."
+    local apt=("${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -q -y
+               -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold)
+    local log
+    log=$(mktemp "${TMPDIR:-/tmp}/ingestd-apt.XXXXXX")
+    # The package list may be older than the archive: install, else update and retry.
+    if ! "${apt[@]}" install --no-install-recommends pgbouncer >"$log" 2>&1; then
+        if ! { "${apt[@]}" update && "${apt[@]}" install --no-install-recommends pgbouncer; } >>"$log" 2>&1; then
+            tail -n 40 "$log" >&2; rm -f "$log"
+            pg_msg "apt-get install pgbouncer failed"
+            return 1
+        fi
+    fi
+    rm -f "$log"
+    [[ -x /usr/sbin/pgbouncer ]] || { pg_msg "pgbouncer installed but /usr/sbin/pgbouncer is missing"; return 1; }
+    pg_msg "PgBouncer installed: $(/usr/sbin/pgbouncer --version | head -n 1)"
 }
 
 # Succeed if nothing accepts connections on 127.0.0.1:PORT.
@@ -316,4 +354,26 @@ pg_ensure_database() {
         pg_psql "$url" -c "CREATE DATABASE $name" || return 1
     fi
     printf '%s/%s\n' "${url%/*}" "$name"
+}
+
+# pg_tls_only DIR CERT KEY: TLS on with CERT and KEY (PEM, copied into DIR
+# and owned by the cluster's user, as PostgreSQL requires of its key); TCP
+# only through hostssl with a password (scram-sha-256); the Unix socket
+# stays trust for administration. Reloads the running cluster.
+pg_tls_only() {
+    local dir=$1 cert=$2 key=$3 pg_ctl
+    dir=$(realpath -m -- "$dir")
+    pg_as install -m 600 /dev/stdin "$dir/server.crt" <"$cert" || return 1
+    pg_as install -m 600 /dev/stdin "$dir/server.key" <"$key" || return 1
+    printf '%s\n' "# Written by pg_tls_only in scripts/lib/pg.sh." "ssl = on" \
+        "ssl_cert_file = 'server.crt'" "ssl_key_file = 'server.key'" \
+        "password_encryption = 'scram-sha-256'" | pg_as tee "$dir/ingestd-tls.conf" >/dev/null || return 1
+    if ! grep -q "ingestd-tls.conf" "$dir/postgresql.conf"; then
+        printf "include_if_exists = 'ingestd-tls.conf'\n" | pg_as tee -a "$dir/postgresql.conf" >/dev/null || return 1
+    fi
+    printf '%s\n' "# Written by pg_tls_only in scripts/lib/pg.sh: TCP only over TLS." \
+        "local   all all                trust" \
+        "hostssl all all 127.0.0.1/32   scram-sha-256" | pg_as tee "$dir/pg_hba.conf" >/dev/null || return 1
+    pg_ctl=$(pg_bin pg_ctl "$dir") || return 1
+    pg_as "$pg_ctl" reload -D "$dir" >/dev/null
 }

@@ -13,7 +13,9 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+mod pgurl;
 mod sections;
+pub use pgurl::{DbTarget, DbTls, Given, Roots, TlsMode, Verify, mask_password, split_tls_params};
 pub use sections::*;
 
 /// The whole effective configuration.
@@ -36,6 +38,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// The optional TLS listener.
     pub tls: TlsConfig,
+    /// Browser pages on other origins: CORS and the WebSocket `Origin` check.
+    pub cors: CorsConfig,
     /// Abuse limits across shards: per IP and per token.
     pub limits: LimitsConfig,
     pub log: LogConfig,
@@ -88,6 +92,11 @@ pub const LIVE_KEYS: &[&str] = &[
     "limits.memory_budget_bytes",
     "log.level",
     "log.format",
+    "log.slow_request_ms",
+    "tls.cert_file",
+    "tls.key_file",
+    "cors.allowed_origins",
+    "cors.max_age_s",
 ];
 
 /// What a reload did.
@@ -300,11 +309,6 @@ impl Config {
             "is required (or --database-url / INGESTD_DATABASE_URL)",
         );
         check(
-            self.database.url.is_empty() || self.database.url.parse::<postgres::Config>().is_ok(),
-            "database.url",
-            "is not a valid PostgreSQL URL or key=value string",
-        );
-        check(
             table_name_is_valid(&self.database.table),
             "database.table",
             "must be `name` or `schema.name`, each [A-Za-z_][A-Za-z0-9_]{0,62}",
@@ -354,6 +358,9 @@ impl Config {
                 "must differ from server.listen",
             );
         }
+        if let Some(why) = self.cors.problem() {
+            problems.push(("cors.allowed_origins".to_string(), why));
+        }
         let smallest_budget = self.server.max_body_bytes.saturating_mul(4);
         if self.limits.memory_budget_bytes < smallest_budget {
             problems.push((
@@ -363,6 +370,12 @@ impl Config {
                      limit can be read and encoded within it"
                 ),
             ));
+        }
+        // The URL with the TLS keys (config::pgurl), once a URL is given.
+        if !self.database.url.trim().is_empty()
+            && let Err(p) = self.database.target()
+        {
+            problems.extend(p);
         }
         for (key, why) in self.breaker.problems() {
             problems.push((format!("breaker.{key}"), why.to_string()));
@@ -478,17 +491,6 @@ fn table_name_is_valid(name: &str) -> bool {
     }
 }
 
-/// Replaces the password of a `scheme://user:password@host` URL with `***`.
-pub fn mask_password(url: &str) -> String {
-    if let Some((scheme, rest)) = url.split_once("://")
-        && let Some((userinfo, host)) = rest.split_once('@')
-        && let Some((user, _)) = userinfo.split_once(':')
-    {
-        return format!("{scheme}://{user}:***@{host}");
-    }
-    url.to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -573,6 +575,24 @@ mod tests {
     }
 
     #[test]
+    fn cors_origins_are_exact_origins_or_a_lone_star() {
+        for ok in ["https://app.example.com", "http://127.0.0.1:8080", "http://[::1]:3000", "https://a-b.c"] {
+            with(&[("cors.allowed_origins", &format!("[\"{ok}\"]"))]).expect(ok);
+        }
+        with(&[("cors.allowed_origins", "[\"*\"]")]).expect("star");
+        for bad in ["app.example.com", "https://a.com/", "https://a.com/x", "ftp://a.com", "https://a.com:x", "*.a.com"]
+        {
+            let e = with(&[("cors.allowed_origins", &format!("[\"{bad}\"]"))]).unwrap_err().to_string();
+            assert!(e.contains("cors.allowed_origins") && e.contains("not an origin"), "{bad}: {e}");
+        }
+        let e = with(&[("cors.allowed_origins", "[\"*\", \"https://a.com\"]")]).unwrap_err().to_string();
+        assert!(e.contains("must be alone"), "{e}");
+        let c = with(&[("cors.allowed_origins", "[\"https://A.example\"]")]).unwrap();
+        assert!(c.cors.allows("https://a.example") && !c.cors.allows("https://a.example:8443"));
+        assert!(!with(&[]).unwrap().cors.allows("https://a.example"));
+    }
+
+    #[test]
     fn live_keys_exist() {
         let text = toml::to_string(&Config::default()).unwrap();
         let table: toml::Table = text.parse().unwrap();
@@ -601,12 +621,6 @@ mod tests {
         assert!(!table_name_is_valid("events; drop table x"));
         assert!(!table_name_is_valid("1events"));
         assert!(!table_name_is_valid(""));
-    }
-
-    #[test]
-    fn password_is_masked() {
-        assert_eq!(mask_password("postgres://u:secret@h/db"), "postgres://u:***@h/db");
-        assert_eq!(mask_password("postgres://u@h/db"), "postgres://u@h/db");
     }
 
     #[test]

@@ -178,8 +178,30 @@ impl Default for WriterConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseConfig {
-    /// PostgreSQL URL, e.g. `postgres://user@127.0.0.1:5432/db`. Required.
+    /// PostgreSQL URL (or libpq `key=value` string), e.g.
+    /// `postgres://user@127.0.0.1:5432/db?sslmode=verify-full`. Required.
+    /// libpq's `sslmode`, `sslrootcert`, `sslcert` and `sslkey` are read
+    /// as the keys below; a parameter and a key that differ are an error.
     pub url: String,
+    /// TLS to PostgreSQL (libpq's `sslmode`): `disable`, `prefer` (TLS when
+    /// offered, else plain), `require` (TLS, certificate not checked unless
+    /// `ca_file` is set), `verify-ca` (chain checked) or `verify-full`
+    /// (chain and host name). Empty: the URL's `sslmode`, else `prefer`.
+    pub tls_mode: String,
+    /// PEM file of the CA certificates that sign the server's certificate
+    /// (libpq's `sslrootcert`); empty: the system's trusted roots for the
+    /// verify modes, none otherwise; `system`: the system's roots, and
+    /// `verify-full`. Re-read on SIGHUP.
+    pub ca_file: String,
+    /// PEM client certificate chain for certificate authentication
+    /// (`sslcert`); needs `key_file`. Re-read on SIGHUP.
+    pub cert_file: String,
+    /// PEM private key of `cert_file` (`sslkey`). Re-read on SIGHUP.
+    pub key_file: String,
+    /// File holding the password (one line); re-read on SIGHUP, so new
+    /// connections use a rotated password. Empty: the URL's password, else
+    /// the `PGPASSWORD` environment variable. Never logged.
+    pub password_file: String,
     /// Table to write, `name` or `schema.name`; created at start-up when missing.
     pub table: String,
     /// Connections in the pool; 0 means writers + 1.
@@ -205,6 +227,11 @@ impl Default for DatabaseConfig {
     fn default() -> Self {
         Self {
             url: String::new(),
+            tls_mode: String::new(),
+            ca_file: String::new(),
+            cert_file: String::new(),
+            key_file: String::new(),
+            password_file: String::new(),
             table: "events".into(),
             pool_size: 0,
             connect_timeout_ms: 5_000,
@@ -287,9 +314,11 @@ pub struct TlsConfig {
     /// Address of the TLS listener, e.g. `0.0.0.0:8443`; empty = no TLS.
     /// `server.listen` keeps serving plain HTTP beside it.
     pub listen: String,
-    /// PEM certificate chain, leaf first.
+    /// PEM certificate chain, leaf first. Read at start-up and again on
+    /// SIGHUP: new handshakes use the renewed pair, open connections keep
+    /// theirs, and a pair that does not load keeps the running one.
     pub cert_file: String,
-    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1); re-read with `cert_file`.
     pub key_file: String,
 }
 
@@ -304,6 +333,81 @@ impl TlsConfig {
     }
 }
 
+/// `[cors]`: which web pages (by origin) may call the ingest and read
+/// routes from a browser, and open `GET /ws`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CorsConfig {
+    /// Origins allowed, each exactly `scheme://host[:port]` as a browser
+    /// sends it in `Origin` (`https://app.example.com`), or `["*"]` for any
+    /// origin. Empty (the default) = CORS off: no CORS headers, `OPTIONS`
+    /// is 405, and `GET /ws` does not look at `Origin`.
+    pub allowed_origins: Vec<String>,
+    /// `Access-Control-Max-Age` of a preflight answer: how long a browser
+    /// may reuse it.
+    pub max_age_s: u32,
+}
+
+impl Default for CorsConfig {
+    fn default() -> Self {
+        Self { allowed_origins: Vec::new(), max_age_s: 600 }
+    }
+}
+
+impl CorsConfig {
+    pub fn enabled(&self) -> bool {
+        !self.allowed_origins.is_empty()
+    }
+
+    /// Whether any origin is allowed (`["*"]`).
+    pub fn any(&self) -> bool {
+        self.allowed_origins.iter().any(|o| o == "*")
+    }
+
+    /// Whether a request's `Origin` is allowed; always false when CORS is off.
+    pub fn allows(&self, origin: &str) -> bool {
+        self.allowed_origins.iter().any(|o| o == "*" || o.eq_ignore_ascii_case(origin))
+    }
+
+    /// What is wrong with `cors.allowed_origins`, if anything.
+    pub fn problem(&self) -> Option<String> {
+        if self.any() && self.allowed_origins.len() > 1 {
+            return Some("\"*\" allows every origin and must be alone".into());
+        }
+        self.allowed_origins.iter().filter(|o| *o != "*").find(|o| !origin_is_valid(o)).map(|o| {
+            format!(
+                "{o:?} is not an origin: write scheme://host[:port] with scheme http or https, no path and no \
+                 trailing slash (e.g. https://app.example.com), or \"*\""
+            )
+        })
+    }
+}
+
+/// `scheme://host[:port]`, as browsers serialise an origin: http or https,
+/// a DNS name, IPv4 or bracketed IPv6 host, an optional port, nothing after.
+fn origin_is_valid(origin: &str) -> bool {
+    let Some(authority) = origin.strip_prefix("https://").or_else(|| origin.strip_prefix("http://")) else {
+        return false;
+    };
+    let (host_ok, port) = match authority.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((addr, after)) => {
+                (!addr.is_empty() && addr.bytes().all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.'), after)
+            }
+            None => (false, ""),
+        },
+        None => {
+            let (host, port) = authority.find(':').map_or((authority, ""), |i| authority.split_at(i));
+            (!host.is_empty() && host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.'), port)
+        }
+    };
+    let port_ok = port.is_empty()
+        || port
+            .strip_prefix(':')
+            .is_some_and(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()));
+    host_ok && port_ok
+}
+
 /// Logging to stderr.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -312,11 +416,14 @@ pub struct LogConfig {
     pub level: crate::log::Level,
     /// `logfmt` or `json`, one line per log event.
     pub format: crate::log::Format,
+    /// A request answered later than this after its first byte is logged
+    /// (`warn`, "slow request", with its `request_id`); 0 = never.
+    pub slow_request_ms: u64,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { level: crate::log::Level::Info, format: crate::log::Format::Logfmt }
+        Self { level: crate::log::Level::Info, format: crate::log::Format::Logfmt, slow_request_ms: 1000 }
     }
 }
 

@@ -18,6 +18,13 @@
 //! (bounded by `max_body_bytes` and the request's deadline) and the
 //! connection stays open; with `Expect: 100-continue` the 503 goes instead
 //! of the 100 and the connection closes (the client has not sent the body).
+//!
+//! Every answer carries `X-Request-Id`: the client's (checked by
+//! [`http::request_id_is_valid`]) or one made here ([`ShardCtx::new_request_id`]),
+//! and every log line about the request names it (`request_id=`): a 4xx
+//! (`info`, "request refused"), a 5xx (`warn`, "request failed"), and any
+//! answer slower than `log.slow_request_ms` (`warn`, "slow request"). That
+//! id is how an operator finds a client's complaint in the log.
 
 use std::rc::Rc;
 use std::sync::Arc;
@@ -62,13 +69,25 @@ pub struct Conn {
     buf_lease: Lease,
     /// Response bytes, reused.
     out: Vec<u8>,
+    /// The request being served, once its head is parsed.
+    current: Option<Current>,
     ctx: Rc<ShardCtx>,
+}
+
+/// What the answer and the log need to know about the request in hand.
+struct Current {
+    id: String,
+    origin: Option<String>,
+    method: http::Method,
+    route: Route,
+    /// Its first byte.
+    started: Instant,
 }
 
 impl Conn {
     pub fn new(stream: Transport, ip: IpPass, ctx: Rc<ShardCtx>) -> Self {
         let buf_lease = ctx.budget.lease();
-        Self { stream, ip, buf: Vec::new(), buf_lease, out: Vec::new(), ctx }
+        Self { stream, ip, buf: Vec::new(), buf_lease, out: Vec::new(), current: None, ctx }
     }
 
     pub async fn run(mut self) {
@@ -80,7 +99,8 @@ impl Conn {
                         Ok((accept, request, admission)) => {
                             self.ctx.stats().response(101);
                             let leftover = std::mem::take(&mut self.buf);
-                            let client = ws::Client { ip: self.ip, grant };
+                            let request_id = self.current.take().map(|c| c.id).unwrap_or_default();
+                            let client = ws::Client { ip: self.ip, grant, request_id };
                             ws::serve(self.stream, leftover, self.ctx, request, admission, client, &accept).await;
                             return;
                         }
@@ -99,6 +119,8 @@ impl Conn {
                 Err(Stop::Respond(response)) => (response.closing(), false),
             };
             self.ctx.stats().response(response.status);
+            let mut response = response;
+            self.finish(&mut response);
             let close = response.close;
             if !self.send(&response, head_only).await || close {
                 return;
@@ -151,6 +173,14 @@ impl Conn {
         };
         self.ctx.stats().request(head.target);
         let deadline = deadline.unwrap_or_else(|| Instant::now() + request_timeout);
+        let mut head = head;
+        self.current = Some(Current {
+            id: head.request_id.take().unwrap_or_else(|| self.ctx.new_request_id()),
+            origin: head.origin.clone(),
+            method: head.method,
+            route: head.target,
+            started: deadline.checked_sub(request_timeout).unwrap_or_else(Instant::now),
+        });
         let admitted = routes::admit(&self.ctx, &head, &self.ip);
         let refusal = match &admitted {
             Ok(_) => routes::refuse_before_body(&self.ctx, &head),
@@ -334,6 +364,64 @@ impl Conn {
         }
     }
 
+    /// Stamps the answer with the request's id and CORS headers, and logs a
+    /// refused, failed or slow request with that id. A head that did not
+    /// parse gets an id made for it.
+    fn finish(&mut self, response: &mut Response) {
+        let current = self.current.take();
+        let id = match &current {
+            Some(c) => c.id.clone(),
+            None => self.ctx.new_request_id(),
+        };
+        routes::add_cors(&self.ctx, current.as_ref().and_then(|c| c.origin.as_deref()), response);
+        let status = response.status;
+        let (method, route, elapsed) = match &current {
+            Some(c) => (method_name(c.method), c.route.label(), c.started.elapsed()),
+            None => ("-", "-", std::time::Duration::ZERO),
+        };
+        let ms = elapsed.as_millis();
+        let slow_ms = self.ctx.config().log.slow_request_ms;
+        let client = self.ip.ip();
+        if status >= 400 {
+            let error = error_text(response);
+            if status >= 500 {
+                crate::warn!(
+                    "request failed",
+                    request_id = id,
+                    method = method,
+                    route = route,
+                    status = status,
+                    ms = ms,
+                    client = client,
+                    error = error
+                );
+            } else {
+                crate::info!(
+                    "request refused",
+                    request_id = id,
+                    method = method,
+                    route = route,
+                    status = status,
+                    ms = ms,
+                    client = client,
+                    error = error
+                );
+            }
+        } else if slow_ms > 0 && ms >= u128::from(slow_ms) {
+            crate::warn!(
+                "slow request",
+                request_id = id,
+                method = method,
+                route = route,
+                status = status,
+                ms = ms,
+                client = client,
+                slow_request_ms = slow_ms
+            );
+        }
+        response.request_id = Some(id);
+    }
+
     /// Holds `buf`'s bytes beyond the idle size in the memory budget.
     fn true_up_buf_lease(&mut self) {
         let cap = self.buf.capacity();
@@ -386,6 +474,8 @@ pub async fn refuse_per_ip(mut stream: Transport, ctx: &ShardCtx) {
         .retry_after(retry)
         .closing();
     ctx.stats().response(429);
+    let mut response = response;
+    response.request_id = Some(ctx.new_request_id());
     let mut out = Vec::new();
     response.write_to(&mut out, false);
     let _ = stream.write_all_by(out, Instant::now() + write_timeout).await;
@@ -396,6 +486,32 @@ pub async fn refuse_per_ip(mut stream: Transport, ctx: &ShardCtx) {
 fn keep_alive_if(head: &RequestHead, mut refusal: Response) -> Response {
     refusal.close |= !head.keep_alive;
     refusal
+}
+
+fn method_name(m: http::Method) -> &'static str {
+    match m {
+        http::Method::Get => "GET",
+        http::Method::Head => "HEAD",
+        http::Method::Post => "POST",
+        http::Method::Options => "OPTIONS",
+        http::Method::Other => "other",
+    }
+}
+
+/// What a refusal said, for its log line: the `error` of a JSON error body,
+/// else the body's start (an ingest answer listing rejected events).
+fn error_text(response: &Response) -> String {
+    const MAX: usize = 300;
+    if let Ok(serde_json::Value::Object(map)) = serde_json::from_slice::<serde_json::Value>(&response.body)
+        && let Some(serde_json::Value::String(e)) = map.get("error")
+    {
+        return e.clone();
+    }
+    let text = String::from_utf8_lossy(&response.body);
+    match text.char_indices().nth(MAX) {
+        Some((at, _)) => format!("{}...", &text[..at]),
+        None => text.into_owned(),
+    }
 }
 
 fn timeout_response() -> Response {

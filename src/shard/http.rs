@@ -26,6 +26,22 @@ pub struct RequestHead {
     pub bearer: Option<crate::auth::Secret>,
     /// `GET /ws` only: the handshake headers and query.
     pub websocket: Option<Box<WsHandshake>>,
+    /// The client's `X-Request-Id`, checked by [`request_id_is_valid`].
+    pub request_id: Option<String>,
+    /// `Origin`: the page a browser sends this request for.
+    pub origin: Option<String>,
+}
+
+/// Longest `X-Request-Id` accepted from a client.
+pub const MAX_REQUEST_ID_BYTES: usize = 128;
+
+/// An `X-Request-Id` a client may send: 1 to [`MAX_REQUEST_ID_BYTES`]
+/// visible ASCII characters, so that it is one token in a log line and
+/// cannot forge one. A longer or unprintable one is refused (400 naming the
+/// header) rather than replaced: a client that sent an id expects to find
+/// that id in the logs.
+pub fn request_id_is_valid(id: &[u8]) -> bool {
+    (1..=MAX_REQUEST_ID_BYTES).contains(&id.len()) && id.iter().all(|b| (0x21..=0x7e).contains(b))
 }
 
 /// What a WebSocket upgrade request said (RFC 6455 §4.2.1).
@@ -45,6 +61,8 @@ pub enum Method {
     Get,
     Head,
     Post,
+    /// A CORS preflight when it carries `Origin`.
+    Options,
     Other,
 }
 
@@ -123,6 +141,7 @@ pub fn parse_head(buf: &[u8], max_headers: usize, max_head_bytes: usize) -> Resu
         Some("GET") => Method::Get,
         Some("HEAD") => Method::Head,
         Some("POST") => Method::Post,
+        Some("OPTIONS") => Method::Options,
         _ => Method::Other,
     };
     let path = req.path.unwrap_or("/");
@@ -144,6 +163,8 @@ pub fn parse_head(buf: &[u8], max_headers: usize, max_head_bytes: usize) -> Resu
     let mut keep_alive = http11;
     let mut bearer = None;
     let mut authorization_seen = false;
+    let mut request_id = None;
+    let mut origin = None;
     for h in req.headers.iter() {
         let value = std::str::from_utf8(h.value).map_err(|_| HeadError::Bad("header value is not valid UTF-8"))?.trim();
         let name = h.name;
@@ -197,6 +218,21 @@ pub fn parse_head(buf: &[u8], max_headers: usize, max_head_bytes: usize) -> Resu
             }
             authorization_seen = true;
             bearer = crate::auth::bearer(value.as_bytes());
+        } else if name.eq_ignore_ascii_case("x-request-id") {
+            if request_id.is_some() {
+                return Err(HeadError::Bad("more than one X-Request-Id header"));
+            }
+            // An empty value is taken as no id: one is made.
+            if !value.is_empty() {
+                if !request_id_is_valid(value.as_bytes()) {
+                    return Err(HeadError::Bad(
+                        "X-Request-Id must be 1 to 128 visible ASCII characters (no spaces or control characters)",
+                    ));
+                }
+                request_id = Some(value.to_string());
+            }
+        } else if name.eq_ignore_ascii_case("origin") {
+            origin = Some(value.to_string());
         } else if name.eq_ignore_ascii_case("expect") {
             expect_continue = value.eq_ignore_ascii_case("100-continue");
         } else if name.eq_ignore_ascii_case("connection") {
@@ -232,7 +268,20 @@ pub fn parse_head(buf: &[u8], max_headers: usize, max_head_bytes: usize) -> Resu
     if let Some(ws) = websocket.as_mut() {
         ws.upgrade = upgrade_header && connection_upgrade;
     }
-    Ok(RequestHead { method, target, body, media, gzip, expect_continue, keep_alive, len, bearer, websocket })
+    Ok(RequestHead {
+        method,
+        target,
+        body,
+        media,
+        gzip,
+        expect_continue,
+        keep_alive,
+        len,
+        bearer,
+        websocket,
+        request_id,
+        origin,
+    })
 }
 
 /// Whether the request line reads `METHOD TARGET HTTP/x.y` with x.y not 1.x.
@@ -417,6 +466,27 @@ pub struct Response {
     pub challenge: Option<&'static str>,
     /// Close the connection after this response.
     pub close: bool,
+    /// `X-Request-Id`: the client's, or the one made for the request.
+    pub request_id: Option<String>,
+    /// CORS headers, for a request from an allowed origin (or `Vary: Origin` alone).
+    pub cors: Option<Box<Cors>>,
+}
+
+/// The request headers a page may send (`Access-Control-Allow-Headers`).
+pub const CORS_ALLOW_HEADERS: &str = "Content-Type, Authorization, Content-Encoding, X-Request-Id";
+/// The answer headers a page may read besides the safelisted ones.
+pub const CORS_EXPOSE_HEADERS: &str = "X-Request-Id, Retry-After";
+
+/// The CORS headers of one answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cors {
+    /// `Access-Control-Allow-Origin`: the request's origin, or `*`; `None`
+    /// for an origin not allowed.
+    pub allow_origin: Option<String>,
+    /// `Vary: Origin`: the answer depends on the origin (a list, not `*`).
+    pub vary: bool,
+    /// A preflight's `Access-Control-Allow-Methods` and `-Max-Age`.
+    pub preflight: Option<(&'static str, u32)>,
 }
 
 impl Response {
@@ -429,6 +499,8 @@ impl Response {
             allow: None,
             challenge: None,
             close: false,
+            request_id: None,
+            cors: None,
         }
     }
 
@@ -447,18 +519,41 @@ impl Response {
         self
     }
 
+    /// 204 with no body: a CORS preflight's answer.
+    pub fn no_content() -> Self {
+        let mut r = Self::json(204, String::new());
+        r.content_type = "";
+        r
+    }
+
     /// Serialises into `out` (cleared first). `head_only` omits the body (HEAD).
     pub fn write_to(&self, out: &mut Vec<u8>, head_only: bool) {
         use std::io::Write as _;
         out.clear();
-        let _ = write!(
-            out,
-            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n",
-            self.status,
-            reason(self.status),
-            self.content_type,
-            self.body.len()
-        );
+        let _ = write!(out, "HTTP/1.1 {} {}\r\n", self.status, reason(self.status));
+        // A 204 has neither (RFC 9110 §8.6).
+        if self.status != 204 {
+            let _ = write!(out, "Content-Type: {}\r\nContent-Length: {}\r\n", self.content_type, self.body.len());
+        }
+        if let Some(id) = &self.request_id {
+            let _ = write!(out, "X-Request-Id: {id}\r\n");
+        }
+        if let Some(cors) = &self.cors {
+            if let Some(origin) = &cors.allow_origin {
+                let _ = write!(out, "Access-Control-Allow-Origin: {origin}\r\n");
+                let _ = write!(out, "Access-Control-Expose-Headers: {CORS_EXPOSE_HEADERS}\r\n");
+                if let Some((methods, max_age)) = cors.preflight {
+                    let _ = write!(
+                        out,
+                        "Access-Control-Allow-Methods: {methods}\r\nAccess-Control-Allow-Headers: \
+                         {CORS_ALLOW_HEADERS}\r\nAccess-Control-Max-Age: {max_age}\r\n"
+                    );
+                }
+            }
+            if cors.vary {
+                out.extend_from_slice(b"Vary: Origin\r\n");
+            }
+        }
         if let Some(s) = self.retry_after {
             let _ = write!(out, "Retry-After: {s}\r\n");
         }
@@ -484,6 +579,7 @@ pub fn reason(status: u16) -> &'static str {
         101 => "Switching Protocols",
         200 => "OK",
         202 => "Accepted",
+        204 => "No Content",
         400 => "Bad Request",
         401 => "Unauthorized",
         403 => "Forbidden",
@@ -542,6 +638,61 @@ mod tests {
         );
         assert!(head("GET /health HTTP/1.1\r\nUpgrade: websocket\r\n\r\n").unwrap().websocket.is_none());
         assert!(!head("GET /ws HTTP/1.1\r\n\r\n").unwrap().websocket.unwrap().upgrade);
+    }
+
+    #[test]
+    fn request_id_and_origin() {
+        let h =
+            head("POST /events HTTP/1.1\r\nX-Request-Id: dev-42/a:b\r\nOrigin: https://app.example\r\n\r\n").unwrap();
+        assert_eq!((h.request_id.as_deref(), h.origin.as_deref()), (Some("dev-42/a:b"), Some("https://app.example")));
+        assert_eq!(head("GET /health HTTP/1.1\r\nX-Request-Id:\r\n\r\n").unwrap().request_id, None);
+        let long = format!("GET /health HTTP/1.1\r\nX-Request-Id: {}\r\n\r\n", "a".repeat(129));
+        let at_limit = format!("GET /health HTTP/1.1\r\nX-Request-Id: {}\r\n\r\n", "a".repeat(128));
+        assert!(head(&at_limit).is_ok());
+        for bad in [
+            long.as_str(),
+            "GET / HTTP/1.1\r\nX-Request-Id: a b\r\n\r\n",
+            "GET / HTTP/1.1\r\nX-Request-Id: \u{e9}\r\n\r\n",
+        ] {
+            match head(bad) {
+                Err(HeadError::Bad(why)) => assert!(why.contains("X-Request-Id"), "{why}"),
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
+        assert!(matches!(head("GET / HTTP/1.1\r\nX-Request-Id: a\r\nX-Request-Id: b\r\n\r\n"), Err(HeadError::Bad(_))));
+        assert_eq!(head("OPTIONS /events HTTP/1.1\r\n\r\n").unwrap().method, Method::Options);
+    }
+
+    #[test]
+    fn cors_and_request_id_headers() {
+        let mut out = Vec::new();
+        let mut r = Response::no_content();
+        r.request_id = Some("r-1".into());
+        r.cors = Some(Box::new(Cors {
+            allow_origin: Some("https://a".into()),
+            vary: true,
+            preflight: Some(("POST, OPTIONS", 600)),
+        }));
+        r.write_to(&mut out, false);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.starts_with("HTTP/1.1 204 No Content\r\n") && !text.contains("Content-Length"), "{text}");
+        for h in [
+            "X-Request-Id: r-1\r\n",
+            "Access-Control-Allow-Origin: https://a\r\n",
+            "Access-Control-Allow-Methods: POST, OPTIONS\r\n",
+            "Access-Control-Allow-Headers: Content-Type, Authorization, Content-Encoding, X-Request-Id\r\n",
+            "Access-Control-Max-Age: 600\r\n",
+            "Access-Control-Expose-Headers: X-Request-Id, Retry-After\r\n",
+            "Vary: Origin\r\n",
+        ] {
+            assert!(text.contains(h), "{h} in {text}");
+        }
+        let mut out = Vec::new();
+        let mut r = Response::error(403, "no");
+        r.cors = Some(Box::new(Cors { allow_origin: None, vary: true, preflight: None }));
+        r.write_to(&mut out, false);
+        let text = String::from_utf8(out).unwrap();
+        assert!(!text.contains("Access-Control") && text.contains("Vary: Origin\r\n"), "{text}");
     }
 
     #[test]

@@ -55,8 +55,9 @@ pub struct ShardSetup {
     /// Bound with SO_REUSEPORT before the thread starts, so bind errors and
     /// the real port are known before ingestd reports ready.
     pub listener: std::net::TcpListener,
-    /// The `[tls]` listener, bound the same way, and its rustls config.
-    pub tls: Option<(std::net::TcpListener, Arc<rustls::ServerConfig>)>,
+    /// The `[tls]` listener, bound the same way, and its rustls config in
+    /// force (SIGHUP swaps it when the certificate is renewed).
+    pub tls: Option<(std::net::TcpListener, Arc<TlsConfig>)>,
     pub ring: RingSender,
     /// What requests may hold in memory (`limits.memory_budget_bytes`).
     pub budget: Budget,
@@ -77,6 +78,12 @@ pub struct ShardSetup {
     /// Per-IP connection counts and rates, shared by every shard.
     pub limits: Arc<crate::limits::Limits>,
 }
+
+/// The TLS listener's rustls configuration in force. Each handshake takes
+/// the one current when its connection is accepted (a lock-free load);
+/// SIGHUP stores a new one when `tls.cert_file`/`key_file` load, and a
+/// connection keeps the configuration it started with.
+pub type TlsConfig = arc_swap::ArcSwap<rustls::ServerConfig>;
 
 /// What a shard's connections share; lives and dies on the shard thread.
 pub struct ShardCtx {
@@ -104,9 +111,19 @@ pub struct ShardCtx {
     pub tokens: Arc<arc_swap::ArcSwap<crate::auth::Tokens>>,
     /// Per-IP connection counts and rates, shared by every shard.
     pub limits: Arc<crate::limits::Limits>,
+    /// Makes request ids: UUIDv7 from this shard's own context (no lock).
+    request_ids: uuid::timestamp::context::ContextV7,
 }
 
 impl ShardCtx {
+    /// A new request id, for a request that did not bring an `X-Request-Id`:
+    /// a UUIDv7 (time-ordered, unique across shards and instances without
+    /// any coordination; made from this shard's context, so no lock and no
+    /// syscall beyond reading the clock).
+    pub fn new_request_id(&self) -> String {
+        uuid::Uuid::new_v7(uuid::Timestamp::now(&self.request_ids)).hyphenated().to_string()
+    }
+
     pub fn stats(&self) -> &ShardStats {
         &self.metrics.shards[self.id]
     }
@@ -175,6 +192,7 @@ async fn run(setup: ShardSetup) {
         metrics: setup.metrics,
         health: setup.health,
         report: setup.report,
+        request_ids: uuid::timestamp::context::ContextV7::new(),
     });
     let fan_out = monoio::spawn(ws::fan_out_task(ctx.clone(), setup.inbox));
     let lag_probe = monoio::spawn(lag_probe(ctx.clone()));
@@ -195,7 +213,7 @@ async fn run(setup: ShardSetup) {
 /// With `tls`, each connection speaks TLS.
 async fn accept_loop(
     listener: monoio::net::TcpListener,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<Arc<TlsConfig>>,
     ctx: Rc<ShardCtx>,
     gate: Rc<Gate>,
 ) {
@@ -234,7 +252,7 @@ async fn accept_loop(
                     let ip = ctx.limits.connect(peer.ip(), max_per_ip);
                     let transport = match &tls {
                         None => Ok(transport::Transport::Plain(stream)),
-                        Some(config) => transport::Transport::tls(stream, config),
+                        Some(config) => transport::Transport::tls(stream, &config.load_full()),
                     };
                     let ctx = ctx.clone();
                     monoio::spawn(async move {

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::accept::{self, Ingested};
-use super::http::{self, Body, BodyFraming, GunzipError, HeadError, Media, Method, RequestHead, Response};
+use super::http::{self, Body, BodyFraming, Cors, GunzipError, HeadError, Media, Method, RequestHead, Response};
 use super::{ShardCtx, ws};
 use crate::auth::{Denied, Grant, Scope, Secret};
 use crate::broadcast::{Admission, Refusal};
@@ -42,6 +42,10 @@ pub fn admit(ctx: &ShardCtx, head: &RequestHead, ip: &IpPass) -> Result<Option<A
     };
     ip.take(ip_rate.0, ip_rate.1)
         .map_err(|wait| too_many_requests("too many requests from this address (limits.ip_requests_per_s)", wait))?;
+    // A browser sends a CORS preflight without credentials; it reads nothing.
+    if head.method == Method::Options {
+        return Ok(None);
+    }
     let scope = match head.target {
         Route::Health | Route::Unknown => return Ok(None),
         Route::Events | Route::Batch => Scope::Ingest,
@@ -95,6 +99,11 @@ pub fn too_many_requests(message: &str, wait: std::time::Duration) -> Response {
 /// Decides everything that can be decided from the head alone, before any
 /// body byte is read: unknown routes, methods, framing, media type, size.
 pub fn refuse_before_body(ctx: &ShardCtx, head: &RequestHead) -> Option<Response> {
+    if head.method == Method::Options
+        && let Some(answer) = preflight(ctx, head)
+    {
+        return Some(answer);
+    }
     let ingest = matches!(head.target, Route::Events | Route::Batch);
     let method_ok = match head.target {
         Route::Events | Route::Batch => head.method == Method::Post,
@@ -107,6 +116,15 @@ pub fn refuse_before_body(ctx: &ShardCtx, head: &RequestHead) -> Option<Response
         let mut r = Response::error(405, &format!("method not allowed here; use {}", head.target.allow()));
         r.allow = Some(head.target.allow());
         r
+    } else if head.target == Route::Ws
+        && let Some(origin) = head.origin.as_deref()
+        && ctx.config().cors.enabled()
+        && !ctx.config().cors.allows(origin)
+    {
+        // Cross-site WebSocket hijacking: a page on another site may open a
+        // socket with the user's cookies or network position; browsers send
+        // `Origin`, other clients usually do not and are not asked to.
+        Response::error(403, &format!("origin {origin:?} is not in cors.allowed_origins"))
     } else if !ingest {
         return None;
     } else if head.body == BodyFraming::None {
@@ -121,6 +139,49 @@ pub fn refuse_before_body(ctx: &ShardCtx, head: &RequestHead) -> Option<Response
         return None;
     };
     Some(refusal)
+}
+
+/// A CORS preflight (`OPTIONS` with `Origin`) to a route a page may call,
+/// when `[cors]` is on: 204 with the route's methods, the headers a page
+/// may send and `cors.max_age_s` for an allowed origin; 403 naming
+/// `cors.allowed_origins` otherwise (the browser then refuses the request
+/// itself; the 403 tells a person with curl why). `None` = not a
+/// preflight: 405 (CORS off) or 404 as for any other method.
+fn preflight(ctx: &ShardCtx, head: &RequestHead) -> Option<Response> {
+    let c = ctx.config();
+    if !c.cors.enabled() || matches!(head.target, Route::Ws | Route::Unknown) {
+        return None;
+    }
+    let Some(origin) = head.origin.as_deref() else {
+        return Some(Response::error(400, "a CORS preflight (OPTIONS) needs an Origin header"));
+    };
+    if !c.cors.allows(origin) {
+        return Some(Response::error(403, &format!("origin {origin:?} is not in cors.allowed_origins")));
+    }
+    let methods = if head.target.is_ingest() { "POST, OPTIONS" } else { "GET, HEAD, OPTIONS" };
+    let mut answer = Response::no_content();
+    answer.cors = Some(Box::new(Cors { preflight: Some((methods, c.cors.max_age_s)), ..Cors::default() }));
+    Some(answer)
+}
+
+/// Adds the CORS headers to an answer when `[cors]` is on: `Vary: Origin`
+/// to every answer (unless any origin is allowed: then nothing varies),
+/// and `Access-Control-Allow-Origin` (the origin, or `*`) when the
+/// request's `Origin` is allowed. No `Allow-Credentials`: tokens travel in
+/// `Authorization`, which a page sets itself.
+pub fn add_cors(ctx: &ShardCtx, origin: Option<&str>, response: &mut Response) {
+    let c = ctx.config();
+    if !c.cors.enabled() {
+        return;
+    }
+    let any = c.cors.any();
+    let cors = response.cors.get_or_insert_with(Box::default);
+    cors.vary = !any;
+    cors.allow_origin = match origin {
+        Some(_) if any => Some("*".to_string()),
+        Some(o) if c.cors.allows(o) => Some(o.to_string()),
+        _ => None,
+    };
 }
 
 /// 503 + `Retry-After` for a request that does not fit in the memory budget.

@@ -298,8 +298,10 @@ impl WriteHalf {
     }
 }
 
-/// Loads `[tls]`'s certificate chain and key into a rustls server config.
-pub fn server_config(cert_file: &str, key_file: &str) -> Result<Arc<rustls::ServerConfig>, (String, String)> {
+/// Loads `[tls]`'s certificate chain and key into a rustls server config,
+/// with the SHA-256 fingerprint of the leaf certificate (hex), which the
+/// log shows so that an operator can tell which certificate is in force.
+pub fn server_config(cert_file: &str, key_file: &str) -> Result<(Arc<rustls::ServerConfig>, String), (String, String)> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_file)
@@ -310,6 +312,15 @@ pub fn server_config(cert_file: &str, key_file: &str) -> Result<Arc<rustls::Serv
     }
     let key = PrivateKeyDer::from_pem_file(key_file)
         .map_err(|e| ("tls.key_file".to_string(), format!("cannot read a private key from {key_file}: {e}")))?;
+    let fingerprint = {
+        use sha2::Digest as _;
+        let digest = sha2::Sha256::digest(certs[0].as_ref());
+        digest.iter().fold(String::with_capacity(64), |mut s, b| {
+            use std::fmt::Write as _;
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+    };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     provider
         .key_provider
@@ -326,5 +337,5 @@ pub fn server_config(cert_file: &str, key_file: &str) -> Result<Arc<rustls::Serv
         })?;
     let mut config = config;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), fingerprint))
 }

@@ -419,6 +419,8 @@ struct Session {
     last_heard: Cell<Instant>,
     /// The writer has finished: the reader stops.
     stopped: LocalNotify,
+    /// The upgrade request's id, for log lines about this socket.
+    request_id: String,
 }
 
 impl Session {
@@ -430,10 +432,12 @@ impl Session {
     }
 }
 
-/// Who is on the other end of a WebSocket: its IP's pass and its token.
+/// Who is on the other end of a WebSocket: its IP's pass, its token, and
+/// the upgrade request's id (the 101 carries it; log lines name it).
 pub struct Client {
     pub ip: IpPass,
     pub grant: Option<std::sync::Arc<Grant>>,
+    pub request_id: String,
 }
 
 /// Answers the upgrade with 101 and serves the connection until either side
@@ -473,9 +477,12 @@ pub async fn serve(
         peer_done: Cell::new(false),
         last_heard: Cell::new(Instant::now()),
         stopped: LocalNotify::default(),
+        request_id: client.request_id.clone(),
     });
     let switching = format!(
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept_key}\r\n\r\n"
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: \
+         {accept_key}\r\nX-Request-Id: {}\r\n\r\n",
+        client.request_id
     );
     let deadline = Instant::now() + ctx.config().server.write_timeout();
     let (written, _) = stream.write_all_by(switching.into_bytes(), deadline).await;
@@ -663,6 +670,15 @@ async fn ingest_frame(ctx: &ShardCtx, body: Utf8Bytes, mut lease: Lease, seq: u6
             format!("{{\"seq\":{seq},{}", &body[1..])
         }
         Ingested::BodyRefused { status, message } | Ingested::Failed { status, message, .. } => {
+            if status >= 500 {
+                crate::warn!(
+                    "websocket ingest frame failed",
+                    request_id = client.request_id,
+                    seq = seq,
+                    status = status,
+                    error = message
+                );
+            }
             serde_json::json!({"seq": seq, "status": status, "error": message, "accepted": 0, "rejected": []})
                 .to_string()
         }
@@ -704,6 +720,17 @@ async fn write_loop(mut writer: WriteHalf, session: &Session, ctx: &ShardCtx) {
             }
         }
         let closing = session.close.take();
+        if let Some((code, reason)) = closing
+            && code != 1000
+            && code != 1001
+        {
+            crate::info!(
+                "websocket closed by the server",
+                request_id = session.request_id,
+                code = code,
+                reason = reason
+            );
+        }
         let mut sent_events = 0u64;
         {
             let mut p = session.protocol.borrow_mut();
@@ -724,7 +751,7 @@ async fn write_loop(mut writer: WriteHalf, session: &Session, ctx: &ShardCtx) {
                 while budget > 0 {
                     let Some(q) = sub.pop() else { break };
                     budget = budget.saturating_sub(q.json.len());
-                    stats.ws_fanout_us.record_duration(q.committed_at.elapsed());
+                    stats.ws_fanout_us.record_since(q.committed_at);
                     if let Ok(text) = Utf8Bytes::try_from(q.json) {
                         let _ = ws.write(mem, Message::Text(text));
                         sent_events += 1;

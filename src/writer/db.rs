@@ -8,20 +8,89 @@
 //! still hits a unique violation is redone whole through staging. (FACTS.md:
 //! staging every batch runs at 0.73–0.81 × raw COPY.) Repeats inside one batch
 //! are removed before the COPY by the writer, so they never force the fallback.
+//!
+//! # Per transaction, so that a pooler in transaction mode changes nothing
+//!
+//! ingestd may reach PostgreSQL through PgBouncer with `pool_mode =
+//! transaction` (docs/OPERATIONS.md), where consecutive transactions of one
+//! client connection may run on different server sessions and nothing set
+//! per session can be relied on. So ingestd sets nothing per session:
+//!
+//! - **`statement_timeout`** is not a startup parameter (PgBouncer refuses
+//!   `options`, and with `ignore_startup_parameters = options` it would be
+//!   dropped silently). Every transaction starts with [`Tx::begin`], which
+//!   sends `BEGIN; SET LOCAL statement_timeout = …` as one simple query: the
+//!   limit holds for that transaction on whichever server session runs it,
+//!   and costs no round trip over the plain `BEGIN` it replaces. Writer
+//!   batches (direct COPY, staging, the redo through staging), dead letters
+//!   and table creation all run in such a transaction; the probe's `SELECT
+//!   1` too ([`super::probe`]). No statement runs outside one.
+//! - **Prepared statements.** `postgres` prepares a *named* statement
+//!   (`s0`, `s1`, … from a per-process counter) for every `query`,
+//!   `execute` or `copy_in` given SQL text, and closes it when the
+//!   `Statement` drops; the Close is sent ahead of the connection's next
+//!   request. PgBouncer 1.18 in transaction mode keeps no prepared statement
+//!   across transactions, and a statement left open on a server session
+//!   would collide with a statement of the same name from another ingestd
+//!   process later on that session ("prepared statement s7 already
+//!   exists"). So every statement is prepared, used and dropped inside one
+//!   transaction, before its `COMMIT`/`ROLLBACK`: the COPYs and the
+//!   staging `INSERT` drop theirs as soon as they return, and the
+//!   dead-letter `INSERT` is dropped before the commit. Parameters are
+//!   built-in types (text, timestamptz), so the client never runs its
+//!   (cached, named) type-lookup statement. The other statements are simple
+//!   queries, which prepare nothing.
+//! - **Temporary staging table.** `CREATE TEMP TABLE IF NOT EXISTS … ON
+//!   COMMIT DELETE ROWS` runs in each transaction that stages, so it exists
+//!   on whichever session runs it, starts empty, and one left on a session by
+//!   an earlier client (of the same table) is the same table.
+//!
+//! What PgBouncer adds that `statement_timeout` cannot bound is its own
+//! queue: a query waiting there for a server connection is not running yet.
+//! Its `query_wait_timeout` and `client_login_timeout` bound that wait and
+//! should be a few seconds (docs/OPERATIONS.md).
 
 use std::collections::HashSet;
 use std::io::Write as _;
 use std::time::Duration;
 
 use postgres::error::SqlState;
-use postgres::{Client, NoTls, Transaction};
-use r2d2_postgres::PostgresConnectionManager;
+use postgres::Client;
 
+use super::connect::SharedAccess;
 use crate::config::DatabaseConfig;
 use crate::row::{COLUMNS, HEADER, TRAILER};
 use super::state::StateSql;
 
-pub type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
+pub type Pool = r2d2::Pool<Manager>;
+
+/// The pool's connection maker: the URL's settings fixed at start-up, the
+/// TLS material and password as they are now ([`SharedAccess`] is swapped
+/// on SIGHUP), so a connection opened after a reload uses a rotated
+/// password or certificate. (`r2d2_postgres`'s manager holds one fixed
+/// config, which is why this is not it.)
+#[derive(Debug)]
+pub struct Manager {
+    config: postgres::Config,
+    access: SharedAccess,
+}
+
+impl r2d2::ManageConnection for Manager {
+    type Connection = Client;
+    type Error = postgres::Error;
+
+    fn connect(&self) -> Result<Client, postgres::Error> {
+        self.access.load().connect(&self.config)
+    }
+
+    fn is_valid(&self, conn: &mut Client) -> Result<(), postgres::Error> {
+        conn.simple_query("").map(drop)
+    }
+
+    fn has_broken(&self, conn: &mut Client) -> bool {
+        conn.is_closed()
+    }
+}
 
 /// A database failure, classified once: transient failures (connection,
 /// timeout, resources, shutdown) may succeed on retry; permanent ones are
@@ -60,14 +129,7 @@ impl std::fmt::Display for WriteError {
     }
 }
 
-/// PostgreSQL's own words for an error (severity, message, SQLSTATE), or
-/// the client's when the server said nothing.
-pub fn describe(e: &postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!("{}: {} ({})", db.severity(), db.message(), db.code().code()),
-        None => e.to_string(),
-    }
-}
+pub use super::connect::describe;
 
 impl From<postgres::Error> for WriteError {
     fn from(e: postgres::Error) -> Self {
@@ -101,10 +163,15 @@ pub fn is_refusal(e: &postgres::Error) -> bool {
             c.starts_with("28") || c.starts_with("3D") || c == "42P01" || c == "42501" || c == "3F000"
         }
         // The client refusing before any SQL: a bad or incomplete URL
-        // (password missing), or TLS the URL asks for and ingestd cannot speak.
+        // (password missing); a certificate that does not verify or an
+        // alert from the server (a rustls error), or a server without TLS
+        // when TLS is required. The connection dropping during a handshake
+        // is an outage like any other.
         None => {
             let m = e.to_string();
-            m.starts_with("invalid configuration") || m.contains("TLS") || m.contains("tls")
+            m.starts_with("invalid configuration")
+                || super::connect::rustls_error(e).is_some()
+                || (super::connect::is_tls_error(e) && m.contains("does not support TLS"))
         }
     }
 }
@@ -117,14 +184,21 @@ fn is_transient_state(code: &SqlState) -> bool {
     ["08", "53", "57", "40", "58"].iter().any(|class| c.starts_with(class))
 }
 
-/// `postgres::Config` from the configured URL with ingestd's session settings.
+/// `postgres::Config` from the configured URL (without its TLS parameters,
+/// which [`super::connect::Access`] applies) with ingestd's session settings.
 pub fn pg_config(db: &DatabaseConfig) -> Result<postgres::Config, postgres::Error> {
-    let mut config: postgres::Config = db.url.parse()?;
+    // A URL whose TLS parameters do not split (bad quoting or escapes) is
+    // parsed whole, for the postgres crate's own error on it.
+    let url = crate::config::split_tls_params(&db.url).map_or_else(|_| db.url.clone(), |(url, _)| url);
+    let mut config: postgres::Config = url.parse()?;
     config.connect_timeout(Duration::from_millis(db.connect_timeout_ms));
     if config.get_application_name().is_none() {
         config.application_name("ingestd");
     }
-    config.options(&format!("-c statement_timeout={}", db.statement_timeout_ms));
+    // No `options` startup parameter (`-c statement_timeout=…`): PgBouncer
+    // refuses it, and in transaction pooling a session setting would not
+    // hold. statement_timeout is set per transaction instead ([`Tx::begin`]).
+    //
     // statement_timeout is enforced by the server; a server that vanished
     // without a RST cannot enforce it. These make the client notice a dead
     // peer on its own: keepalive probes on an idle connection, and a bound on
@@ -139,9 +213,9 @@ pub fn pg_config(db: &DatabaseConfig) -> Result<postgres::Config, postgres::Erro
 
 /// The writer pool. Connections are checked for breakage when returned, not
 /// tested with a query on every checkout (that would be a round trip per batch).
-pub fn pool(db: &DatabaseConfig, size: u32) -> Result<Pool, WriteError> {
+pub fn pool(db: &DatabaseConfig, access: &SharedAccess, size: u32) -> Result<Pool, WriteError> {
     let config = pg_config(db)?;
-    let manager = PostgresConnectionManager::new(config, NoTls);
+    let manager = Manager { config, access: access.clone() };
     r2d2::Pool::builder()
         .max_size(size)
         .min_idle(Some(0))
@@ -157,6 +231,8 @@ pub struct Statements {
     pub table: String,
     /// Where events PostgreSQL refuses go, with its error.
     pub dead_letter_table: String,
+    /// `database.statement_timeout_ms`, set in every transaction ([`Tx::begin`]).
+    pub statement_timeout_ms: u64,
     create_table: String,
     create_dead_letter: String,
     insert_dead_letter: String,
@@ -171,7 +247,7 @@ pub struct Statements {
 impl Statements {
     /// `table` is validated by the config (`name` or `schema.name`); it is
     /// quoted here all the same.
-    pub fn new(table: &str, dead_letter_table: &str, state_table: Option<&str>) -> Self {
+    pub fn new(table: &str, dead_letter_table: &str, statement_timeout_ms: u64, state_table: Option<&str>) -> Self {
         let quote = quote_table;
         let quoted = quote(table);
         let dead = quote(dead_letter_table);
@@ -179,6 +255,7 @@ impl Statements {
         Self {
             table: quoted.clone(),
             dead_letter_table: dead.clone(),
+            statement_timeout_ms,
             create_dead_letter: format!(
                 "CREATE TABLE IF NOT EXISTS {dead} (\n  \
                  event_id    text,\n  \
@@ -229,36 +306,110 @@ pub fn create_table_sql(quoted: &str) -> String {
 
 /// Creates the table when missing (or checks it exists when creation is off).
 pub fn prepare_table(client: &mut Client, sql: &Statements, create: bool) -> Result<(), WriteError> {
-    prepare_table_raw(client, sql, create).map_err(WriteError::from)
+    prepare_table_raw(client, sql, create, sql.statement_timeout_ms).map_err(WriteError::from)
 }
 
 /// [`prepare_table`] with PostgreSQL's typed error, for callers that sort
-/// refusals from outages ([`is_refusal`]).
-pub fn prepare_table_raw(client: &mut Client, sql: &Statements, create: bool) -> Result<(), postgres::Error> {
-    if create {
+/// refusals from outages ([`is_refusal`]), within `statement_timeout_ms`.
+/// One transaction, one round trip.
+pub fn prepare_table_raw(
+    client: &mut Client,
+    sql: &Statements,
+    create: bool,
+    statement_timeout_ms: u64,
+) -> Result<(), postgres::Error> {
+    let body = if create {
         // Quiet the NOTICE "relation already exists" for these statements.
-        let state = sql.state.as_ref().map_or(String::new(), |s| format!("{}; ", s.create_table));
-        let statements = format!(
-            "SET client_min_messages = warning; {}; {}; {state}RESET client_min_messages",
+        let state = sql.state.as_ref().map_or(String::new(), |s| format!("; {}", s.create_table));
+        format!(
+            "SET LOCAL client_min_messages = warning; {}; {}{state}",
             sql.create_table, sql.create_dead_letter
-        );
-        match client.batch_execute(&statements) {
-            // Two instances creating the same table at once: PostgreSQL's
-            // IF NOT EXISTS is not atomic, and the loser gets a unique
-            // violation on its catalog. The table exists now: check again.
-            Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) || e.code() == Some(&SqlState::DUPLICATE_TABLE) => {
-                client.batch_execute(&statements)?;
-            }
-            other => other?,
-        }
+        )
     } else {
         let state = sql.state.as_ref().map_or(String::new(), |s| format!("; SELECT 1 FROM {} LIMIT 0", s.table));
-        client.batch_execute(&format!(
-            "SELECT 1 FROM {} LIMIT 0; SELECT 1 FROM {} LIMIT 0{state}",
-            sql.table, sql.dead_letter_table
-        ))?;
+        format!("SELECT 1 FROM {} LIMIT 0; SELECT 1 FROM {} LIMIT 0{state}", sql.table, sql.dead_letter_table)
+    };
+    match in_transaction(client, statement_timeout_ms, &body) {
+        // Two instances creating the same table at once: PostgreSQL's
+        // IF NOT EXISTS is not atomic, and the loser gets a unique
+        // violation on its catalog. The table exists now: check again.
+        Err(e)
+            if create
+                && (e.code() == Some(&SqlState::UNIQUE_VIOLATION) || e.code() == Some(&SqlState::DUPLICATE_TABLE)) =>
+        {
+            in_transaction(client, statement_timeout_ms, &body)
+        }
+        other => other,
     }
-    Ok(())
+}
+
+/// Runs simple-query `statements` in one transaction within
+/// `statement_timeout_ms`, sent as one query (one round trip); rolled back
+/// if any fails.
+pub fn in_transaction(client: &mut Client, statement_timeout_ms: u64, statements: &str) -> Result<(), postgres::Error> {
+    let result = client.batch_execute(&format!("{}; {statements}; COMMIT", begin_sql(statement_timeout_ms)));
+    if result.is_err() && !client.is_closed() {
+        // A failed statement leaves the transaction open and aborted (the
+        // rest of the query string is skipped): end it. Outside a
+        // transaction (COMMIT itself failed) this is only a warning.
+        let _ended = client.batch_execute("ROLLBACK");
+    }
+    result
+}
+
+fn begin_sql(statement_timeout_ms: u64) -> String {
+    // 0 is PostgreSQL's "no limit", as in the configuration.
+    format!("BEGIN; SET LOCAL statement_timeout = {statement_timeout_ms}")
+}
+
+/// A transaction that carries ingestd's limits on whichever server session
+/// runs it (see the module docs). Rolled back when dropped uncommitted, like
+/// `postgres::Transaction`, which cannot be started with more than `BEGIN`.
+/// Derefs to the client for the statements inside it.
+pub struct Tx<'a> {
+    client: &'a mut Client,
+    open: bool,
+}
+
+impl<'a> Tx<'a> {
+    /// `BEGIN; SET LOCAL statement_timeout = …` in one round trip.
+    pub fn begin(client: &'a mut Client, statement_timeout_ms: u64) -> Result<Self, postgres::Error> {
+        let tx = Tx { client, open: true };
+        // If this fails halfway (BEGIN ran, SET did not), drop rolls back.
+        tx.client.batch_execute(&begin_sql(statement_timeout_ms))?;
+        Ok(tx)
+    }
+
+    pub fn commit(mut self) -> Result<(), postgres::Error> {
+        self.open = false;
+        self.client.batch_execute("COMMIT")
+    }
+
+    pub fn rollback(mut self) -> Result<(), postgres::Error> {
+        self.open = false;
+        self.client.batch_execute("ROLLBACK")
+    }
+}
+
+impl Drop for Tx<'_> {
+    fn drop(&mut self) {
+        if self.open && !self.client.is_closed() {
+            let _rolled_back = self.client.batch_execute("ROLLBACK");
+        }
+    }
+}
+
+impl std::ops::Deref for Tx<'_> {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        self.client
+    }
+}
+
+impl std::ops::DerefMut for Tx<'_> {
+    fn deref_mut(&mut self) -> &mut Client {
+        self.client
+    }
 }
 
 /// One event PostgreSQL refused, with its reason.
@@ -276,7 +427,9 @@ pub fn store_dead_letters(client: &mut Client, sql: &Statements, letters: &[Dead
         UNIX_EPOCH + Duration::from_micros(unix_us.max(0) as u64)
     };
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-    let mut tx = client.transaction()?;
+    let mut tx = Tx::begin(client, sql.statement_timeout_ms)?;
+    // Prepared, used and closed inside the transaction (module docs): the
+    // statement is dropped before the COMMIT, so its Close goes first.
     let insert = tx.prepare(&sql.insert_dead_letter)?;
     for l in letters {
         let payload = l.row.payload.map(text);
@@ -293,6 +446,7 @@ pub fn store_dead_letters(client: &mut Client, sql: &Statements, letters: &[Dead
             ],
         )?;
     }
+    drop(insert);
     tx.commit()?;
     Ok(())
 }
@@ -345,7 +499,7 @@ pub fn copy_batch(
     suspects: Option<RowWriter<'_>>,
     state: Option<StateRows<'_>>,
 ) -> Result<Committed, WriteError> {
-    let mut tx = client.transaction()?;
+    let mut tx = Tx::begin(client, sql.statement_timeout_ms)?;
     match copy(&mut tx, &sql.copy_into_table, clean) {
         Ok(copied) => {
             let staged_ids = match suspects {
@@ -360,7 +514,7 @@ pub fn copy_batch(
         Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => tx.rollback()?,
         Err(e) => return Err(e.into()),
     }
-    let mut tx = client.transaction()?;
+    let mut tx = Tx::begin(client, sql.statement_timeout_ms)?;
     let all: Vec<RowWriter<'_>> = std::iter::once(clean).chain(suspects).collect();
     let staged_ids = copy_via_staging(&mut tx, sql, &all)?;
     let done = Committed { inserted: staged_ids.len() as u64, via_staging: true, staged_ids };
@@ -372,7 +526,7 @@ pub fn copy_batch(
 /// The latest-state upsert, inside the batch's transaction: COPY the
 /// collapsed rows into staging, then one `INSERT … ON CONFLICT`.
 fn upsert_state(
-    tx: &mut Transaction<'_>,
+    tx: &mut Tx<'_>,
     sql: &Statements,
     state: Option<StateRows<'_>>,
     done: &Committed,
@@ -389,11 +543,7 @@ fn upsert_state(
 
 /// COPY into the staging table, then `INSERT … ON CONFLICT DO NOTHING`;
 /// returns the ids that were new.
-fn copy_via_staging(
-    tx: &mut Transaction<'_>,
-    sql: &Statements,
-    rows: &[RowWriter<'_>],
-) -> Result<Vec<String>, postgres::Error> {
+fn copy_via_staging(tx: &mut Tx<'_>, sql: &Statements, rows: &[RowWriter<'_>]) -> Result<Vec<String>, postgres::Error> {
     tx.batch_execute(&sql.create_staging)?;
     let all = |out: &mut dyn std::io::Write| rows.iter().try_for_each(|write| write(out));
     copy(tx, &sql.copy_into_staging, &all)?;
@@ -410,7 +560,7 @@ fn copy_via_staging(
 /// about half their CPU in `tcp_sendmsg` before).
 const COPY_CHUNK_BYTES: usize = 256 * 1024;
 
-fn copy(tx: &mut Transaction<'_>, statement: &str, write_rows: RowWriter<'_>) -> Result<u64, postgres::Error> {
+fn copy(tx: &mut Tx<'_>, statement: &str, write_rows: RowWriter<'_>) -> Result<u64, postgres::Error> {
     let mut w = tx.copy_in(statement)?;
     // An I/O error while streaming is the connection failing; `finish` then
     // reports it as a typed `postgres::Error`, which is what callers classify.
@@ -431,7 +581,7 @@ mod tests {
 
     #[test]
     fn statements_quote_and_name_staging() {
-        let s = Statements::new("ingest.events", "ingest.events_dead_letter", None);
+        let s = Statements::new("ingest.events", "ingest.events_dead_letter", 5_000, None);
         assert_eq!(s.dead_letter_table, "\"ingest\".\"events_dead_letter\"");
         assert_eq!(s.table, "\"ingest\".\"events\"");
         assert!(s.insert_from_staging.contains("\"ingestd_staging_ingest_events\""));

@@ -23,12 +23,14 @@
 //! that re-sent events rarely force a whole batch through the fallback.
 //!
 //! - [`db`]: pool, table, idempotent COPY of a batch.
+//! - [`connect`]: opening a connection: TLS (libpq's `sslmode`), password.
 //! - [`recent`]: fingerprints of recently committed ids (a hint).
 //! - [`state`]: the latest state per device, upserted in the batch's
 //!   transaction (`[state] enabled`).
 //! - [`probe`]: the `db-probe` thread that keeps `/health` and the breaker
 //!   current while no writer reaches the database.
 
+pub mod connect;
 pub mod db;
 pub mod probe;
 pub mod recent;
@@ -606,7 +608,7 @@ impl Writer {
     ) {
         let stats = &self.metrics.writers[self.id];
         for job in &batch.jobs[jobs.clone()] {
-            stats.ack_us.record_duration(job.enqueued.elapsed());
+            stats.ack_us.record_since(job.enqueued);
             report.committed += job.rows.len() as u64;
         }
         if self.publisher.hub.subscribers() > 0 {

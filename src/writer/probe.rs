@@ -7,7 +7,10 @@
 //! breaker is not closed), it runs `SELECT 1` on a connection of its own,
 //! within `database.probe_timeout_ms` (connect timeout, TCP user timeout and
 //! `statement_timeout` all set to it, so a server that vanished without a
-//! RST is noticed too). Its own connection, not the writers' pool: a probe
+//! RST is noticed too). The `SELECT 1` runs in a transaction that sets
+//! `statement_timeout` itself, as every statement of ingestd does (see
+//! [`super::db`]: nothing is set per session, so a PgBouncer in transaction
+//! mode in between changes nothing); it is still one round trip. Its own connection, not the writers' pool: a probe
 //! must not wait behind writers stuck in a COPY, and it needs PostgreSQL's
 //! typed errors (a pool only reports that it timed out) to tell "cannot
 //! reach" from "refused us".
@@ -25,8 +28,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
-use postgres::{Client, NoTls};
+use postgres::Client;
 
+use super::connect::{Access, SharedAccess};
 use super::db::{self, Statements};
 use crate::breaker::{Breaker, BreakerState};
 use crate::config::{DatabaseConfig, LiveConfig};
@@ -54,39 +58,45 @@ impl Verdict {
     }
 }
 
-fn verdict(e: &postgres::Error) -> Verdict {
-    let message = db::describe(e);
+fn verdict(access: &Access, e: &postgres::Error) -> Verdict {
+    let message = access.describe(e);
     if db::is_refusal(e) { Verdict::Refused(message) } else { Verdict::Unreachable(message) }
 }
 
 /// A connection for probing, with every timeout set to `timeout`.
-fn connect(db: &DatabaseConfig, timeout: Duration) -> Result<Client, postgres::Error> {
+fn connect(access: &Access, db: &DatabaseConfig, timeout: Duration) -> Result<Client, postgres::Error> {
     let mut config = db::pg_config(db)?;
     config.connect_timeout(timeout);
     config.tcp_user_timeout(timeout);
-    config.options(&format!("-c statement_timeout={}", timeout.as_millis().max(1)));
     config.application_name("ingestd-probe");
-    config.connect(NoTls)
+    access.connect(&config)
 }
 
 /// Checks the database once on a fresh connection: reachable, accepting us,
 /// and (with `create`) the table made. What start-up runs before anything
 /// is bound.
-pub fn check(db: &DatabaseConfig, sql: &Statements, create: bool) -> Verdict {
+pub fn check(access: &Access, db: &DatabaseConfig, sql: &Statements, create: bool) -> Verdict {
     let timeout = Duration::from_millis(db.connect_timeout_ms);
-    match connect(db, timeout).and_then(|mut c| prepare(&mut c, sql, create)) {
+    match connect(access, db, timeout).and_then(|mut c| prepare(&mut c, sql, create, timeout)) {
         Ok(()) => Verdict::Up,
-        Err(e) => verdict(&e),
+        Err(e) => verdict(access, &e),
     }
 }
 
-fn prepare(client: &mut Client, sql: &Statements, create: bool) -> Result<(), postgres::Error> {
-    db::prepare_table_raw(client, sql, create)
+fn prepare(client: &mut Client, sql: &Statements, create: bool, timeout: Duration) -> Result<(), postgres::Error> {
+    db::prepare_table_raw(client, sql, create, millis(timeout))
+}
+
+/// A timeout in whole milliseconds, at least 1 (0 would mean none).
+fn millis(timeout: Duration) -> u64 {
+    u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
 /// The probe thread's state.
 pub struct Probe {
     pub config: Arc<LiveConfig>,
+    /// TLS material and password, as of the last SIGHUP.
+    pub access: SharedAccess,
     pub sql: Arc<Statements>,
     pub table_ready: Arc<AtomicBool>,
     pub breaker: Arc<parking_lot::Mutex<Breaker>>,
@@ -133,25 +143,26 @@ impl Probe {
 
     fn probe_once(&self, client: &mut Option<Client>, db: &DatabaseConfig, timeout: Duration) -> Verdict {
         let started = Instant::now();
+        let access = self.access.load();
         if client.as_ref().is_none_or(Client::is_closed) {
-            match connect(db, timeout) {
+            match connect(&access, db, timeout) {
                 Ok(c) => *client = Some(c),
-                Err(e) => return verdict(&e),
+                Err(e) => return verdict(&access, &e),
             }
         }
         let Some(c) = client.as_mut() else { return Verdict::Unreachable("no connection".into()) };
         let result = if self.table_ready.load(Ordering::Acquire) {
-            c.simple_query("SELECT 1").map(drop)
+            db::in_transaction(c, millis(timeout), "SELECT 1")
         } else {
-            prepare(c, &self.sql, db.create_table).map(|()| self.table_ready.store(true, Ordering::Release))
+            prepare(c, &self.sql, db.create_table, timeout).map(|()| self.table_ready.store(true, Ordering::Release))
         };
-        self.metrics.probe_us.record_duration(started.elapsed());
+        self.metrics.probe_us.record_since(started);
         match result {
             Ok(()) => Verdict::Up,
             Err(e) => {
                 // Start over on a fresh connection next time.
                 *client = None;
-                verdict(&e)
+                verdict(&access, &e)
             }
         }
     }
@@ -180,7 +191,8 @@ impl Probe {
                     *refusal_logged = Some(now);
                     crate::error!(
                         "database refuses ingestd: a configuration problem, not an outage; check database.url \
-                         (user, password, database, TLS), pg_hba.conf, and database.table / create_table",
+                         (user, password, database), the TLS keys (database.tls_mode, ca_file, cert_file, \
+                         key_file), pg_hba.conf, and database.table / create_table",
                         error = why
                     );
                 }

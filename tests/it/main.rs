@@ -9,6 +9,9 @@
 //!
 //! - `support`: the harness (spawning, raw HTTP client, database helpers).
 //! - `config`: command line, `--check-config`, config errors, exit codes.
+//! - `cors`: browsers as clients: CORS and the WebSocket `Origin` check, in
+//!   a real headless Chromium.
+//! - `dbtls`: TLS to PostgreSQL (sslmode, CA, password file), a TLS-only cluster.
 //! - `ingest`: the success paths of `POST /events` and `/events/batch`,
 //!   timestamps, partial rejection, idempotency, `ack = "queue"`.
 //! - `validation`: per-event validation rules and their reasons.
@@ -17,6 +20,8 @@
 //!   bombs, floods, slow clients, broken WebSocket frames).
 //! - `observability`: `/health`, `/stats`, `/metrics`.
 //! - `ops`: SIGHUP reload.
+//! - `pgbouncer`: through a real PgBouncer in transaction pooling mode
+//!   (ingest, idempotency, dead letters, statement_timeout, the breaker).
 //! - `overload`: fail fast with 503 + Retry-After.
 //! - `reliability`: faults: dead letters, SIGKILL, PostgreSQL restarts, the spool (issue 5).
 //! - `scale`: two instances on one table; strict `/metrics` parsing.
@@ -31,6 +36,8 @@
 mod support;
 
 mod config;
+mod cors;
+mod dbtls;
 mod hostile;
 mod http;
 mod ingest;
@@ -38,6 +45,7 @@ mod lifecycle;
 mod observability;
 mod ops;
 mod overload;
+mod pgbouncer;
 mod reliability;
 mod scale;
 mod security;

@@ -332,9 +332,11 @@ fn metrics_scrape_parses_strictly_after_load() {
         ("ingestd_overload_rejections_total", "counter"),
         ("ingestd_ring_depth", "gauge"),
         ("ingestd_ring_capacity", "gauge"),
-        ("ingestd_ack_latency_seconds", "summary"),
-        ("ingestd_commit_duration_seconds", "summary"),
-        ("ingestd_batch_events", "summary"),
+        ("ingestd_ack_latency_seconds", "histogram"),
+        ("ingestd_commit_duration_seconds", "histogram"),
+        ("ingestd_batch_events", "histogram"),
+        ("ingestd_ws_fanout_latency_seconds", "histogram"),
+        ("ingestd_shard_loop_lag_seconds", "histogram"),
         ("ingestd_connections_open", "gauge"),
         ("ingestd_ws_subscribers", "gauge"),
         ("ingestd_ws_slow_closes_total", "counter"),
@@ -367,8 +369,9 @@ fn metrics_scrape_parses_strictly_after_load() {
     assert_eq!(scrape.sum("ingestd_database_up", None), 1.0);
     let acks = scrape.sum("ingestd_ack_latency_seconds_count", None);
     assert!(acks >= 4.0, "ack latency count {acks}");
-    let p99 = scrape.sum("ingestd_ack_latency_seconds", Some(("quantile", "0.99")));
-    assert!(p99 > 0.0 && p99 < 20.0, "ack latency p99 {p99} s");
+    // Every request acknowledged within 30 s: all in a finite bucket.
+    let within_30s = scrape.sum("ingestd_ack_latency_seconds_bucket", Some(("le", "30")));
+    assert_eq!(within_30s, acks, "ack latency buckets {:?}", scrape.buckets("ingestd_ack_latency_seconds"));
     assert!(scrape.sum("process_resident_memory_bytes", None) > 1e6);
     assert!(scrape.sum("process_open_fds", None) >= 3.0);
 
@@ -397,19 +400,24 @@ fn scrape_parser_rejects_what_prometheus_rejects() {
     let good = "# HELP a_total A.\n# TYPE a_total counter\na_total{x=\"1\",y=\"a,}b\\\"c\"} 3 1700000000000\n\
                 # any other comment\n\n\
                 # HELP l_seconds L.\n# TYPE l_seconds summary\nl_seconds{quantile=\"0.5\"} 0.25\nl_seconds_sum 1.5e0\nl_seconds_count 4\n\
+                # HELP h_seconds H.\n# TYPE h_seconds histogram\nh_seconds_bucket{le=\"0.1\"} 1\nh_seconds_bucket{le=\"1\"} 3\n\
+                h_seconds_bucket{le=\"+Inf\"} 3\nh_seconds_sum 1.2\nh_seconds_count 3\n\
+                h_seconds_bucket{x=\"b\",le=\"1\"} 0\nh_seconds_bucket{x=\"b\",le=\"+Inf\"} 0\nh_seconds_count{x=\"b\"} 0\n\
                 # HELP g G.\n# TYPE g gauge\ng NaN\ng{k=\"v\"} -Inf\ng{k=\"w\",l=\"x\\ny\\\\\"} +1\n";
     let Scrape { samples, types, .. } = parse_scrape(good);
-    assert_eq!(samples.len(), 7);
+    assert_eq!(samples.len(), 15);
     assert_eq!(samples[0].labels["y"], "a,}b\"c");
     assert_eq!(samples[0].value, 3.0);
     assert_eq!(types["l_seconds"], "summary");
     assert_eq!(samples[2].name, "l_seconds_sum");
-    assert_eq!(samples[6].labels["l"], "x\ny\\");
+    assert_eq!(types["h_seconds"], "histogram");
+    assert_eq!(samples[14].labels["l"], "x\ny\\");
 
     // ... and each of these is rejected, at the line and for the reason
     // given (a case rejected for some other reason would prove nothing).
     // Each is well formed but for that one defect.
     const HG: &str = "# HELP a A.\n# TYPE a gauge\n"; // a valid head for family `a`
+    const HH: &str = "# HELP h H.\n# TYPE h histogram\n"; // and for histogram `h`
     let cases: Vec<(&str, String, usize, &str)> = vec![
         // HELP and TYPE: missing, late, for another name, unknown, twice.
         ("no HELP or TYPE", "a_total 1\n".into(), 1, "sample without a TYPE line before it"),
@@ -515,6 +523,48 @@ fn scrape_parser_rejects_what_prometheus_rejects() {
             "quantile label on _sum/_count",
         ),
         ("_sum of a gauge", format!("{HG}a_sum 1\n"), 3, "sample without a TYPE line before it"),
+        // Histograms.
+        ("a bare histogram sample", format!("{HH}h 1\n"), 3, "histogram sample without _bucket, _sum or _count"),
+        ("a bucket without le", format!("{HH}h_bucket 1\n"), 3, "histogram bucket without le"),
+        ("a word as le", format!("{HH}h_bucket{{le=\"one\"}} 1\n"), 3, "le is not a float"),
+        ("le descending", format!("{HH}h_bucket{{le=\"1\"}} 1\nh_bucket{{le=\"0.5\"}} 1\n"), 4, "le not ascending"),
+        (
+            "counts not cumulative",
+            format!("{HH}h_bucket{{le=\"1\"}} 2\nh_bucket{{le=\"2\"}} 1\n"),
+            4,
+            "histogram bucket counts not cumulative",
+        ),
+        (
+            "a bucket after +Inf",
+            format!("{HH}h_bucket{{le=\"+Inf\"}} 2\nh_bucket{{le=\"2\"}} 2\n"),
+            4,
+            "histogram bucket after the +Inf bucket",
+        ),
+        (
+            "_count without +Inf",
+            format!("{HH}h_bucket{{le=\"1\"}} 2\nh_count 2\n"),
+            4,
+            "histogram _count without a +Inf bucket before it",
+        ),
+        (
+            "_count not the +Inf bucket",
+            format!("{HH}h_bucket{{le=\"+Inf\"}} 2\nh_count 3\n"),
+            4,
+            "histogram _count differs from its +Inf bucket",
+        ),
+        (
+            "a bucket after _count",
+            format!("{HH}h_bucket{{le=\"+Inf\"}} 2\nh_count 2\nh_bucket{{le=\"+Inf\"}} 2\n"),
+            5,
+            "histogram bucket after _sum/_count",
+        ),
+        ("le on _sum", format!("{HH}h_sum{{le=\"1\"}} 2\n"), 3, "le label on _sum/_count"),
+        (
+            "no _count before the next family",
+            format!("{HH}h_bucket{{le=\"+Inf\"}} 2\n{HG}"),
+            4,
+            "histogram series without _count",
+        ),
     ];
     let mut problems = Vec::new();
     for (label, text, line, why) in &cases {
@@ -526,9 +576,19 @@ fn scrape_parser_rejects_what_prometheus_rejects() {
         }
         // Without its defect, the same text starts out valid: the defect is
         // on the line named, not before it.
+        // (A histogram cut short before its _count is refused at the end
+        // of the text for that alone.)
+        const UNFINISHED: &str = "/metrics end of text: histogram series without _count";
         let before: String = text.lines().take(line - 1).map(|l| format!("{l}\n")).collect();
-        if let Err(e) = try_parse_scrape(&before) {
-            problems.push(format!("{label}: the lines before the defect are already refused: {e}"));
+        match try_parse_scrape(&before) {
+            Err(e) if why.starts_with("histogram series without _count") && e == UNFINISHED => {}
+            _ if why.starts_with("histogram series without _count") => {
+                problems.push(format!("{label}: an unfinished histogram at the end of the text is accepted"));
+            }
+            Err(e) if e != UNFINISHED => {
+                problems.push(format!("{label}: the lines before the defect are already refused: {e}"));
+            }
+            _ => {}
         }
     }
     assert!(problems.is_empty(), "the scrape parser is not as strict as it claims:\n{}", problems.join("\n"));

@@ -21,6 +21,7 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -616,6 +617,61 @@ fn plain_http_and_garbage_on_the_tls_port_are_closed_cleanly() {
     assert_ingest(&c.roundtrip(&Req::post("/events").json(&ev(&id, "d"))), 200, 1, &[]);
     assert_eq!(s.get("/health").status, 200);
     assert_eq!(s.count_id(&id), 1);
+}
+
+/// A TLS handshake with `config`; the server's leaf certificate, or why not.
+fn handshake(addr: std::net::SocketAddr, config: Arc<rustls::ClientConfig>) -> Result<Vec<u8>, String> {
+    let mut tcp = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    let mut conn = rustls::ClientConnection::new(config, name).unwrap();
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp).map_err(|e| e.to_string())?;
+    }
+    Ok(conn.peer_certificates().and_then(|c| c.first()).map(|c| c.as_ref().to_vec()).unwrap_or_default())
+}
+
+#[test]
+fn sighup_rereads_the_certificate_and_keeps_open_connections() {
+    let old = TestCert::new();
+    let s = old.apply(Ingestd::new()).start();
+    let tls = s.tls_addr();
+    assert_eq!(handshake(tls, old.client_config()).unwrap(), old.der.as_ref());
+    let mut open = TlsConn::connect(tls, &old);
+    assert_eq!(open.roundtrip(&Req::get("/health")).status, 200);
+
+    // Renewal: a new pair written over the same files, then SIGHUP.
+    let new = TestCert::new();
+    std::fs::copy(&new.cert_file, &old.cert_file).unwrap();
+    std::fs::copy(&new.key_file, &old.key_file).unwrap();
+    let mark = s.log_mark();
+    let line = s.sighup();
+    assert!(line.contains("SIGHUP: configuration reloaded"), "{line}");
+    let loaded = s.wait_for_log_since(mark, &["SIGHUP: TLS certificate loaded"], Duration::from_secs(5));
+    let fingerprint: String = {
+        use sha2::Digest as _;
+        sha2::Sha256::digest(new.der.as_ref()).iter().map(|b| format!("{b:02x}")).collect()
+    };
+    assert!(loaded.contains(&format!("sha256={fingerprint}")), "{loaded}");
+    // New handshakes see the new certificate; a client trusting only the old one fails.
+    assert_eq!(handshake(tls, new.client_config()).unwrap(), new.der.as_ref());
+    assert!(handshake(tls, old.client_config()).is_err());
+    // The connection opened before keeps its session and still works.
+    let id = unique("tlsreload");
+    assert_ingest(&open.roundtrip(&Req::post("/events").json(&ev(&id, "d"))), 200, 1, &[]);
+    assert_eq!(s.count_id(&id), 1);
+
+    // A bad pair keeps the running one, and the log says which file and why.
+    std::fs::write(&old.cert_file, "not a certificate").unwrap();
+    let line = s.sighup();
+    assert!(line.contains("SIGHUP: reload refused") && line.contains("tls.cert_file"), "{line}");
+    let mismatched = TestCert::new();
+    std::fs::copy(&mismatched.cert_file, &old.cert_file).unwrap();
+    let line = s.sighup();
+    assert!(line.contains("SIGHUP: reload refused") && line.contains("not a valid certificate for the key"), "{line}");
+    assert_eq!(handshake(tls, new.client_config()).unwrap(), new.der.as_ref());
+    let mut after = TlsConn::connect(tls, &new);
+    assert_eq!(after.roundtrip(&Req::get("/health")).status, 200);
 }
 
 #[test]

@@ -121,6 +121,7 @@ pub struct Ingestd {
     table: Option<String>,
     database_url: Option<String>,
     config_file: Option<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Default for Ingestd {
@@ -141,6 +142,7 @@ impl Ingestd {
             table: None,
             database_url: None,
             config_file: None,
+            env: Vec::new(),
         }
     }
 
@@ -168,6 +170,12 @@ impl Ingestd {
         self
     }
 
+    /// An environment variable for the process (e.g. `PGPASSWORD`).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
     /// Override the database URL (default: `INGESTD_TEST_DATABASE_URL`).
     pub fn database_url(mut self, url: &str) -> Self {
         self.database_url = Some(url.to_string());
@@ -189,6 +197,9 @@ impl Ingestd {
         cmd.arg("--set").arg(format!("database.table={table}"));
         for (k, v) in &self.sets {
             cmd.arg("--set").arg(format!("{k}={v}"));
+        }
+        for (k, v) in &self.env {
+            cmd.env(k, v);
         }
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
@@ -1092,6 +1103,20 @@ pub struct Scrape {
 }
 
 impl Scrape {
+    /// A histogram's cumulative bucket counts by `le` (as written), in
+    /// order, summed over its series.
+    pub fn buckets(&self, family: &str) -> Vec<(String, f64)> {
+        let mut out: Vec<(String, f64)> = Vec::new();
+        for s in self.series(&format!("{family}_bucket")) {
+            let le = s.label("le").unwrap_or_default();
+            match out.iter_mut().find(|(l, _)| l == le) {
+                Some((_, n)) => *n += s.value,
+                None => out.push((le.to_string(), s.value)),
+            }
+        }
+        out
+    }
+
     /// The samples named `name` (exactly: a summary's `_sum` is its own name).
     pub fn series<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Sample> + 'a {
         self.samples.iter().filter(move |s| s.name == name)
@@ -1110,8 +1135,13 @@ impl Scrape {
 /// `\"` and `\n` escapes; every sample's family has a HELP and a TYPE
 /// (of a known type) before it; HELP and TYPE appear at most once per
 /// family; a family's lines are one group; no series appears twice; a
-/// summary's samples are `{quantile=...}`, `_sum` and `_count`; counters end
-/// in `_total` and are not negative. Panics naming the first bad line.
+/// summary's samples are `{quantile=...}`, `_sum` and `_count`; a
+/// histogram's are `_bucket{le=...}` with `le` ascending, counts cumulative
+/// and a `+Inf` bucket last, then `_sum` and `_count`, with `_count` equal
+/// to the `+Inf` bucket (each series of labels other than `le` on its own);
+/// counters end in `_total` and are not negative. Panics naming the first
+/// bad line (a histogram left without `_count` is named at the line that
+/// ends its family, or at `end of text`).
 pub fn parse_scrape(text: &str) -> Scrape {
     try_parse_scrape(text).unwrap_or_else(|e| panic!("{e}\n--- scrape ---\n{text}"))
 }
@@ -1135,6 +1165,22 @@ pub fn try_parse_scrape(text: &str) -> Result<Scrape, String> {
     let mut current: Option<String> = None;
     let mut series: BTreeSet<String> = BTreeSet::new();
     let mut samples = Vec::new();
+    // The histogram series of the current family (by labels without `le`):
+    // last `le` and count seen, the `+Inf` count, whether `_count` came.
+    #[derive(Default)]
+    struct Buckets {
+        last: Option<(f64, f64)>,
+        inf: Option<f64>,
+        counted: bool,
+        summed: bool,
+    }
+    let mut buckets: BTreeMap<String, Buckets> = BTreeMap::new();
+    // Called when a histogram family's group ends.
+    let close = |buckets: &mut BTreeMap<String, Buckets>| -> Result<(), &'static str> {
+        let unfinished = buckets.values().any(|b| !b.counted);
+        buckets.clear();
+        if unfinished { Err("histogram series without _count") } else { Ok(()) }
+    };
     // A family's group ends when another family's line starts.
     let mut enter = |family: &str, current: &mut Option<String>| -> Result<(), &'static str> {
         if current.as_deref() != Some(family) {
@@ -1164,6 +1210,9 @@ pub fn try_parse_scrape(text: &str) -> Result<Scrape, String> {
                     if words.next().is_none_or(|h| h.trim().is_empty()) {
                         return Err(bad("empty HELP text"));
                     }
+                    if current.as_deref() != Some(name) {
+                        close(&mut buckets).map_err(bad)?;
+                    }
                     enter(name, &mut current).map_err(bad)?;
                     if !helps.insert(name.to_string()) {
                         return Err(bad("second HELP for this family"));
@@ -1177,6 +1226,9 @@ pub fn try_parse_scrape(text: &str) -> Result<Scrape, String> {
                     }
                     if !["counter", "gauge", "summary", "histogram", "untyped"].contains(&kind) {
                         return Err(bad("unknown metric type"));
+                    }
+                    if current.as_deref() != Some(name) {
+                        close(&mut buckets).map_err(bad)?;
                     }
                     enter(name, &mut current).map_err(bad)?;
                     if types.insert(name.to_string(), kind.to_string()).is_some() {
@@ -1280,6 +1332,9 @@ pub fn try_parse_scrape(text: &str) -> Result<Scrape, String> {
         if !helps.contains(&family) {
             return Err(bad("sample without a HELP line before it"));
         }
+        if current.as_deref() != Some(family.as_str()) {
+            close(&mut buckets).map_err(bad)?;
+        }
         enter(&family, &mut current).map_err(bad)?;
         match types[&family].as_str() {
             "summary" if name == family && !labels.contains_key("quantile") => {
@@ -1287,6 +1342,53 @@ pub fn try_parse_scrape(text: &str) -> Result<Scrape, String> {
             }
             "summary" | "histogram" if name != family && labels.contains_key("quantile") => {
                 return Err(bad("quantile label on _sum/_count"));
+            }
+            "histogram" if name == family => {
+                return Err(bad("histogram sample without _bucket, _sum or _count"));
+            }
+            "histogram" if name != family && !name.ends_with("_bucket") && labels.contains_key("le") => {
+                return Err(bad("le label on _sum/_count"));
+            }
+            "histogram" => {
+                let mut others = labels.clone();
+                let le = others.remove("le");
+                let b = buckets.entry(format!("{others:?}")).or_default();
+                if name.ends_with("_bucket") {
+                    let le = match le.as_deref() {
+                        None => return Err(bad("histogram bucket without le")),
+                        Some("+Inf") => f64::INFINITY,
+                        Some(le) => le.parse::<f64>().map_err(|_| bad("le is not a float"))?,
+                    };
+                    if b.counted || b.summed {
+                        return Err(bad("histogram bucket after _sum/_count"));
+                    }
+                    if b.inf.is_some() {
+                        return Err(bad("histogram bucket after the +Inf bucket"));
+                    }
+                    if let Some((last_le, last_n)) = b.last {
+                        if le <= last_le {
+                            return Err(bad("le not ascending"));
+                        }
+                        if value < last_n {
+                            return Err(bad("histogram bucket counts not cumulative"));
+                        }
+                    }
+                    if value.is_nan() || value < 0.0 {
+                        return Err(bad("negative or NaN bucket count"));
+                    }
+                    b.last = Some((le, value));
+                    if le == f64::INFINITY {
+                        b.inf = Some(value);
+                    }
+                } else if name.ends_with("_count") {
+                    match b.inf {
+                        None => return Err(bad("histogram _count without a +Inf bucket before it")),
+                        Some(inf) if inf != value => return Err(bad("histogram _count differs from its +Inf bucket")),
+                        Some(_) => b.counted = true,
+                    }
+                } else {
+                    b.summed = true;
+                }
             }
             "counter" if !name.ends_with("_total") => {
                 return Err(bad("counter name does not end in _total"));
@@ -1299,6 +1401,7 @@ pub fn try_parse_scrape(text: &str) -> Result<Scrape, String> {
         }
         samples.push(Sample { name: name.to_string(), labels, value });
     }
+    close(&mut buckets).map_err(|why| format!("/metrics end of text: {why}"))?;
     Ok(Scrape { text: text.to_string(), samples, types })
 }
 
@@ -1347,6 +1450,29 @@ impl PrivatePg {
         let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
         let url = pg_script(&format!("pg_start '{}' {port}", dir.display()));
         PrivatePg { dir, port, url }
+    }
+
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// TCP only over TLS with this certificate and key (scripts/lib/pg.sh
+    /// `pg_tls_only`); the cluster reloads its configuration.
+    pub fn tls_only(&self, cert: &std::path::Path, key: &std::path::Path) {
+        pg_script(&format!("pg_tls_only '{}' '{}' '{}'", self.dir.display(), cert.display(), key.display()));
+    }
+
+    /// A superuser connection over the Unix socket (trust), which stays
+    /// open to the test when TCP needs TLS and a password.
+    pub fn admin(&self) -> postgres::Client {
+        let mut config = postgres::Config::new();
+        config.host_path(&self.dir).port(self.port).user("postgres").dbname("postgres");
+        config.connect_timeout(Duration::from_secs(10));
+        config.connect(postgres::NoTls).expect("admin connection over the Unix socket")
     }
 
     /// `pg_ctl stop -m fast`: connections are cut, as in a crash or restart.

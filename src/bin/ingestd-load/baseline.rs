@@ -24,8 +24,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use ingestd::config::DatabaseConfig;
 use ingestd::ingest::{BodyKind, Clock, Parser, Rules};
 use ingestd::row::{COLUMNS, HEADER, TRAILER};
-use ingestd::writer::db;
-use postgres::NoTls;
+use ingestd::writer::{connect::Access, db};
 use serde_json::{Value, json};
 
 use crate::events::{GenConfig, Generator};
@@ -80,9 +79,16 @@ fn db_config(url: &str) -> DatabaseConfig {
     DatabaseConfig { url: url.to_string(), statement_timeout_ms: 600_000, ..DatabaseConfig::default() }
 }
 
+/// A connection as ingestd's writers open one: the URL's TLS parameters
+/// (`sslmode`, `sslrootcert`, …) and `PGPASSWORD` mean the same here.
 fn connect(url: &str) -> Result<postgres::Client, String> {
-    let config = db::pg_config(&db_config(url)).map_err(|e| format!("bad database URL: {e}"))?;
-    config.connect(NoTls).map_err(|e| format!("cannot connect to PostgreSQL: {e}"))
+    let db = db_config(url);
+    let config = db::pg_config(&db).map_err(|e| format!("bad database URL: {e}"))?;
+    let access = Access::load(&db).map_err(|problems| {
+        let why: Vec<String> = problems.into_iter().map(|(key, why)| format!("{key}: {why}")).collect();
+        format!("bad database URL: {}", why.join("; "))
+    })?;
+    access.connect(&config).map_err(|e| format!("cannot connect to PostgreSQL: {}", access.describe(&e)))
 }
 
 /// The parser rules of ingestd's default configuration (as a shard builds them).
