@@ -53,6 +53,9 @@
 #   --duplicates P         percent of deliberate duplicate event_ids (default 0) [BENCH_DUPLICATES]
 #   --dup-mode M           spread | resend (default spread) [BENCH_DUP_MODE]
 #   --ids K                seq | random | none event_ids (default seq; see ingestd-load help) [BENCH_IDS]
+#   --devices N            distinct device_ids the events spread over (default 10000);
+#                          with --set state.enabled=true this is the size of the
+#                          latest-state table the writers upsert [BENCH_DEVICES]
 #   --sweep                also run the open-loop sweep [BENCH_SWEEP=1]
 #   --sweep-points LIST    fractions in percent (default 10,25,50,75,90,100) [BENCH_SWEEP_POINTS]
 #   --sweep-duration S     measured seconds per step, after 2 s of warm-up (default 8) [BENCH_SWEEP_DURATION]
@@ -89,6 +92,7 @@ batch=${BENCH_BATCH_SIZE:-100}
 dups=${BENCH_DUPLICATES:-0}
 dup_mode=${BENCH_DUP_MODE:-spread}
 ids=${BENCH_IDS:-seq}
+devices=${BENCH_DEVICES:-10000}
 sweep=${BENCH_SWEEP:-}
 sweep_points=${BENCH_SWEEP_POINTS:-10,25,50,75,90,100}
 sweep_duration=${BENCH_SWEEP_DURATION:-8}
@@ -114,6 +118,7 @@ while (($#)); do
         --duplicates) need "$@"; dups=$2; shift ;;
         --dup-mode) need "$@"; dup_mode=$2; shift ;;
         --ids) need "$@"; ids=$2; shift ;;
+        --devices) need "$@"; devices=$2; shift ;;
         --sweep) sweep=1 ;;
         --sweep-points) need "$@"; sweep_points=$2; sweep=1; shift ;;
         --sweep-duration) need "$@"; sweep_duration=$2; shift ;;
@@ -249,7 +254,7 @@ wait_quiet() {
 # json_num FILE KEY: a top-level-ish number from ingestd's one-line /stats JSON.
 stats_num() { sed -n "s/.*\"$2\":\([0-9.]*\).*/\1/p" "$1" | head -n 1; }
 
-load_common=(--batch-size "$batch" --duplicates "$dups" --dup-mode "$dup_mode" --ids "$ids"
+load_common=(--batch-size "$batch" --duplicates "$dups" --dup-mode "$dup_mode" --ids "$ids" --devices "$devices"
              --watch-tree "postgres=$postmaster")
 declare -a B_other I_other B_rps B_pg B_pgus B_ck B_av I_eps I_ueps I_p50 I_p99 I_p999 I_max I_cpu I_pg I_load I_hwm I_pss \
     I_ck I_av I_rc I_rows I_expect I_503 I_err I_batch I_staging I_ratio I_dupacked
@@ -261,7 +266,7 @@ for ((r = 1; r <= repeat; r++)); do
     wait_quiet
     m=$(log_mark)
     "${app[@]}" "$LOAD" copy-baseline --database-url "$url" --table bench_copy_baseline --rows "$baseline_rows" \
-        --connections "$writers" --batch-rows 5000 --streams "$concurrency" --body-events "$batch" --ids "$ids" \
+        --connections "$writers" --batch-rows 5000 --streams "$concurrency" --body-events "$batch" --ids "$ids" --devices "$devices" \
         --warmup "$warmup" --duration "$duration" --watch-tree "postgres=$postmaster" \
         --out "$out/copy-baseline-$r" | tee "$out/copy-baseline-$r.txt"
     B=$out/copy-baseline-$r/result.json
@@ -289,7 +294,8 @@ for ((r = 1; r <= repeat; r++)); do
     stop_ingestd
     I_rc[r]=$stopped_rc
     I_rows[r]=$(pg_psql "$url" -tAc "SELECT count(*) FROM bench_events")
-    pg_psql "$url" -c "DROP TABLE bench_events"
+    # (and the latest-state table, when the run turned [state] on)
+    pg_psql "$url" -c "DROP TABLE bench_events" -c "DROP TABLE IF EXISTS bench_events_state"
     L=$out/load-$r/result.json
     I_eps[r]=$(get "$L" rates.events_per_s_acked)
     I_ueps[r]=$(get "$L" rates.unique_events_per_s_acked)
