@@ -13,7 +13,8 @@
 //! - Tokens: `read` or `subscribe` may read; a `device_prefix` limits what
 //!   is read (403 outside it); an ingest-only token gets 403.
 //! - `[state]` off: 404 saying how to turn it on. Database gone, or a read
-//!   stuck past `state.read_timeout_ms`: 503 with `Retry-After`.
+//!   stuck past `state.read_timeout_ms`: 503 with `Retry-After`. A page
+//!   that would pass `state.max_answer_bytes` ends early with `next` set.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -343,4 +344,23 @@ fn database_stopped_is_503_with_retry_after_and_reads_come_back() {
     eventually(Duration::from_secs(20), "reads served again after PostgreSQL is back", || {
         (s.get("/devices/d").status == 200).then_some(())
     });
+}
+
+#[test]
+fn a_page_past_max_answer_bytes_ends_early_and_next_goes_on() {
+    let s = with_state().set("state.max_answer_bytes", 65_536).start();
+    let big = "x".repeat(20_000);
+    let events: Vec<Value> = (0..10)
+        .map(|i| json!({"device_id": format!("big/{i:02}"), "type": "t", "ts": now_ms(), "payload": {"blob": big}}))
+        .collect();
+    assert_eq!(s.post_batch(&events).status, 200);
+    let first = s.get("/devices?limit=10");
+    assert_eq!(first.status, 200);
+    let page = first.json();
+    let n = page["devices"].as_array().unwrap().len();
+    assert!((1..10).contains(&n) && first.body.len() <= 65_536, "{n} devices in {} bytes", first.body.len());
+    assert_eq!(page["next"], page["devices"][n - 1]["device_id"]);
+    let (ids, pages) = walk(&s, "", 10, None);
+    assert_eq!(ids, (0..10).map(|i| format!("big/{i:02}")).collect::<Vec<_>>());
+    println!("10 devices of 20 kB under max_answer_bytes = 64 KiB: {n} in the first page, {pages} pages");
 }
