@@ -108,6 +108,8 @@ struct Threads {
     shards: Vec<JoinHandle<()>>,
     spool: Option<(JoinHandle<crate::spool::AppenderReport>, JoinHandle<DrainReport>)>,
     writers: Vec<JoinHandle<WriterReport>>,
+    /// `reader-{n}`, with `[state]` on: they stop when the shards are gone.
+    readers: Vec<JoinHandle<()>>,
     broadcaster: JoinHandle<()>,
     probe: JoinHandle<()>,
     /// Dropped to stop the probe.
@@ -186,6 +188,8 @@ fn start(config: Config, resources: Resources) -> Result<Running, RunError> {
 
     let (spool_sender, spool_threads) = open_spool(&config, &health, &ring_sender, &budget, &shutdown)?;
 
+    let (readers, reader_threads) = start_readers(&config, &access)?;
+
     let listeners = bind_listeners(config.server.listen_addr(), shards)?;
     let local = listeners[0].local_addr().map_err(|e| RunError::Bind(e.to_string()))?;
     let mut tls_listeners: Vec<_> = Vec::new();
@@ -229,6 +233,7 @@ fn start(config: Config, resources: Resources) -> Result<Running, RunError> {
             spool: spool_sender.clone(),
             tokens: tokens.clone(),
             limits: limits.clone(),
+            readers: readers.clone(),
         };
         shard_threads
             .push(shard::spawn(setup).map_err(|e| RunError::Internal(format!("cannot start shard thread: {e}")))?);
@@ -237,6 +242,7 @@ fn start(config: Config, resources: Resources) -> Result<Running, RunError> {
     // shards hold spool senders: their exit is what closes the ring.
     drop(ring_sender);
     drop(spool_sender);
+    drop(readers);
 
     // The probe keeps /health and the breaker current with no client traffic.
     let (probe_stop, stopped) = crossbeam_channel::bounded::<()>(0);
@@ -258,11 +264,27 @@ fn start(config: Config, resources: Resources) -> Result<Running, RunError> {
         shards: shard_threads,
         spool: spool_threads,
         writers: writer_threads,
+        readers: reader_threads,
         broadcaster,
         probe,
         probe_stop,
     };
     Ok(Running { live, shutdown, health, report, hub, tokens, tls: tls_config, access, signals, threads })
+}
+
+/// With `[state]` on: the readers of device state (`crate::read`), on a
+/// pool of their own of `state.readers` connections, so that a read never
+/// takes a writer's connection.
+fn start_readers(
+    config: &Config,
+    access: &SharedAccess,
+) -> Result<(Option<crate::read::Readers>, Vec<JoinHandle<()>>), RunError> {
+    let Some(table) = config.state_table() else { return Ok((None, Vec::new())) };
+    let n = config.state.readers;
+    let pool = db::pool(&config.database, access, n as u32).map_err(|e| RunError::Database(e.to_string()))?;
+    let (readers, threads) = crate::read::start(n, pool, &table)
+        .map_err(|e| RunError::Internal(format!("cannot start reader thread: {e}")))?;
+    Ok((Some(readers), threads))
 }
 
 /// A database that refuses us (credentials, TLS, pg_hba.conf, a missing
@@ -366,10 +388,9 @@ fn stop(running: Running, signal: i32) -> Ended {
     let timeout = live.load().server.shutdown_timeout();
     let started = shutdown.begin(timeout);
     crate::info!("shutdown started", signal = signal, timeout_ms = timeout.as_millis());
-    drop(threads.probe_stop);
     let (done_tx, done_rx) = crossbeam_channel::bounded(1);
     let joiner = spawn("joiner", move || {
-        let _ = done_tx.send(join(threads.shards, threads.spool, threads.writers, threads.broadcaster, threads.probe));
+        let _ = done_tx.send(join(threads));
     });
     if joiner.is_err() {
         return Ended::Incomplete;
@@ -412,14 +433,14 @@ fn stop(running: Running, signal: i32) -> Ended {
 
 /// Joins the threads in the shutdown order; what the writers and the spool
 /// report.
-fn join(
-    shards: Vec<JoinHandle<()>>,
-    spool: Option<SpoolThreads>,
-    writers: Vec<JoinHandle<WriterReport>>,
-    broadcaster: JoinHandle<()>,
-    probe: JoinHandle<()>,
-) -> (WriterReport, u64) {
+fn join(threads: Threads) -> (WriterReport, u64) {
+    let Threads { shards, spool, writers, readers, broadcaster, probe, probe_stop } = threads;
+    drop(probe_stop);
     for t in shards {
+        let _ = t.join();
+    }
+    // Shards held the readers' queue: the readers finish and return.
+    for t in readers {
         let _ = t.join();
     }
     // Shards are gone: the appender stops, the drainer catches up (or runs

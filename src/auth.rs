@@ -137,7 +137,7 @@ impl Tokens {
                 continue;
             }
             if t.scopes.is_empty() {
-                problems.push((key.clone(), "scopes must name at least one of ingest, subscribe, admin".into()));
+                problems.push((key.clone(), "scopes must name at least one of ingest, subscribe, read, admin".into()));
             }
             let digest: [u8; 32] = Sha256::digest(t.token.as_bytes()).into();
             let grant = Grant {

@@ -17,13 +17,26 @@ pub enum Route {
     Health,
     Stats,
     Metrics,
+    /// `GET /devices/{device_id}`: one device's latest state.
+    Device,
+    /// `GET /devices?…`: a page of devices' latest state.
+    Devices,
     /// Any other path.
     Unknown,
 }
 
 impl Route {
-    pub const ALL: [Route; 7] =
-        [Route::Events, Route::Batch, Route::Ws, Route::Health, Route::Stats, Route::Metrics, Route::Unknown];
+    pub const ALL: [Route; 9] = [
+        Route::Events,
+        Route::Batch,
+        Route::Ws,
+        Route::Health,
+        Route::Stats,
+        Route::Metrics,
+        Route::Device,
+        Route::Devices,
+        Route::Unknown,
+    ];
 
     /// The route of a request target (its query ignored).
     pub fn from_path(path: &str) -> Route {
@@ -35,6 +48,8 @@ impl Route {
             "/health" => Route::Health,
             "/stats" => Route::Stats,
             "/metrics" => Route::Metrics,
+            "/devices" => Route::Devices,
+            _ if path.starts_with("/devices/") => Route::Device,
             _ => Route::Unknown,
         }
     }
@@ -61,6 +76,8 @@ impl Route {
             Route::Health => "/health",
             Route::Stats => "/stats",
             Route::Metrics => "/metrics",
+            Route::Device => "/devices/{device_id}",
+            Route::Devices => "/devices",
             Route::Unknown => "other",
         }
     }
@@ -137,10 +154,14 @@ pub enum Shed {
     Spool,
     /// Shutting down.
     ShuttingDown,
+    /// A device read found the readers' queue full (`[state] readers`).
+    ReadersBusy,
+    /// A device read was not answered within `state.read_timeout_ms`.
+    ReadTimeout,
 }
 
 impl Shed {
-    pub const ALL: [Shed; 7] = [
+    pub const ALL: [Shed; 9] = [
         Shed::RingFull,
         Shed::BreakerOpen,
         Shed::MemoryBudget,
@@ -148,6 +169,8 @@ impl Shed {
         Shed::WaitExpired,
         Shed::Spool,
         Shed::ShuttingDown,
+        Shed::ReadersBusy,
+        Shed::ReadTimeout,
     ];
 
     pub fn label(self) -> &'static str {
@@ -159,6 +182,8 @@ impl Shed {
             Shed::WaitExpired => "wait_expired",
             Shed::Spool => "spool",
             Shed::ShuttingDown => "shutting_down",
+            Shed::ReadersBusy => "readers_busy",
+            Shed::ReadTimeout => "read_timeout",
         }
     }
 }

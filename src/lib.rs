@@ -11,12 +11,14 @@
 //! - [`app`] starts the threads and owns the stop order; [`resources`]
 //!   loads the files the configuration names.
 //! - [`shard`]: one pinned monoio (io_uring) runtime per core owning its
-//!   listener and connections: `conn` → `routes` → `ws` → `accept` (the one
+//!   listener and connections: `conn` → `routes` → `devices` → `ws` → `accept` (the one
 //!   admission step for HTTP and WebSocket ingest) → `http`, `transport`,
 //!   `io`.
 //! - [`report`] renders `/health`, `/stats`, `/metrics`; [`auth`] and
 //!   [`limits`] say who may and how often.
 //! - [`ingest`]: pure validation and encoding: body → simd-json tape → rows.
+//! - [`read`]: reader threads that read the latest state of devices
+//!   (`[state]`) for the shards, on a pool of their own.
 //! - [`drain`] feeds spooled rows back to the writers (`ack = "spool"`).
 //! - [`writer`]: writer threads, the `db-probe` thread, the idempotent COPY.
 //! - [`pipeline`]: the one bounded ring to the writers and the backlog that
@@ -55,6 +57,7 @@ pub mod limits;
 pub mod log;
 pub mod metrics;
 pub mod pipeline;
+pub mod read;
 pub mod report;
 pub mod resources;
 pub mod row;

@@ -73,6 +73,9 @@ pub const LIVE_KEYS: &[&str] = &[
     "writer.max_batch_bytes",
     "writer.max_linger_ms",
     "writer.target_commit_ms",
+    "state.max_page",
+    "state.read_timeout_ms",
+    "state.max_answer_bytes",
     "websocket.queue_messages",
     "websocket.queue_bytes",
     "websocket.overflow",
@@ -323,6 +326,11 @@ impl Config {
             "state.table",
             "must be empty (<table>_state), `name` or `schema.name`",
         );
+        let st = &self.state;
+        check((1..=64).contains(&st.readers), "state.readers", "must be between 1 and 64");
+        check((1..=100_000).contains(&st.max_page), "state.max_page", "must be between 1 and 100000");
+        check((10..=600_000).contains(&st.read_timeout_ms), "state.read_timeout_ms", "must be between 10 and 600000");
+        check(st.max_answer_bytes >= 65_536, "state.max_answer_bytes", "must be at least 65536");
         check(
             self.database.pool_size == 0 || self.database.pool_size as usize >= self.writer.writers,
             "database.pool_size",
@@ -476,6 +484,12 @@ fn apply_override(table: &mut toml::Table, key: &str, raw: &str) -> Result<(), C
 fn unknown_field_name(message: &str) -> Option<&str> {
     let rest = message.strip_prefix("unknown field `")?;
     rest.split('`').next()
+}
+
+/// `name` or `schema.name` (validated by [`table_name_is_valid`]), each
+/// part quoted for SQL.
+pub fn quote_table(table: &str) -> String {
+    table.split('.').map(|p| format!("\"{p}\"")).collect::<Vec<_>>().join(".")
 }
 
 fn table_name_is_valid(name: &str) -> bool {

@@ -482,7 +482,7 @@ impl BreakerConfig {
 }
 
 /// The latest state of every device: the `[state]` section.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StateConfig {
     /// Keep one row per `device_id` with its newest event, written by the
@@ -491,6 +491,32 @@ pub struct StateConfig {
     /// The state table, `name` or `schema.name`; empty means `<table>_state`.
     /// Created with the events table (`database.create_table`).
     pub table: String,
+    /// Reader threads serving `GET /devices…` (see [`crate::read`]), each
+    /// with one connection of its own pool: the writers' pool is never used.
+    pub readers: usize,
+    /// Most devices one `GET /devices` page may ask for (`limit`).
+    pub max_page: usize,
+    /// Longest a read waits, from the shard's hand-off to its answer: queue,
+    /// connection and query (its `statement_timeout` is what is left of
+    /// this). Past it the client gets 503 + `Retry-After`.
+    pub read_timeout_ms: u64,
+    /// Most bytes of one answer's JSON; a page that would pass it ends early
+    /// (its `next` says where to go on). Leased from
+    /// `limits.memory_budget_bytes` while the answer exists.
+    pub max_answer_bytes: usize,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            table: String::new(),
+            readers: 1,
+            max_page: 1000,
+            read_timeout_ms: 2_000,
+            max_answer_bytes: 4 * 1024 * 1024,
+        }
+    }
 }
 
 /// Where the spool lives and how big it may grow: the `[spool]` section.
@@ -594,7 +620,8 @@ pub struct TokenConfig {
     /// The secret: 16 to 512 bytes of visible ASCII (no spaces).
     pub token: String,
     /// Any of `ingest` (POST /events, /events/batch, WebSocket ingest
-    /// frames), `subscribe` (GET /ws subscriptions), `admin` (/stats, /metrics).
+    /// frames), `subscribe` (GET /ws subscriptions; also the device reads),
+    /// `read` (GET /devices, /devices/{device_id}), `admin` (/stats, /metrics).
     pub scopes: Vec<Scope>,
     /// When set, the token may only write events whose `device_id` starts
     /// with it, and only receive such events on a subscription.
@@ -621,6 +648,8 @@ pub enum Scope {
     Ingest,
     Subscribe,
     Admin,
+    /// The latest state of devices (`GET /devices…`); `subscribe` grants it too.
+    Read,
 }
 
 impl Scope {
@@ -629,6 +658,7 @@ impl Scope {
             Scope::Ingest => "ingest",
             Scope::Subscribe => "subscribe",
             Scope::Admin => "admin",
+            Scope::Read => "read",
         }
     }
 

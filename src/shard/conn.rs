@@ -419,7 +419,7 @@ impl Conn {
                 slow_request_ms = slow_ms
             );
         }
-        response.request_id = Some(id);
+        response.request_id = Some(id.into());
     }
 
     /// Holds `buf`'s bytes beyond the idle size in the memory budget.
@@ -475,7 +475,7 @@ pub async fn refuse_per_ip(mut stream: Transport, ctx: &ShardCtx) {
         .closing();
     ctx.stats().response(429);
     let mut response = response;
-    response.request_id = Some(ctx.new_request_id());
+    response.request_id = Some(ctx.new_request_id().into());
     let mut out = Vec::new();
     response.write_to(&mut out, false);
     let _ = stream.write_all_by(out, Instant::now() + write_timeout).await;

@@ -30,6 +30,9 @@ pub struct RequestHead {
     pub request_id: Option<String>,
     /// `Origin`: the page a browser sends this request for.
     pub origin: Option<String>,
+    /// `/devices…` only: the request target as sent (path and query), which
+    /// these routes read their parameters from.
+    pub path: Option<Box<str>>,
 }
 
 /// Longest `X-Request-Id` accepted from a client.
@@ -146,6 +149,7 @@ pub fn parse_head(buf: &[u8], max_headers: usize, max_head_bytes: usize) -> Resu
     };
     let path = req.path.unwrap_or("/");
     let target = Route::from_path(path);
+    let kept_path = matches!(target, Route::Device | Route::Devices).then(|| path.into());
     let mut websocket = (target == Route::Ws).then(|| {
         Box::new(WsHandshake {
             query: path.split_once('?').map(|(_, q)| q.to_string()).unwrap_or_default(),
@@ -281,6 +285,7 @@ pub fn parse_head(buf: &[u8], max_headers: usize, max_head_bytes: usize) -> Resu
         websocket,
         request_id,
         origin,
+        path: kept_path,
     })
 }
 
@@ -467,9 +472,12 @@ pub struct Response {
     /// Close the connection after this response.
     pub close: bool,
     /// `X-Request-Id`: the client's, or the one made for the request.
-    pub request_id: Option<String>,
+    pub request_id: Option<Box<str>>,
     /// CORS headers, for a request from an allowed origin (or `Vary: Origin` alone).
     pub cors: Option<Box<Cors>>,
+    /// The body's bytes in the memory budget, when it is large enough to
+    /// count (a page of devices); released when the response is dropped.
+    pub held: Option<std::rc::Rc<crate::budget::Lease>>,
 }
 
 /// The request headers a page may send (`Access-Control-Allow-Headers`).
@@ -501,6 +509,7 @@ impl Response {
             close: false,
             request_id: None,
             cors: None,
+            held: None,
         }
     }
 

@@ -17,6 +17,8 @@
 //! - [`http`]: request heads, chunked bodies, gzip, responses (pure).
 //! - [`conn`]: one connection's read/answer loop with deadlines.
 //! - [`routes`]: who may make a request, what each route answers.
+//! - [`devices`]: `GET /devices…`, the latest state of devices, read by the
+//!   readers ([`crate::read`]) and awaited like a commit report.
 //! - [`accept`]: one body of events from admission to answer (HTTP and
 //!   WebSocket ingest alike).
 //! - [`ws`]: WebSocket sessions: subscriptions, fan-out, ingest frames.
@@ -25,6 +27,7 @@
 
 pub mod accept;
 pub mod conn;
+pub mod devices;
 pub mod http;
 pub mod io;
 pub mod routes;
@@ -77,6 +80,8 @@ pub struct ShardSetup {
     pub tokens: Arc<arc_swap::ArcSwap<crate::auth::Tokens>>,
     /// Per-IP connection counts and rates, shared by every shard.
     pub limits: Arc<crate::limits::Limits>,
+    /// The readers of device state, with `[state]` on.
+    pub readers: Option<crate::read::Readers>,
 }
 
 /// The TLS listener's rustls configuration in force. Each handshake takes
@@ -111,6 +116,9 @@ pub struct ShardCtx {
     pub tokens: Arc<arc_swap::ArcSwap<crate::auth::Tokens>>,
     /// Per-IP connection counts and rates, shared by every shard.
     pub limits: Arc<crate::limits::Limits>,
+    /// The readers of device state, with `[state]` on; dropped with the
+    /// context, which is how the readers learn that no more reads will come.
+    pub readers: Option<crate::read::Readers>,
     /// Makes request ids: UUIDv7 from this shard's own context (no lock).
     request_ids: uuid::timestamp::context::ContextV7,
 }
@@ -188,6 +196,7 @@ async fn run(setup: ShardSetup) {
         spool: setup.spool,
         tokens: setup.tokens,
         limits: setup.limits,
+        readers: setup.readers,
         live: setup.config,
         metrics: setup.metrics,
         health: setup.health,

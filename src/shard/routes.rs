@@ -50,6 +50,7 @@ pub fn admit(ctx: &ShardCtx, head: &RequestHead, ip: &IpPass) -> Result<Option<A
         Route::Health | Route::Unknown => return Ok(None),
         Route::Events | Route::Batch => Scope::Ingest,
         Route::Stats | Route::Metrics => Scope::Admin,
+        Route::Device | Route::Devices => Scope::Read,
         // The query decides between them; `upgrade` checks which.
         Route::Ws => Scope::Subscribe,
     };
@@ -68,7 +69,13 @@ pub fn admit(ctx: &ShardCtx, head: &RequestHead, ip: &IpPass) -> Result<Option<A
     ip.take_from(&grant.rate, token_rate.0, token_rate.1).map_err(|wait| {
         too_many_requests(&format!("too many requests with {} (limits.token_requests_per_s)", grant.label()), wait)
     })?;
-    if scope != Scope::Subscribe && !grant.allows(scope) {
+    if scope == Scope::Read && !grant.allows(Scope::Read) && !grant.allows(Scope::Subscribe) {
+        return Err(Response::error(
+            403,
+            &format!("{} lacks the `read` (or `subscribe`) scope this needs", grant.label()),
+        ));
+    }
+    if !matches!(scope, Scope::Subscribe | Scope::Read) && !grant.allows(scope) {
         return Err(forbidden_scope(&grant, scope));
     }
     Ok(Some(grant))
@@ -111,7 +118,11 @@ pub fn refuse_before_body(ctx: &ShardCtx, head: &RequestHead) -> Option<Response
         _ => matches!(head.method, Method::Get | Method::Head),
     };
     let refusal = if head.target == Route::Unknown {
-        Response::error(404, "no such route; see POST /events, POST /events/batch, GET /ws, /health, /stats, /metrics")
+        Response::error(
+            404,
+            "no such route; see POST /events, POST /events/batch, GET /ws, /devices, /devices/{device_id}, /health, \
+             /stats, /metrics",
+        )
     } else if !method_ok {
         let mut r = Response::error(405, &format!("method not allowed here; use {}", head.target.allow()));
         r.allow = Some(head.target.allow());
@@ -226,6 +237,7 @@ pub async fn handle(ctx: &ShardCtx, head: &RequestHead, body: Body, grant: Optio
             r.content_type = "text/plain; version=0.0.4; charset=utf-8";
             r
         }
+        Route::Device | Route::Devices => super::devices::handle(ctx, head, grant).await,
         Route::Ws | Route::Unknown => Response::error(404, "no such route"),
     }
 }

@@ -54,13 +54,13 @@ use std::collections::HashSet;
 use std::io::Write as _;
 use std::time::Duration;
 
-use postgres::error::SqlState;
 use postgres::Client;
+use postgres::error::SqlState;
 
 use super::connect::SharedAccess;
+use super::state::StateSql;
 use crate::config::DatabaseConfig;
 use crate::row::{COLUMNS, HEADER, TRAILER};
-use super::state::StateSql;
 
 pub type Pool = r2d2::Pool<Manager>;
 
@@ -286,10 +286,7 @@ impl Statements {
     }
 }
 
-/// `name` or `schema.name`, each part quoted.
-pub fn quote_table(table: &str) -> String {
-    table.split('.').map(|p| format!("\"{p}\"")).collect::<Vec<_>>().join(".")
-}
+pub use crate::config::quote_table;
 
 /// The SPEC's table, created if missing.
 pub fn create_table_sql(quoted: &str) -> String {
@@ -321,10 +318,7 @@ pub fn prepare_table_raw(
     let body = if create {
         // Quiet the NOTICE "relation already exists" for these statements.
         let state = sql.state.as_ref().map_or(String::new(), |s| format!("; {}", s.create_table));
-        format!(
-            "SET LOCAL client_min_messages = warning; {}; {}{state}",
-            sql.create_table, sql.create_dead_letter
-        )
+        format!("SET LOCAL client_min_messages = warning; {}; {}{state}", sql.create_table, sql.create_dead_letter)
     } else {
         let state = sql.state.as_ref().map_or(String::new(), |s| format!("; SELECT 1 FROM {} LIMIT 0", s.table));
         format!("SELECT 1 FROM {} LIMIT 0; SELECT 1 FROM {} LIMIT 0{state}", sql.table, sql.dead_letter_table)

@@ -20,6 +20,12 @@
 //!    state (a late arrival) adds to `events` and may lower `first_seen` but
 //!    never replaces the newest event's fields.
 //!
+//! `device_id` is `COLLATE "C"` (byte order, whatever the database's
+//! locale): the readers page through devices by keyset on the primary key
+//! and turn a prefix into an index range (`crate::read`); under a
+//! linguistic collation neither is an index range, and the order of ids
+//! would depend on the server's locale.
+//!
 //! Deadlocks: two writers whose batches share devices lock the same state
 //! rows. Both lock them in `device_id` order (the `ORDER BY` drives the
 //! insert), so one waits for the other instead of each holding what the
@@ -28,19 +34,16 @@
 
 use std::collections::HashMap;
 
-use super::db::Committed;
 use crate::row::{HEADER, TRAILER};
 
-/// The staging stream for the rows that the commit `done` inserts, or
-/// `None` when none of them is new. `rows` yields each row's encoded tuple,
-/// its `event_id` and whether it was COPYed as clean, in batch order.
-pub fn of_new_rows<'a>(rows: impl Iterator<Item = (&'a [u8], &'a [u8], bool)>, done: &Committed) -> Option<Vec<u8>> {
-    let staged = done.staged_set();
+/// The staging stream for `rows`, the encoded tuples that a commit inserts
+/// (the writer leaves out re-sent ones), in batch order; `None` when there
+/// are none. (It takes the rows, not the commit, so that this module sits
+/// below `writer::db`, which holds its statements.)
+pub fn of_new_rows<'a>(rows: impl Iterator<Item = &'a [u8]>) -> Option<Vec<u8>> {
     let mut latest = Latest::default();
-    for (tuple, event_id, clean) in rows {
-        if done.was_new(&staged, event_id, clean) {
-            latest.add(tuple);
-        }
+    for tuple in rows {
+        latest.add(tuple);
     }
     (!latest.is_empty()).then(|| latest.encode())
 }
@@ -63,13 +66,13 @@ const STAGING_COLUMNS: &str = "event_id, device_id, event_type, ts, received_at,
 impl StateSql {
     /// `table` is validated by the config; it is quoted all the same.
     pub fn new(table: &str) -> Self {
-        let quoted = super::db::quote_table(table);
+        let quoted = crate::config::quote_table(table);
         let staging = format!("\"ingestd_state_staging_{}\"", table.replace('.', "_"));
         let newer = "excluded.ts >= s.ts";
         Self {
             create_table: format!(
                 "CREATE TABLE IF NOT EXISTS {quoted} (\n  \
-                 device_id   text        PRIMARY KEY,\n  \
+                 device_id   text COLLATE \"C\" PRIMARY KEY,\n  \
                  event_id    text        NOT NULL,\n  \
                  event_type  text        NOT NULL,\n  \
                  ts          timestamptz NOT NULL,\n  \

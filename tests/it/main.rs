@@ -11,6 +11,8 @@
 //! - `config`: command line, `--check-config`, config errors, exit codes.
 //! - `cors`: browsers as clients: CORS and the WebSocket `Origin` check, in
 //!   a real headless Chromium.
+//! - `devices`: `GET /devices/{device_id}` and `GET /devices` (the latest
+//!   state, `[state]`): pages, filters, bad parameters, tokens, timeouts.
 //! - `dbtls`: TLS to PostgreSQL (sslmode, CA, password file), a TLS-only cluster.
 //! - `ingest`: the success paths of `POST /events` and `/events/batch`,
 //!   timestamps, partial rejection, idempotency, `ack = "queue"`.
@@ -38,6 +40,7 @@ mod support;
 mod config;
 mod cors;
 mod dbtls;
+mod devices;
 mod hostile;
 mod http;
 mod ingest;
@@ -50,7 +53,7 @@ mod reliability;
 mod scale;
 mod security;
 mod spec;
-mod state;
 mod stall;
+mod state;
 mod validation;
 mod ws;
