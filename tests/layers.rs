@@ -42,6 +42,7 @@ const LAYERS: &[&str] = &[
     "writer",
     "writer::probe",
     "writer::db",
+    "writer::state",
     "writer::connect",
     "writer::recent",
     "pipeline",

@@ -304,6 +304,11 @@ impl Config {
         check(self.database.probe_interval_ms >= 100, "database.probe_interval_ms", "must be at least 100");
         check(self.database.probe_timeout_ms >= 10, "database.probe_timeout_ms", "must be at least 10");
         check(
+            self.database.dead_letter_count_interval_ms == 0 || self.database.dead_letter_count_interval_ms >= 100,
+            "database.dead_letter_count_interval_ms",
+            "must be 0 (off) or at least 100",
+        );
+        check(
             !self.database.url.trim().is_empty(),
             "database.url",
             "is required (or --database-url / INGESTD_DATABASE_URL)",
@@ -476,6 +481,12 @@ fn apply_override(table: &mut toml::Table, key: &str, raw: &str) -> Result<(), C
 fn unknown_field_name(message: &str) -> Option<&str> {
     let rest = message.strip_prefix("unknown field `")?;
     rest.split('`').next()
+}
+
+/// `name` or `schema.name` (validated by [`table_name_is_valid`]), each
+/// part quoted, for SQL text.
+pub fn quote_table(table: &str) -> String {
+    table.split('.').map(|p| format!("\"{p}\"")).collect::<Vec<_>>().join(".")
 }
 
 fn table_name_is_valid(name: &str) -> bool {

@@ -54,13 +54,13 @@ use std::collections::HashSet;
 use std::io::Write as _;
 use std::time::Duration;
 
-use postgres::error::SqlState;
 use postgres::Client;
+use postgres::error::SqlState;
 
 use super::connect::SharedAccess;
+use super::state::StateSql;
 use crate::config::DatabaseConfig;
 use crate::row::{COLUMNS, HEADER, TRAILER};
-use super::state::StateSql;
 
 pub type Pool = r2d2::Pool<Manager>;
 
@@ -286,10 +286,7 @@ impl Statements {
     }
 }
 
-/// `name` or `schema.name`, each part quoted.
-pub fn quote_table(table: &str) -> String {
-    table.split('.').map(|p| format!("\"{p}\"")).collect::<Vec<_>>().join(".")
-}
+pub use crate::config::quote_table;
 
 /// The SPEC's table, created if missing.
 pub fn create_table_sql(quoted: &str) -> String {
@@ -321,10 +318,7 @@ pub fn prepare_table_raw(
     let body = if create {
         // Quiet the NOTICE "relation already exists" for these statements.
         let state = sql.state.as_ref().map_or(String::new(), |s| format!("; {}", s.create_table));
-        format!(
-            "SET LOCAL client_min_messages = warning; {}; {}{state}",
-            sql.create_table, sql.create_dead_letter
-        )
+        format!("SET LOCAL client_min_messages = warning; {}; {}{state}", sql.create_table, sql.create_dead_letter)
     } else {
         let state = sql.state.as_ref().map_or(String::new(), |s| format!("; SELECT 1 FROM {} LIMIT 0", s.table));
         format!("SELECT 1 FROM {} LIMIT 0; SELECT 1 FROM {} LIMIT 0{state}", sql.table, sql.dead_letter_table)
@@ -412,6 +406,23 @@ impl std::ops::DerefMut for Tx<'_> {
     }
 }
 
+/// Rows in the dead-letter table, in a transaction within
+/// `statement_timeout_ms`; a simple query (prepares nothing).
+pub fn count_dead_letters(
+    client: &mut Client,
+    sql: &Statements,
+    statement_timeout_ms: u64,
+) -> Result<u64, postgres::Error> {
+    let mut tx = Tx::begin(client, statement_timeout_ms)?;
+    let messages = tx.simple_query(&format!("SELECT count(*) FROM {}", sql.dead_letter_table))?;
+    tx.commit()?;
+    let count = messages.iter().find_map(|m| match m {
+        postgres::SimpleQueryMessage::Row(row) => row.get(0).and_then(|v| v.parse().ok()),
+        _ => None,
+    });
+    Ok(count.unwrap_or(0))
+}
+
 /// One event PostgreSQL refused, with its reason.
 pub struct DeadLetter<'a> {
     pub row: crate::row::RowView<'a>,
@@ -482,6 +493,14 @@ impl Committed {
     pub fn was_new(&self, staged: &HashSet<&[u8], foldhash::fast::RandomState>, event_id: &[u8], clean: bool) -> bool {
         (clean && !self.via_staging) || staged.contains(event_id)
     }
+
+    /// The latest-state staging stream ([`super::state::of_new_rows`]) of
+    /// the rows this commit inserts, among `rows` (tuple, `event_id`,
+    /// COPYed as clean); `None` when none is new.
+    pub fn latest_state<'a>(&self, rows: impl Iterator<Item = (&'a [u8], &'a [u8], bool)>) -> Option<Vec<u8>> {
+        let staged = self.staged_set();
+        super::state::of_new_rows(rows, |id, clean| self.was_new(&staged, id, clean))
+    }
 }
 
 /// Commits one batch idempotently, in one transaction, with the latest
@@ -499,6 +518,32 @@ pub fn copy_batch(
     suspects: Option<RowWriter<'_>>,
     state: Option<StateRows<'_>>,
 ) -> Result<Committed, WriteError> {
+    copy_batch_with(client, sql, clean, suspects, state, None)
+}
+
+/// How a transaction of [`copy_batch_with`] ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    Commit,
+    /// Everything it did is undone (a dry run); the [`Committed`] returned
+    /// says what it would have done.
+    Rollback,
+}
+
+/// More statements in a batch's transaction, after its rows and state are
+/// written and before it ends (the dead-letter replay deletes the letters
+/// it stored there: `ingestd dead-letter replay`), and how it ends.
+pub type Finish<'a> = &'a mut dyn FnMut(&mut Tx<'_>, &Committed) -> Result<Ending, postgres::Error>;
+
+/// [`copy_batch`] with `finish` run in the same transaction before it ends.
+pub fn copy_batch_with(
+    client: &mut Client,
+    sql: &Statements,
+    clean: RowWriter<'_>,
+    suspects: Option<RowWriter<'_>>,
+    state: Option<StateRows<'_>>,
+    mut finish: Option<Finish<'_>>,
+) -> Result<Committed, WriteError> {
     let mut tx = Tx::begin(client, sql.statement_timeout_ms)?;
     match copy(&mut tx, &sql.copy_into_table, clean) {
         Ok(copied) => {
@@ -508,7 +553,7 @@ pub fn copy_batch(
             };
             let done = Committed { inserted: copied + staged_ids.len() as u64, via_staging: false, staged_ids };
             upsert_state(&mut tx, sql, state, &done)?;
-            tx.commit()?;
+            end(tx, &done, finish.as_deref_mut())?;
             return Ok(done);
         }
         Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => tx.rollback()?,
@@ -519,8 +564,24 @@ pub fn copy_batch(
     let staged_ids = copy_via_staging(&mut tx, sql, &all)?;
     let done = Committed { inserted: staged_ids.len() as u64, via_staging: true, staged_ids };
     upsert_state(&mut tx, sql, state, &done)?;
-    tx.commit()?;
+    end(tx, &done, finish)?;
     Ok(done)
+}
+
+/// Runs `finish` (if any) and commits or rolls back as it says.
+fn end(
+    mut tx: Tx<'_>,
+    done: &Committed,
+    finish: Option<&mut (dyn FnMut(&mut Tx<'_>, &Committed) -> Result<Ending, postgres::Error> + '_)>,
+) -> Result<(), postgres::Error> {
+    let ending = match finish {
+        Some(f) => f(&mut tx, done)?,
+        None => Ending::Commit,
+    };
+    match ending {
+        Ending::Commit => tx.commit(),
+        Ending::Rollback => tx.rollback(),
+    }
 }
 
 /// The latest-state upsert, inside the batch's transaction: COPY the

@@ -284,7 +284,7 @@ impl Batch {
                 class => Some((buf.row(r), buf.event_id(r), class == RowClass::Clean)),
             })
         });
-        state::of_new_rows(rows, done)
+        done.latest_state(rows)
     }
 
     /// Fingerprints of the written rows of jobs `first..first+count`.
@@ -548,7 +548,8 @@ impl Writer {
             let mut sorted = part.clone();
             sorted.sort_unstable_by(|a, b| rows.event_id(*a).cmp(rows.event_id(*b)));
             let write = |out: &mut dyn std::io::Write| sorted.iter().try_for_each(|&r| out.write_all(rows.row(r)));
-            let state = |done: &Committed| state::of_new_rows(part.iter().map(|&r| (rows.row(r), rows.event_id(r), true)), done);
+            let state =
+                |done: &Committed| done.latest_state(part.iter().map(|&r| (rows.row(r), rows.event_id(r), true)));
             let result = self.guarded(|conn| db::copy_batch(conn, &self.sql, &write, None, Some(&state)));
             match result {
                 Ok(c) => {
@@ -573,6 +574,7 @@ impl Writer {
             let letters: Vec<db::DeadLetter<'_>> =
                 dead.iter().filter_map(|(r, error)| rows.view(*r).map(|row| db::DeadLetter { row, error })).collect();
             self.guarded(|conn| db::store_dead_letters(conn, &self.sql, &letters))?;
+            self.metrics.dead_letters_added(letters.len() as u64);
             crate::warn!(
                 "events refused by PostgreSQL kept as dead letters",
                 writer = self.id,

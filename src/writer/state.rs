@@ -28,17 +28,20 @@
 
 use std::collections::HashMap;
 
-use super::db::Committed;
 use crate::row::{HEADER, TRAILER};
 
-/// The staging stream for the rows that the commit `done` inserts, or
+/// The staging stream for the rows `is_new` says a commit inserts, or
 /// `None` when none of them is new. `rows` yields each row's encoded tuple,
-/// its `event_id` and whether it was COPYed as clean, in batch order.
-pub fn of_new_rows<'a>(rows: impl Iterator<Item = (&'a [u8], &'a [u8], bool)>, done: &Committed) -> Option<Vec<u8>> {
-    let staged = done.staged_set();
+/// its `event_id` and whether it was COPYed as clean, in batch order;
+/// `is_new(event_id, clean)` is [`super::db::Committed::was_new`] (this
+/// module sits below `db`, which holds its statements).
+pub fn of_new_rows<'a>(
+    rows: impl Iterator<Item = (&'a [u8], &'a [u8], bool)>,
+    is_new: impl Fn(&[u8], bool) -> bool,
+) -> Option<Vec<u8>> {
     let mut latest = Latest::default();
     for (tuple, event_id, clean) in rows {
-        if done.was_new(&staged, event_id, clean) {
+        if is_new(event_id, clean) {
             latest.add(tuple);
         }
     }
@@ -63,7 +66,7 @@ const STAGING_COLUMNS: &str = "event_id, device_id, event_type, ts, received_at,
 impl StateSql {
     /// `table` is validated by the config; it is quoted all the same.
     pub fn new(table: &str) -> Self {
-        let quoted = super::db::quote_table(table);
+        let quoted = crate::config::quote_table(table);
         let staging = format!("\"ingestd_state_staging_{}\"", table.replace('.', "_"));
         let newer = "excluded.ts >= s.ts";
         Self {

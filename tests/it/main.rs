@@ -50,7 +50,7 @@ mod reliability;
 mod scale;
 mod security;
 mod spec;
-mod state;
 mod stall;
+mod state;
 mod validation;
 mod ws;
