@@ -533,7 +533,10 @@ pub enum Ending {
 /// More statements in a batch's transaction, after its rows and state are
 /// written and before it ends (the dead-letter replay deletes the letters
 /// it stored there: `ingestd dead-letter replay`), and how it ends.
-pub type Finish<'a> = &'a mut dyn FnMut(&mut Tx<'_>, &Committed) -> Result<Ending, postgres::Error>;
+pub type Finish<'a> = &'a mut FinishFn<'a>;
+
+/// The function behind a [`Finish`].
+pub type FinishFn<'a> = dyn FnMut(&mut Tx<'_>, &Committed) -> Result<Ending, postgres::Error> + 'a;
 
 /// [`copy_batch`] with `finish` run in the same transaction before it ends.
 pub fn copy_batch_with(
@@ -569,11 +572,7 @@ pub fn copy_batch_with(
 }
 
 /// Runs `finish` (if any) and commits or rolls back as it says.
-fn end(
-    mut tx: Tx<'_>,
-    done: &Committed,
-    finish: Option<&mut (dyn FnMut(&mut Tx<'_>, &Committed) -> Result<Ending, postgres::Error> + '_)>,
-) -> Result<(), postgres::Error> {
+fn end(mut tx: Tx<'_>, done: &Committed, finish: Option<&mut FinishFn<'_>>) -> Result<(), postgres::Error> {
     let ending = match finish {
         Some(f) => f(&mut tx, done)?,
         None => Ending::Commit,

@@ -11,6 +11,8 @@
 //! - `config`: command line, `--check-config`, config errors, exit codes.
 //! - `cors`: browsers as clients: CORS and the WebSocket `Origin` check, in
 //!   a real headless Chromium.
+//! - `deadletter`: `ingestd dead-letter list|replay|purge` and the
+//!   `ingestd_dead_letters_waiting` gauge (issue 13).
 //! - `dbtls`: TLS to PostgreSQL (sslmode, CA, password file), a TLS-only cluster.
 //! - `ingest`: the success paths of `POST /events` and `/events/batch`,
 //!   timestamps, partial rejection, idempotency, `ack = "queue"`.
@@ -38,6 +40,7 @@ mod support;
 mod config;
 mod cors;
 mod dbtls;
+mod deadletter;
 mod hostile;
 mod http;
 mod ingest;
