@@ -24,7 +24,9 @@
 //!   and costs no round trip over the plain `BEGIN` it replaces. Writer
 //!   batches (direct COPY, staging, the redo through staging), dead letters
 //!   and table creation all run in such a transaction; the probe's `SELECT
-//!   1` too ([`super::probe`]). No statement runs outside one.
+//!   1` and dead-letter count too ([`super::probe`]), and every statement of
+//!   `ingestd dead-letter` ([`crate::deadletter`]). No statement runs
+//!   outside one.
 //! - **Prepared statements.** `postgres` prepares a *named* statement
 //!   (`s0`, `s1`, … from a per-process counter) for every `query`,
 //!   `execute` or `copy_in` given SQL text, and closes it when the
