@@ -227,7 +227,7 @@ fn ingest_idempotency_and_dead_letters_through_pgbouncer_in_transaction_mode() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(dead, [bad.clone()]);
+    assert_eq!(dead, std::slice::from_ref(&bad));
 
     // `ingestd dead-letter` through the same PgBouncer: listed, still
     // refused while the constraint holds (65), stored once it is gone.
