@@ -9,7 +9,8 @@
 //! module's one job are in `docs/ARCHITECTURE.md`):
 //!
 //! - [`app`] starts the threads and owns the stop order; [`resources`]
-//!   loads the files the configuration names.
+//!   loads the files the configuration names; [`deadletter`] is the
+//!   `ingestd dead-letter list|replay|purge` command.
 //! - [`shard`]: one pinned monoio (io_uring) runtime per core owning its
 //!   listener and connections: `conn` → `routes` → `devices` → `ws` → `accept` (the one
 //!   admission step for HTTP and WebSocket ingest) → `http`, `transport`,
@@ -46,6 +47,7 @@ pub mod breaker;
 pub mod broadcast;
 pub mod budget;
 pub mod config;
+pub mod deadletter;
 pub mod drain;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]

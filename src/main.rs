@@ -6,6 +6,9 @@
 //! disk spool cannot be opened; 75 shutdown ended with work not committed to
 //! PostgreSQL (deadline passed, second signal, queued events lost, or spool
 //! records left for the next start: those are safe on disk).
+//! `ingestd dead-letter …` (see `ingestd::deadletter`) adds 65: a replay
+//! left dead letters that are still refused; its 69 also covers a database
+//! that is unreachable.
 
 use std::process::ExitCode;
 
@@ -52,6 +55,8 @@ fn spawn_memory_purger() {
 const USAGE: &str = "\
 usage: ingestd [--config FILE] [--listen ADDR] [--database-url URL]
                [--set section.key=value]... [--check-config]
+       ingestd [--config FILE] [--database-url URL] [--set S.K=V]...
+               dead-letter list|replay|purge [...]   (ingestd dead-letter --help)
 
   --config FILE        TOML configuration (see tuning/default.toml)
   --listen ADDR        HTTP/WebSocket address (env INGESTD_LISTEN)
@@ -63,13 +68,20 @@ Flags win over environment variables, which win over the file.";
 struct Args {
     sources: Sources,
     check_config: bool,
+    /// `dead-letter …`: the words after it that are not global flags.
+    dead_letter: Option<Vec<String>>,
 }
 
 fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
     let mut sources = Sources::default();
     let mut check_config = false;
+    let mut dead_letter: Option<Vec<String>> = None;
     let mut args = args.peekable();
     while let Some(arg) = args.next() {
+        if dead_letter.is_none() && arg == "dead-letter" {
+            dead_letter = Some(Vec::new());
+            continue;
+        }
         let (flag, inline) = match arg.split_once('=') {
             Some((f, v)) if f.starts_with("--") && f != "--set" => (f.to_string(), Some(v.to_string())),
             _ => (arg.clone(), None),
@@ -86,17 +98,25 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Args>, String
                 let (k, v) = kv.split_once('=').ok_or(format!("--set {kv}: expected section.key=value"))?;
                 sources.flags.push((k.trim().to_string(), v.trim().to_string()));
             }
+            _ if dead_letter.is_some() => {
+                if let Some(words) = dead_letter.as_mut() {
+                    words.push(arg);
+                }
+            }
             other => return Err(format!("unknown argument {other}")),
         }
     }
-    Ok(Some(Args { sources, check_config }))
+    if dead_letter.is_some() && check_config {
+        return Err("--check-config and dead-letter do not go together".into());
+    }
+    Ok(Some(Args { sources, check_config, dead_letter }))
 }
 
 fn main() -> ExitCode {
     let args = match parse_args(std::env::args().skip(1)) {
         Ok(Some(args)) => args,
         Ok(None) => {
-            println!("{USAGE}");
+            println!("{USAGE}\n\n{}", ingestd::deadletter::USAGE);
             return ExitCode::SUCCESS;
         }
         Err(e) => {
@@ -125,6 +145,17 @@ fn main() -> ExitCode {
     if args.check_config {
         print!("{}", config.to_toml());
         return ExitCode::SUCCESS;
+    }
+    if let Some(words) = &args.dead_letter {
+        let command = match ingestd::deadletter::parse_args(words, std::time::SystemTime::now()) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("ingestd: {e}\n{}", ingestd::deadletter::USAGE);
+                return ExitCode::from(64);
+            }
+        };
+        let ran = ingestd::deadletter::run(&command, &config, &resources.database);
+        return ExitCode::from(ingestd::deadletter::print(&ran));
     }
     ingestd::log::init(config.log.level, config.log.format);
     spawn_memory_purger();

@@ -416,6 +416,10 @@ pub struct Metrics {
     pub probes: [Counter; 3],
     /// How long each probe took, µs.
     pub probe_us: Distribution<Latency>,
+    /// Rows in the dead-letter table: set by the probe's periodic count,
+    /// raised by writers as they add dead letters in between; -1 until
+    /// first counted. See [`Metrics::dead_letters_added`].
+    pub dead_letters_waiting: AtomicI64,
 }
 
 impl Metrics {
@@ -426,7 +430,23 @@ impl Metrics {
             started: Instant::now(),
             probes: Default::default(),
             probe_us: Distribution::default(),
+            dead_letters_waiting: AtomicI64::new(-1),
         }
+    }
+
+    /// A writer stored `n` dead letters: the waiting count (once known)
+    /// grows by them until the next count. Off the hot path (only after a
+    /// batch was refused), so one shared atomic is fine.
+    pub fn dead_letters_added(&self, n: u64) {
+        let n = i64::try_from(n).unwrap_or(i64::MAX);
+        let _known = self
+            .dead_letters_waiting
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| (v >= 0).then(|| v.saturating_add(n)));
+    }
+
+    /// The waiting dead letters, `None` until first counted.
+    pub fn dead_letters_waiting(&self) -> Option<u64> {
+        u64::try_from(self.dead_letters_waiting.load(Ordering::Relaxed)).ok()
     }
 
     pub fn sum_shards(&self, f: impl Fn(&ShardStats) -> u64) -> u64 {

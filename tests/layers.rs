@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[&str] = &[
     "app",
     "resources",
+    "deadletter",
     "shard",
     "shard::conn",
     "shard::routes",

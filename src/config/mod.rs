@@ -307,6 +307,11 @@ impl Config {
         check(self.database.probe_interval_ms >= 100, "database.probe_interval_ms", "must be at least 100");
         check(self.database.probe_timeout_ms >= 10, "database.probe_timeout_ms", "must be at least 10");
         check(
+            self.database.dead_letter_count_interval_ms == 0 || self.database.dead_letter_count_interval_ms >= 100,
+            "database.dead_letter_count_interval_ms",
+            "must be 0 (off) or at least 100",
+        );
+        check(
             !self.database.url.trim().is_empty(),
             "database.url",
             "is required (or --database-url / INGESTD_DATABASE_URL)",

@@ -221,6 +221,10 @@ pub struct DatabaseConfig {
     pub probe_interval_ms: u64,
     /// Time a probe may take (connect and query) before it counts as failed.
     pub probe_timeout_ms: u64,
+    /// How often the probe thread counts the dead-letter table
+    /// (`SELECT count(*)`, within `probe_timeout_ms`) for the
+    /// `ingestd_dead_letters_waiting` gauge; 0 turns the count off.
+    pub dead_letter_count_interval_ms: u64,
 }
 
 impl Default for DatabaseConfig {
@@ -240,6 +244,7 @@ impl Default for DatabaseConfig {
             dead_letter_table: String::new(),
             probe_interval_ms: 1_000,
             probe_timeout_ms: 2_000,
+            dead_letter_count_interval_ms: 10_000,
         }
     }
 }

@@ -24,7 +24,9 @@
 //!   and costs no round trip over the plain `BEGIN` it replaces. Writer
 //!   batches (direct COPY, staging, the redo through staging), dead letters
 //!   and table creation all run in such a transaction; the probe's `SELECT
-//!   1` too ([`super::probe`]). No statement runs outside one.
+//!   1` and dead-letter count too ([`super::probe`]), and every statement of
+//!   `ingestd dead-letter` ([`crate::deadletter`]). No statement runs
+//!   outside one.
 //! - **Prepared statements.** `postgres` prepares a *named* statement
 //!   (`s0`, `s1`, … from a per-process counter) for every `query`,
 //!   `execute` or `copy_in` given SQL text, and closes it when the
@@ -406,6 +408,23 @@ impl std::ops::DerefMut for Tx<'_> {
     }
 }
 
+/// Rows in the dead-letter table, in a transaction within
+/// `statement_timeout_ms`; a simple query (prepares nothing).
+pub fn count_dead_letters(
+    client: &mut Client,
+    sql: &Statements,
+    statement_timeout_ms: u64,
+) -> Result<u64, postgres::Error> {
+    let mut tx = Tx::begin(client, statement_timeout_ms)?;
+    let messages = tx.simple_query(&format!("SELECT count(*) FROM {}", sql.dead_letter_table))?;
+    tx.commit()?;
+    let count = messages.iter().find_map(|m| match m {
+        postgres::SimpleQueryMessage::Row(row) => row.get(0).and_then(|v| v.parse().ok()),
+        _ => None,
+    });
+    Ok(count.unwrap_or(0))
+}
+
 /// One event PostgreSQL refused, with its reason.
 pub struct DeadLetter<'a> {
     pub row: crate::row::RowView<'a>,
@@ -476,6 +495,16 @@ impl Committed {
     pub fn was_new(&self, staged: &HashSet<&[u8], foldhash::fast::RandomState>, event_id: &[u8], clean: bool) -> bool {
         (clean && !self.via_staging) || staged.contains(event_id)
     }
+
+    /// The latest-state staging stream ([`super::state::of_new_rows`]) of
+    /// the rows this commit inserts, among `rows` (tuple, `event_id`,
+    /// COPYed as clean); `None` when none is new.
+    pub fn latest_state<'a>(&self, rows: impl Iterator<Item = (&'a [u8], &'a [u8], bool)>) -> Option<Vec<u8>> {
+        let staged = self.staged_set();
+        super::state::of_new_rows(
+            rows.filter(|&(_, id, clean)| self.was_new(&staged, id, clean)).map(|(tuple, _, _)| tuple),
+        )
+    }
 }
 
 /// Commits one batch idempotently, in one transaction, with the latest
@@ -493,6 +522,35 @@ pub fn copy_batch(
     suspects: Option<RowWriter<'_>>,
     state: Option<StateRows<'_>>,
 ) -> Result<Committed, WriteError> {
+    copy_batch_with(client, sql, clean, suspects, state, None)
+}
+
+/// How a transaction of [`copy_batch_with`] ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    Commit,
+    /// Everything it did is undone (a dry run); the [`Committed`] returned
+    /// says what it would have done.
+    Rollback,
+}
+
+/// More statements in a batch's transaction, after its rows and state are
+/// written and before it ends (the dead-letter replay deletes the letters
+/// it stored there: `ingestd dead-letter replay`), and how it ends.
+pub type Finish<'a> = &'a mut FinishFn<'a>;
+
+/// The function behind a [`Finish`].
+pub type FinishFn<'a> = dyn FnMut(&mut Tx<'_>, &Committed) -> Result<Ending, postgres::Error> + 'a;
+
+/// [`copy_batch`] with `finish` run in the same transaction before it ends.
+pub fn copy_batch_with(
+    client: &mut Client,
+    sql: &Statements,
+    clean: RowWriter<'_>,
+    suspects: Option<RowWriter<'_>>,
+    state: Option<StateRows<'_>>,
+    mut finish: Option<Finish<'_>>,
+) -> Result<Committed, WriteError> {
     let mut tx = Tx::begin(client, sql.statement_timeout_ms)?;
     match copy(&mut tx, &sql.copy_into_table, clean) {
         Ok(copied) => {
@@ -502,7 +560,7 @@ pub fn copy_batch(
             };
             let done = Committed { inserted: copied + staged_ids.len() as u64, via_staging: false, staged_ids };
             upsert_state(&mut tx, sql, state, &done)?;
-            tx.commit()?;
+            end(tx, &done, finish.as_deref_mut())?;
             return Ok(done);
         }
         Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => tx.rollback()?,
@@ -513,8 +571,20 @@ pub fn copy_batch(
     let staged_ids = copy_via_staging(&mut tx, sql, &all)?;
     let done = Committed { inserted: staged_ids.len() as u64, via_staging: true, staged_ids };
     upsert_state(&mut tx, sql, state, &done)?;
-    tx.commit()?;
+    end(tx, &done, finish)?;
     Ok(done)
+}
+
+/// Runs `finish` (if any) and commits or rolls back as it says.
+fn end(mut tx: Tx<'_>, done: &Committed, finish: Option<&mut FinishFn<'_>>) -> Result<(), postgres::Error> {
+    let ending = match finish {
+        Some(f) => f(&mut tx, done)?,
+        None => Ending::Commit,
+    };
+    match ending {
+        Ending::Commit => tx.commit(),
+        Ending::Rollback => tx.rollback(),
+    }
 }
 
 /// The latest-state upsert, inside the batch's transaction: COPY the

@@ -277,16 +277,14 @@ impl Batch {
     /// The latest-state stream of the rows of jobs `first..first+count` that
     /// the commit `done` inserts (see [`state`]); `None` when none is new.
     fn latest_state(&self, first: usize, count: usize, done: &Committed) -> Option<Vec<u8>> {
-        let staged = done.staged_set();
-        let staged = &staged;
         let rows = (first..first + count).flat_map(|j| {
             let buf = &self.jobs[j].rows;
             (0..buf.len()).filter_map(move |r| match self.class(j, r) {
                 RowClass::Repeat => None,
-                class => done.was_new(staged, buf.event_id(r), class == RowClass::Clean).then(|| buf.row(r)),
+                class => Some((buf.row(r), buf.event_id(r), class == RowClass::Clean)),
             })
         });
-        state::of_new_rows(rows)
+        done.latest_state(rows)
     }
 
     /// Fingerprints of the written rows of jobs `first..first+count`.
@@ -550,12 +548,8 @@ impl Writer {
             let mut sorted = part.clone();
             sorted.sort_unstable_by(|a, b| rows.event_id(*a).cmp(rows.event_id(*b)));
             let write = |out: &mut dyn std::io::Write| sorted.iter().try_for_each(|&r| out.write_all(rows.row(r)));
-            let state = |done: &Committed| {
-                let staged = done.staged_set();
-                state::of_new_rows(
-                    part.iter().filter(|&&r| done.was_new(&staged, rows.event_id(r), true)).map(|&r| rows.row(r)),
-                )
-            };
+            let state =
+                |done: &Committed| done.latest_state(part.iter().map(|&r| (rows.row(r), rows.event_id(r), true)));
             let result = self.guarded(|conn| db::copy_batch(conn, &self.sql, &write, None, Some(&state)));
             match result {
                 Ok(c) => {
@@ -580,6 +574,7 @@ impl Writer {
             let letters: Vec<db::DeadLetter<'_>> =
                 dead.iter().filter_map(|(r, error)| rows.view(*r).map(|row| db::DeadLetter { row, error })).collect();
             self.guarded(|conn| db::store_dead_letters(conn, &self.sql, &letters))?;
+            self.metrics.dead_letters_added(letters.len() as u64);
             crate::warn!(
                 "events refused by PostgreSQL kept as dead letters",
                 writer = self.id,

@@ -19,6 +19,15 @@
 //! start-up), the probe makes it (or, with `create_table = false`, checks
 //! for it) instead, so that readiness means the table is there.
 //!
+//! Every `database.dead_letter_count_interval_ms` (10 s) while the database
+//! is up, it also counts the dead-letter table on the same connection
+//! (`SELECT count(*)`, within `probe_timeout_ms`) for the
+//! `ingestd_dead_letters_waiting` gauge: a count is cheap at that interval
+//! and stays right when `ingestd dead-letter replay|purge` or an operator
+//! removes rows, which the writers' own tallies cannot see. A count that
+//! fails leaves the gauge at its last value (the probe's verdict is not
+//! touched by it).
+//!
 //! A refusal is a configuration problem, logged as an error naming the
 //! likely keys when it starts and once a minute while it lasts; an outage
 //! is a warning when it starts and an info line when it ends.
@@ -112,6 +121,8 @@ impl Probe {
     pub fn run(self) {
         let mut client: Option<Client> = None;
         let mut refusal_logged: Option<Instant> = None;
+        let mut last_count: Option<Instant> = None;
+        let mut count_failing = false;
         loop {
             let (db, interval, timeout) = {
                 let c = self.config.load();
@@ -126,6 +137,25 @@ impl Probe {
                 _ => return,
             }
             let now = Instant::now();
+            let count_every = Duration::from_millis(db.dead_letter_count_interval_ms);
+            if !count_every.is_zero()
+                && last_count.is_none_or(|at| now.duration_since(at) >= count_every)
+                && self.health.database.is_up()
+                && self.table_ready.load(Ordering::Acquire)
+            {
+                last_count = Some(now);
+                match self.count_dead_letters(&mut client, &db, timeout) {
+                    Ok(()) => count_failing = false,
+                    Err(why) if !count_failing => {
+                        count_failing = true;
+                        crate::warn!(
+                            "cannot count the dead-letter table; ingestd_dead_letters_waiting keeps its last value",
+                            error = why
+                        );
+                    }
+                    Err(_) => {}
+                }
+            }
             let health = &self.health.database;
             let breaker_closed = self.breaker.lock().state() == BreakerState::Closed;
             if breaker_closed
@@ -163,6 +193,32 @@ impl Probe {
                 // Start over on a fresh connection next time.
                 *client = None;
                 verdict(&access, &e)
+            }
+        }
+    }
+
+    /// Sets the dead-letter gauge from a count (see the module docs).
+    fn count_dead_letters(
+        &self,
+        client: &mut Option<Client>,
+        db: &DatabaseConfig,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let access = self.access.load();
+        if client.as_ref().is_none_or(Client::is_closed) {
+            *client = Some(connect(&access, db, timeout).map_err(|e| access.describe(&e))?);
+        }
+        let Some(c) = client.as_mut() else { return Err("no connection".into()) };
+        match db::count_dead_letters(c, &self.sql, millis(timeout)) {
+            Ok(n) => {
+                self.metrics.dead_letters_waiting.store(i64::try_from(n).unwrap_or(i64::MAX), Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                if c.is_closed() {
+                    *client = None;
+                }
+                Err(access.describe(&e))
             }
         }
     }

@@ -11,6 +11,8 @@
 //! - `config`: command line, `--check-config`, config errors, exit codes.
 //! - `cors`: browsers as clients: CORS and the WebSocket `Origin` check, in
 //!   a real headless Chromium.
+//! - `deadletter`: `ingestd dead-letter list|replay|purge` and the
+//!   `ingestd_dead_letters_waiting` gauge (issue 13).
 //! - `devices`: `GET /devices/{device_id}` and `GET /devices` (the latest
 //!   state, `[state]`): pages, filters, bad parameters, tokens, timeouts.
 //! - `dbtls`: TLS to PostgreSQL (sslmode, CA, password file), a TLS-only cluster.
@@ -40,6 +42,7 @@ mod support;
 mod config;
 mod cors;
 mod dbtls;
+mod deadletter;
 mod devices;
 mod hostile;
 mod http;

@@ -227,7 +227,26 @@ fn ingest_idempotency_and_dead_letters_through_pgbouncer_in_transaction_mode() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(dead, [bad]);
+    assert_eq!(dead, std::slice::from_ref(&bad));
+
+    // `ingestd dead-letter` through the same PgBouncer: listed, still
+    // refused while the constraint holds (65), stored once it is gone.
+    let dead_letter = |args: &[&str]| {
+        let table_key = format!("database.table={table}");
+        let mut all = vec!["--database-url", bouncer.url.as_str(), "--set", table_key.as_str(), "dead-letter"];
+        all.extend_from_slice(args);
+        run_cli(&all, &[], Duration::from_secs(60))
+    };
+    let out = dead_letter(&["list"]);
+    assert!(out.code() == Some(0) && out.stdout.contains("1 dead letters waiting"), "{out:?}");
+    let out = dead_letter(&["replay"]);
+    assert!(out.code() == Some(65) && out.stdout.contains("still failing 1"), "{out:?}");
+    db_connect(&database_url())
+        .batch_execute(&format!("ALTER TABLE {table} DROP CONSTRAINT {table}_device_id_check"))
+        .expect("drop the constraint");
+    let out = dead_letter(&["replay"]);
+    assert!(out.code() == Some(0) && out.stdout.contains("replayed 1"), "{out:?}");
+    assert_eq!(stored(&table, std::slice::from_ref(&bad)), 1);
 
     // Every statement ingestd prepared was closed inside its transaction:
     // none is left on the server session that all of them ran on (one left
