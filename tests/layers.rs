@@ -28,6 +28,7 @@ const LAYERS: &[&str] = &[
     "shard::conn",
     "shard::routes",
     "shard::ws",
+    "shard::rooms",
     "shard::accept",
     "shard::http",
     "shard::transport",

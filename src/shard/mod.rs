@@ -27,6 +27,7 @@ pub mod accept;
 pub mod conn;
 pub mod http;
 pub mod io;
+pub mod rooms;
 pub mod routes;
 pub mod transport;
 pub mod ws;
