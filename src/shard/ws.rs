@@ -4,12 +4,19 @@
 //! close handshake) through its sans-I/O `WebSocketContext`: bytes read from
 //! the socket are fed into an in-memory stream, frames it writes land in an
 //! in-memory buffer that the session writes to the socket. Each session runs
-//! two tasks on its shard — a reader (client frames: ingest, ping, close) and
-//! a writer (queued events, ingest answers, pings) — sharing one `Rc<Session>`
-//! whose `RefCell`s are never held across an `.await`.
+//! two tasks on its shard — a reader (client frames: ingest, control, ping,
+//! close) and a writer (queued events, answers, pings) — sharing one
+//! `Rc<Session>` whose `RefCell`s are never held across an `.await`.
+//!
+//! What each subscriber selects lives in the shard's [`Rooms`] index (see
+//! `rooms`): the fan-out task walks a committed batch once, and for each
+//! event finds the subscribers of its device and of its prefixes, so the
+//! cost follows the subscribers an event reaches, not the shard's total.
+//! Control frames (`{"op":"subscribe",…}`) change a subscriber's rooms from
+//! its reader task, on the same thread: no lock.
 //!
 //! A subscriber's queue is bounded by `websocket.queue_messages` and
-//! `queue_bytes`. Events matching its filter are copied into it from the
+//! `queue_bytes`. Events its rooms match are copied into it from the
 //! shared batch (so a slow subscriber pins its own events, never whole
 //! batches). When it is full the overflow policy applies: close with 1013,
 //! or drop the oldest and report `{"dropped": N}` before the next event.
@@ -17,7 +24,8 @@
 //!
 //! Ingest frames (one event or an array, as text) are answered in order with
 //! `{"seq": n, "accepted": N, "rejected": [...]}` after commit; `seq` counts
-//! the client's data frames from 1. The reader handles one frame at a time,
+//! the client's data frames from 1, control frames left out (their answers
+//! take their place in the same order). The reader handles one frame at a time,
 //! which keeps answers in order and pushes back on a client that outruns the
 //! database.
 
