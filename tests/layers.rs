@@ -30,6 +30,7 @@ const LAYERS: &[&str] = &[
     "shard::routes",
     "shard::devices",
     "shard::ws",
+    "shard::rooms",
     "shard::accept",
     "shard::http",
     "shard::transport",

@@ -7,8 +7,15 @@
 //! event (`received_at`) to a subscriber reading it, and ingestd's own
 //! commit → frame-written latency from `/stats`. Used by `scripts/fanout.sh`.
 //!
+//! With `--rooms`, subscriber *i* opens a plain `/ws` and joins the room of
+//! one device, `room-i`, with a control frame (`{"op":"subscribe",
+//! "devices":["room-i"]}`, waiting for its answer); the events are spread
+//! round-robin over those devices, so each event is delivered once, to the
+//! one subscriber in its room.
+//!
 //! ```text
 //! ingestd-fanout --addr 127.0.0.1:8080 --subscribers 100 --rate 20000 --duration 10
+//! ingestd-fanout --addr 127.0.0.1:8080 --subscribers 1000 --rate 20000 --duration 10 --rooms
 //! ```
 
 // A tool: a panic here is a failed measurement, not a crashed appliance.
@@ -30,6 +37,7 @@ struct Args {
     duration: Duration,
     batch: usize,
     filter: String,
+    rooms: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -40,6 +48,7 @@ fn parse_args() -> Result<Args, String> {
         duration: Duration::from_secs(10),
         batch: 100,
         filter: String::new(),
+        rooms: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -51,13 +60,40 @@ fn parse_args() -> Result<Args, String> {
             "--duration" => a.duration = Duration::from_secs(value()?.parse().map_err(|e| format!("--duration: {e}"))?),
             "--batch" => a.batch = value()?.parse().map_err(|e| format!("--batch: {e}"))?,
             "--filter" => a.filter = value()?,
+            "--rooms" => a.rooms = true,
             "-h" | "--help" => {
-                return Err("usage: ingestd-fanout --addr HOST:PORT [--subscribers N] [--rate EVENTS_PER_S] [--duration S] [--batch N] [--filter 'device_id=x']".into());
+                return Err("usage: ingestd-fanout --addr HOST:PORT [--subscribers N] [--rate EVENTS_PER_S] [--duration S] [--batch N] [--filter 'device_id=x' | --rooms]".into());
             }
             other => return Err(format!("unknown argument {other}")),
         }
     }
+    if a.rooms && !a.filter.is_empty() {
+        return Err("--rooms and --filter do not go together".into());
+    }
     Ok(a)
+}
+
+/// Joins the room of `device` and waits for the answer.
+fn join_room(ws: &mut tungstenite::WebSocket<TcpStream>, device: &str) -> Result<(), String> {
+    let frame = serde_json::json!({"op": "subscribe", "devices": [device]}).to_string();
+    ws.send(tungstenite::Message::Text(frame.into())).map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        match ws.read() {
+            Ok(tungstenite::Message::Text(t)) => {
+                let answer: serde_json::Value = serde_json::from_str(t.as_str()).map_err(|e| e.to_string())?;
+                if answer["ok"] == true {
+                    return Ok(());
+                }
+                return Err(format!("refused: {answer}"));
+            }
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Err("no answer within 30 s".into())
 }
 
 fn now_unix_us() -> i64 {
@@ -137,6 +173,12 @@ fn main() {
                 std::process::exit(1);
             }
         };
+        if args.rooms
+            && let Err(e) = join_room(&mut ws, &format!("room-{i}"))
+        {
+            eprintln!("subscriber {i}: subscribe: {e}");
+            std::process::exit(1);
+        }
         let (delivered, latency, stop) = (delivered.clone(), latency.clone(), stop.clone());
         readers.push(std::thread::spawn(move || {
             let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
@@ -178,6 +220,8 @@ fn main() {
                 body.push(b',');
             }
             seq += 1;
+            let room = args.rooms.then(|| format!("room-{}", seq % args.subscribers as u64));
+            let device = room.as_deref().unwrap_or(&device);
             let _ = write!(
                 body,
                 r#"{{"device_id":"{device}","type":"fanout","ts":{ts},"payload":{{"seq":{seq},"v":21.5,"note":"fan-out measurement"}}}}"#
@@ -205,11 +249,13 @@ fn main() {
     }
     let h = latency.lock();
     let delivered = delivered.load(Ordering::Relaxed);
-    let expected = sent * args.subscribers as u64;
+    // In rooms, each event has one subscriber.
+    let expected = if args.rooms { sent } else { sent * args.subscribers as u64 };
     let server = get(&args.addr, "/stats").unwrap_or_default();
     let result = serde_json::json!({
         "subscribers": args.subscribers,
         "filter": args.filter,
+        "rooms": args.rooms,
         "events_committed": sent,
         "requests_refused": refused,
         "ingest_events_per_s": sent as f64 / ingest_elapsed.as_secs_f64(),

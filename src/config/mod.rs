@@ -82,6 +82,10 @@ pub const LIVE_KEYS: &[&str] = &[
     "websocket.ping_interval_ms",
     "websocket.idle_timeout_ms",
     "websocket.max_message_bytes",
+    "websocket.max_devices_per_socket",
+    "websocket.max_prefixes_per_socket",
+    "websocket.max_types_per_socket",
+    "websocket.max_control_frame_bytes",
     "websocket.max_subscribers_per_shard",
     "websocket.fanout_budget_bytes",
     "auth.mode",
@@ -352,6 +356,10 @@ impl Config {
             "must be longer than websocket.ping_interval_ms",
         );
         check(ws.max_message_bytes >= 1024, "websocket.max_message_bytes", "must be at least 1024");
+        check(ws.max_devices_per_socket >= 1, "websocket.max_devices_per_socket", "must be at least 1");
+        check(ws.max_prefixes_per_socket >= 1, "websocket.max_prefixes_per_socket", "must be at least 1");
+        check(ws.max_types_per_socket >= 1, "websocket.max_types_per_socket", "must be at least 1");
+        check(ws.max_control_frame_bytes >= 256, "websocket.max_control_frame_bytes", "must be at least 256");
         check(ws.inbox_batches >= 1, "websocket.inbox_batches", "must be at least 1");
         check(ws.broadcast_ring >= 1, "websocket.broadcast_ring", "must be at least 1");
         check(

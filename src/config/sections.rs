@@ -272,6 +272,16 @@ pub struct WebSocketConfig {
     pub idle_timeout_ms: u64,
     /// Largest message (and frame) a client may send.
     pub max_message_bytes: usize,
+    /// Devices one socket may subscribe to (URL and control frames together).
+    pub max_devices_per_socket: usize,
+    /// Device prefixes one socket may subscribe to. Each distinct prefix
+    /// length on a shard costs every event one lookup, so keep it small.
+    pub max_prefixes_per_socket: usize,
+    /// Event types one socket may filter on.
+    pub max_types_per_socket: usize,
+    /// Largest control frame (`{"op": "subscribe", …}`); a larger one is
+    /// answered with an error, the socket stays open.
+    pub max_control_frame_bytes: usize,
     /// Committed batches waiting for one shard's fan-out; past it the
     /// shard's subscribers are told they missed events (overflow policy).
     pub inbox_batches: usize,
@@ -295,6 +305,10 @@ impl Default for WebSocketConfig {
             ping_interval_ms: 20_000,
             idle_timeout_ms: 60_000,
             max_message_bytes: 1024 * 1024,
+            max_devices_per_socket: 1_000,
+            max_prefixes_per_socket: 16,
+            max_types_per_socket: 32,
+            max_control_frame_bytes: 64 * 1024,
             inbox_batches: 256,
             broadcast_ring: 1024,
             fanout_budget_bytes: 64 * 1024 * 1024,

@@ -30,6 +30,7 @@ pub mod conn;
 pub mod devices;
 pub mod http;
 pub mod io;
+pub mod rooms;
 pub mod routes;
 pub mod transport;
 pub mod ws;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use super::accept::{self, Ingested};
 use super::http::{self, Body, BodyFraming, Cors, GunzipError, HeadError, Media, Method, RequestHead, Response};
-use super::{ShardCtx, ws};
+use super::{ShardCtx, rooms, ws};
 use crate::auth::{Denied, Grant, Scope, Secret};
 use crate::broadcast::{Admission, Refusal};
 use crate::ingest::BodyKind;
@@ -324,18 +324,25 @@ pub fn upgrade(
             return Err(refusal);
         }
         if !grant.device_prefix.is_empty() {
-            if request.device_id.as_deref().is_some_and(|d| !grant.owns_device(d.as_bytes())) {
+            if let Some(outside) = rooms::Selection::outside(&request.devices, &request.prefixes, &grant.device_prefix)
+            {
                 return Err(Response::error(
                     403,
                     &format!(
-                        "{} may only subscribe to device_ids starting with {:?}",
+                        "{} may only subscribe to device_ids starting with {:?}; {outside} is outside it",
                         grant.label(),
                         grant.device_prefix
                     ),
                 ));
             }
-            request.device_prefix = Some(grant.device_prefix.clone());
+            request.scope = grant.device_prefix.clone();
         }
+    }
+    if request.snapshot {
+        return Err(Response::error(400, rooms::snapshot_unavailable(ctx.config().state.enabled)));
+    }
+    if let Err(why) = request.selection().check_bounds(&ctx.ws_limits().rooms) {
+        return Err(Response::error(400, &why));
     }
     let admission = ctx.hub.admit(ctx.id, peer, ctx.ws_limits().max_per_shard).map_err(|refusal| match refusal {
         Refusal::Full => {

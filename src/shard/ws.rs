@@ -4,12 +4,19 @@
 //! close handshake) through its sans-I/O `WebSocketContext`: bytes read from
 //! the socket are fed into an in-memory stream, frames it writes land in an
 //! in-memory buffer that the session writes to the socket. Each session runs
-//! two tasks on its shard — a reader (client frames: ingest, ping, close) and
-//! a writer (queued events, ingest answers, pings) — sharing one `Rc<Session>`
-//! whose `RefCell`s are never held across an `.await`.
+//! two tasks on its shard — a reader (client frames: ingest, control, ping,
+//! close) and a writer (queued events, answers, pings) — sharing one
+//! `Rc<Session>` whose `RefCell`s are never held across an `.await`.
+//!
+//! What each subscriber selects lives in the shard's [`Rooms`] index (see
+//! `rooms`): the fan-out task walks a committed batch once, and for each
+//! event finds the subscribers of its device and of its prefixes, so the
+//! cost follows the subscribers an event reaches, not the shard's total.
+//! Control frames (`{"op":"subscribe",…}`) change a subscriber's rooms from
+//! its reader task, on the same thread: no lock.
 //!
 //! A subscriber's queue is bounded by `websocket.queue_messages` and
-//! `queue_bytes`. Events matching its filter are copied into it from the
+//! `queue_bytes`. Events its rooms match are copied into it from the
 //! shared batch (so a slow subscriber pins its own events, never whole
 //! batches). When it is full the overflow policy applies: close with 1013,
 //! or drop the oldest and report `{"dropped": N}` before the next event.
@@ -17,7 +24,8 @@
 //!
 //! Ingest frames (one event or an array, as text) are answered in order with
 //! `{"seq": n, "accepted": N, "rejected": [...]}` after commit; `seq` counts
-//! the client's data frames from 1. The reader handles one frame at a time,
+//! the client's data frames from 1, control frames left out (their answers
+//! take their place in the same order). The reader handles one frame at a time,
 //! which keeps answers in order and pushes back on a client that outruns the
 //! database.
 
@@ -35,12 +43,14 @@ use tungstenite::{Message, Utf8Bytes};
 use super::ShardCtx;
 use super::accept::{self, Ingested};
 use super::io::{IDLE_READ_BYTES, LocalNotify, READ_CHUNK_BYTES, ReadOutcome};
+use super::rooms::{self, Control, ControlError, RoomLimits, Rooms, Selection};
 use super::transport::{ReadHalf, Transport, WriteHalf};
 use crate::auth::{Grant, Scope};
 use crate::broadcast::{Admission, CommittedBatch, EventRef};
 use crate::budget::Lease;
 use crate::config::{Overflow, WebSocketConfig as WsConfig};
 use crate::ingest::BodyKind;
+use crate::ingest::event::{MAX_ID_BYTES, MAX_TYPE_BYTES};
 use crate::limits::IpPass;
 
 /// Ingest answers a session holds unsent; past this the reader stops
@@ -66,25 +76,39 @@ const LEASE_SLACK_BYTES: usize = 512;
 /// What a subscriber asked for in its `GET /ws` query.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WsRequest {
-    pub device_id: Option<Box<str>>,
-    pub event_type: Option<Box<str>>,
+    /// `device_id`, `device_prefix`, `type`: each repeatable, accumulating
+    /// (see `rooms` for what they select together).
+    pub devices: Vec<Box<str>>,
+    pub prefixes: Vec<Box<str>>,
+    pub types: Vec<Box<str>>,
     /// `coalesce_ms`: at most the latest event per device, this often.
     pub coalesce: Option<Duration>,
     /// `subscribe=false`: an ingest-only socket that gets no pushed events.
     pub ingest_only: bool,
-    /// Set from the token (not the query): only events whose device_id
-    /// starts with it are pushed.
-    pub device_prefix: Option<Box<str>>,
+    /// `snapshot=true`: refused by the upgrade until the snapshot exists.
+    pub snapshot: bool,
+    /// Set from the token (not the query): everything the socket selects
+    /// lies within it; `""` without a token prefix.
+    pub scope: Box<str>,
 }
 
 impl WsRequest {
-    /// Parses `device_id=…&type=…&coalesce_ms=…` (all optional).
+    /// Parses `device_id=…&device_prefix=…&type=…&coalesce_ms=…` (all optional).
     pub fn parse(query: &str) -> Result<WsRequest, String> {
         let mut request = WsRequest::default();
         for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+            let too_long = |max: usize| value.len() > max;
             match &*key {
-                "device_id" if !value.is_empty() => request.device_id = Some(value.into()),
-                "type" if !value.is_empty() => request.event_type = Some(value.into()),
+                "device_id" | "type" if value.is_empty() => return Err(format!("{key} must not be empty")),
+                "device_id" | "device_prefix" if too_long(MAX_ID_BYTES) => {
+                    return Err(format!("{key} must be at most {MAX_ID_BYTES} bytes"));
+                }
+                "type" if too_long(MAX_TYPE_BYTES) => {
+                    return Err(format!("type must be at most {MAX_TYPE_BYTES} bytes"));
+                }
+                "device_id" => request.devices.push(value.into()),
+                "device_prefix" => request.prefixes.push(value.into()),
+                "type" => request.types.push(value.into()),
                 "coalesce_ms" => {
                     let ms: u64 = value
                         .parse()
@@ -93,17 +117,24 @@ impl WsRequest {
                         .ok_or_else(|| "coalesce_ms must be an integer from 1 to 60000".to_string())?;
                     request.coalesce = Some(Duration::from_millis(ms));
                 }
-                "subscribe" => match &*value {
-                    "true" | "1" => request.ingest_only = false,
-                    "false" | "0" => request.ingest_only = true,
-                    _ => return Err("subscribe must be true or false".to_string()),
-                },
-                "device_id" | "type" => return Err(format!("{key} must not be empty")),
+                "subscribe" | "snapshot" => {
+                    let on = match &*value {
+                        "true" | "1" => true,
+                        "false" | "0" => false,
+                        _ => return Err(format!("{key} must be true or false")),
+                    };
+                    if key == "subscribe" {
+                        request.ingest_only = !on;
+                    } else {
+                        request.snapshot = on;
+                    }
+                }
                 // Read by `routes::admit`; never kept.
                 "access_token" => {}
                 other => {
                     return Err(format!(
-                        "unknown query parameter `{other}`; use device_id, type, coalesce_ms, subscribe, access_token"
+                        "unknown query parameter `{other}`; use device_id, device_prefix, type, coalesce_ms, \
+                         subscribe, access_token"
                     ));
                 }
             }
@@ -111,10 +142,9 @@ impl WsRequest {
         Ok(request)
     }
 
-    fn matches(&self, e: &EventRef<'_>) -> bool {
-        self.device_id.as_deref().is_none_or(|d| d == e.device_id)
-            && self.event_type.as_deref().is_none_or(|t| t == e.event_type)
-            && self.device_prefix.as_deref().is_none_or(|p| e.device_id.starts_with(p))
+    /// The first selection of the socket.
+    pub fn selection(&self) -> Selection {
+        Selection::new(&self.scope, &self.devices, &self.prefixes, &self.types)
     }
 }
 
@@ -128,6 +158,7 @@ pub struct WsLimits {
     pub ping_interval: Duration,
     pub idle_timeout: Duration,
     pub max_message_bytes: usize,
+    pub rooms: RoomLimits,
 }
 
 impl WsLimits {
@@ -140,6 +171,12 @@ impl WsLimits {
             ping_interval: Duration::from_millis(c.ping_interval_ms),
             idle_timeout: Duration::from_millis(c.idle_timeout_ms),
             max_message_bytes: c.max_message_bytes,
+            rooms: RoomLimits {
+                max_devices: c.max_devices_per_socket,
+                max_prefixes: c.max_prefixes_per_socket,
+                max_types: c.max_types_per_socket,
+                max_control_frame_bytes: c.max_control_frame_bytes,
+            },
         }
     }
 }
@@ -149,9 +186,10 @@ struct Queued {
     committed_at: Instant,
 }
 
-/// One subscriber's filter and bounded queue.
+/// One subscriber's bounded queue (its selection is in the shard's rooms).
 pub struct Subscriber {
-    request: WsRequest,
+    /// `coalesce_ms`.
+    coalesce: Option<Duration>,
     queue: RefCell<VecDeque<Queued>>,
     queued_bytes: Cell<usize>,
     /// Bytes its queued and coalesced events cost, overhead included.
@@ -165,12 +203,14 @@ pub struct Subscriber {
     /// The close policy tripped: the session closes with 1013.
     overflowed: Cell<bool>,
     wake: LocalNotify,
+    /// The last batch that offered it an event (`Subscribers::deliver`).
+    batch_seen: Cell<u64>,
 }
 
 impl Subscriber {
-    fn new(request: WsRequest, lease: Lease) -> Self {
+    fn new(coalesce: Option<Duration>, lease: Lease) -> Self {
         Self {
-            request,
+            coalesce,
             queue: RefCell::new(VecDeque::new()),
             queued_bytes: Cell::new(0),
             held: Cell::new(0),
@@ -179,43 +219,28 @@ impl Subscriber {
             dropped: Cell::new(0),
             overflowed: Cell::new(false),
             wake: LocalNotify::default(),
+            batch_seen: Cell::new(0),
         }
     }
 
-    /// Takes the events of `batch` this subscriber wants. Returns how many
+    /// Takes one event its selection matched. Returns how many events
     /// were dropped or lost to an overflow.
-    pub fn offer(&self, batch: &CommittedBatch, limits: &WsLimits) -> u64 {
-        if self.overflowed.get() {
-            return 0;
+    fn take(&self, e: &EventRef<'_>, committed_at: Instant, limits: &WsLimits) -> u64 {
+        let item = Queued { json: Bytes::copy_from_slice(e.json), committed_at };
+        if self.coalesce.is_none() {
+            return self.push(item, limits);
         }
-        let mut taken = false;
-        let mut lost = 0;
-        for e in batch.events().filter(|e| self.request.matches(e)) {
-            let item = Queued { json: Bytes::copy_from_slice(e.json), committed_at: batch.committed_at };
-            if self.request.coalesce.is_some() {
-                let mut latest = self.latest.borrow_mut();
-                let replaced = latest.get(e.device_id).map_or(0, |q| q.json.len() + QUEUED_EVENT_OVERHEAD);
-                if (latest.len() >= limits.queue_messages && replaced == 0)
-                    || !self.charge(self.held.get() - replaced + item.json.len() + QUEUED_EVENT_OVERHEAD)
-                {
-                    drop(latest);
-                    lost += self.missed(1, limits);
-                    continue;
-                }
-                self.held.set(self.held.get() - replaced + item.json.len() + QUEUED_EVENT_OVERHEAD);
-                latest.insert(e.device_id.into(), item);
-            } else {
-                lost += self.push(item, limits);
-                taken = true;
-            }
-            if self.overflowed.get() {
-                break;
-            }
+        let mut latest = self.latest.borrow_mut();
+        let replaced = latest.get(e.device_id).map_or(0, |q| q.json.len() + QUEUED_EVENT_OVERHEAD);
+        if (latest.len() >= limits.queue_messages && replaced == 0)
+            || !self.charge(self.held.get() - replaced + item.json.len() + QUEUED_EVENT_OVERHEAD)
+        {
+            drop(latest);
+            return self.missed(1, limits);
         }
-        if taken {
-            self.wake.notify();
-        }
-        lost
+        self.held.set(self.held.get() - replaced + item.json.len() + QUEUED_EVENT_OVERHEAD);
+        latest.insert(e.device_id.into(), item);
+        0
     }
 
     fn push(&self, item: Queued, limits: &WsLimits) -> u64 {
@@ -301,44 +326,109 @@ impl Subscriber {
     }
 }
 
-/// The subscribers a shard owns, for its fan-out task.
+/// The subscribers a shard owns, in rooms, for its fan-out task.
 #[derive(Default)]
 pub struct Subscribers {
-    all: RefCell<HashMap<u64, Rc<Subscriber>>>,
+    rooms: RefCell<Rooms<Rc<Subscriber>>>,
     next_id: Cell<u64>,
+    /// Batches delivered so far (for `Subscriber::batch_seen`).
+    batches: Cell<u64>,
+    /// The subscribers the current batch reached (kept for its capacity).
+    reached: RefCell<Vec<Rc<Subscriber>>>,
+}
+
+/// What one delivery cost the subscribers.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Delivered {
+    /// Events dropped or lost to an overflow.
+    pub lost: u64,
+    /// Subscribers the close policy tripped.
+    pub slow_closes: u64,
 }
 
 impl Subscribers {
-    fn register(&self, s: Rc<Subscriber>) -> u64 {
+    fn register(&self, s: Rc<Subscriber>, selection: Selection) -> u64 {
         let id = self.next_id.get();
         self.next_id.set(id + 1);
-        self.all.borrow_mut().insert(id, s);
+        self.rooms.borrow_mut().insert(id, s, selection);
         id
     }
 
     fn unregister(&self, id: u64) {
-        self.all.borrow_mut().remove(&id);
+        self.rooms.borrow_mut().remove(id);
     }
 
-    /// Offers a committed batch to every subscriber; `missed` events are
-    /// reported to all of them first.
-    pub fn fan_out(&self, batch: Option<&CommittedBatch>, missed: u64, ctx: &ShardCtx) {
-        let limits = &ctx.ws_limits();
-        let stats = ctx.stats();
-        for s in self.all.borrow().values() {
-            let was_overflowed = s.overflowed.get();
-            let mut lost = 0;
-            if missed > 0 {
-                lost += s.missed(missed, limits);
-            }
-            if let Some(batch) = batch {
-                lost += s.offer(batch, limits);
-            }
-            stats.ws_dropped.add(lost);
+    /// Applies a control frame to subscriber `id`'s selection; the new one,
+    /// or why not (then nothing changed). `afford` may refuse its bytes.
+    fn apply(
+        &self,
+        id: u64,
+        c: &Control,
+        limits: &RoomLimits,
+        afford: impl FnOnce(&Selection) -> Result<(), String>,
+    ) -> Result<String, String> {
+        let next = {
+            let rooms = self.rooms.borrow();
+            let Some(now) = rooms.selection(id) else { return Err("this socket is closing".into()) };
+            now.apply(c, limits)?
+        };
+        afford(&next)?;
+        let answer = c.answer(&next);
+        self.rooms.borrow_mut().replace(id, next);
+        Ok(answer)
+    }
+
+    /// Offers a committed batch to the subscribers whose rooms match each
+    /// event (found through the index); `missed` events are reported to
+    /// every subscriber first.
+    pub fn deliver(&self, batch: Option<&CommittedBatch>, missed: u64, limits: &WsLimits) -> Delivered {
+        let rooms = self.rooms.borrow();
+        let mut d = Delivered::default();
+        let mut count = |s: &Subscriber, lost: u64, was_overflowed: bool| {
+            d.lost += lost;
             if s.overflowed.get() && !was_overflowed {
-                stats.ws_slow_closes.inc();
+                d.slow_closes += 1;
+            }
+        };
+        if missed > 0 {
+            for s in rooms.values() {
+                let was = s.overflowed.get();
+                count(s, s.missed(missed, limits), was);
             }
         }
+        let Some(batch) = batch else { return d };
+        let stamp = self.batches.get() + 1;
+        self.batches.set(stamp);
+        let mut reached = self.reached.borrow_mut();
+        for e in batch.events() {
+            rooms.for_each_match(e.device_id, e.event_type, |s| {
+                if s.overflowed.get() {
+                    return;
+                }
+                if s.batch_seen.replace(stamp) != stamp {
+                    reached.push(s.clone());
+                }
+                count(s, s.take(&e, batch.committed_at, limits), false);
+            });
+        }
+        for s in reached.drain(..) {
+            // A coalescing subscriber sends on its own ticks.
+            if s.coalesce.is_none() {
+                s.wake.notify();
+            }
+        }
+        if reached.capacity() > 4096 {
+            *reached = Vec::new();
+        }
+        d
+    }
+
+    /// [`Subscribers::deliver`], counted in the shard's stats.
+    pub fn fan_out(&self, batch: Option<&CommittedBatch>, missed: u64, ctx: &ShardCtx) {
+        let d = self.deliver(batch, missed, &ctx.ws_limits());
+        let stats = ctx.stats();
+        stats.ws_dropped.add(d.lost);
+        stats.ws_slow_closes.add(d.slow_closes);
     }
 }
 
@@ -421,6 +511,10 @@ struct Session {
     stopped: LocalNotify,
     /// The upgrade request's id, for log lines about this socket.
     request_id: String,
+    /// Its id in the shard's rooms; `None` for an ingest-only socket.
+    room: Option<u64>,
+    /// The selection's bytes in the memory budget.
+    selection_lease: RefCell<Lease>,
 }
 
 impl Session {
@@ -458,10 +552,14 @@ pub async fn serve(
         .write_buffer_size(0)
         .max_message_size(Some(limits.max_message_bytes))
         .max_frame_size(Some(limits.max_message_bytes));
-    let ingest_only = request.ingest_only;
-    let sub = Rc::new(Subscriber::new(request, ctx.hub.budget.lease()));
+    let sub = Rc::new(Subscriber::new(request.coalesce, ctx.hub.budget.lease()));
+    let selection = request.selection();
+    // The URL's filters are bounded (websocket.max_*_per_socket, checked at
+    // the upgrade); their bytes are held without a refusal, like a request head's.
+    let mut selection_lease = ctx.budget.lease();
+    selection_lease.set(selection.memory_bytes());
     // An ingest-only socket is not offered committed events.
-    let id = (!ingest_only).then(|| ctx.ws.register(sub.clone()));
+    let id = (!request.ingest_only).then(|| ctx.ws.register(sub.clone(), selection));
     let session = Rc::new(Session {
         protocol: RefCell::new(Protocol {
             ws: WebSocketContext::new(Role::Server, Some(config)),
@@ -478,6 +576,8 @@ pub async fn serve(
         last_heard: Cell::new(Instant::now()),
         stopped: LocalNotify::default(),
         request_id: client.request_id.clone(),
+        room: id,
+        selection_lease: RefCell::new(selection_lease),
     });
     let switching = format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: \
@@ -575,6 +675,13 @@ async fn read_loop(mut reader: ReadHalf, session: Rc<Session>, ctx: Rc<ShardCtx>
             }
             match message {
                 Ok(Message::Text(text)) => {
+                    if let Some(control) = rooms::classify(&text, limits.rooms.max_control_frame_bytes) {
+                        drop(text);
+                        let answer = control_frame(&ctx, &session, control, &client).unwrap_or_else(|e| e.answer());
+                        session.control.borrow_mut().push_back(answer);
+                        session.sub.wake.notify();
+                        continue;
+                    }
                     seq += 1;
                     ctx.stats().ws_ingest_frames.inc();
                     let frame = ctx.budget.lease();
@@ -634,7 +741,51 @@ async fn read_loop(mut reader: ReadHalf, session: Rc<Session>, ctx: Rc<ShardCtx>
     }
 }
 
-/// Ingests one text frame and renders its in-order answer.
+/// Applies one control frame (see `rooms`) and renders its answer. It
+/// counts against the client's IP and token rates like an ingest frame.
+/// The change takes effect before the answer is queued: every event
+/// committed after the client reads the answer is chosen by the new rooms
+/// (events already queued for it may still arrive).
+fn control_frame(
+    ctx: &ShardCtx,
+    session: &Session,
+    parsed: Result<Control, ControlError>,
+    client: &Client,
+) -> Result<String, ControlError> {
+    let c = parsed?;
+    let (ip_rate, token_rate, state_enabled) = {
+        let cfg = ctx.config();
+        (cfg.limits.ip_rate(), cfg.limits.token_rate(), cfg.state.enabled)
+    };
+    if client.ip.take(ip_rate.0, ip_rate.1).is_err() {
+        return Err(c.refuse("too many requests from this address (limits.ip_requests_per_s); slow down"));
+    }
+    if let Some(grant) = &client.grant
+        && client.ip.take_from(&grant.rate, token_rate.0, token_rate.1).is_err()
+    {
+        return Err(c.refuse(format!("too many requests with {} (limits.token_requests_per_s)", grant.label())));
+    }
+    let Some(id) = session.room else {
+        return Err(c.refuse(
+            "this socket was opened with subscribe=false and receives no events; open GET /ws without it to use rooms",
+        ));
+    };
+    if c.snapshot {
+        // The snapshot hand-over hooks in here: after the new selection is
+        // applied (so the live feed already queues its events) and before
+        // the answer, the matching state rows are sent ahead of them.
+        return Err(c.refuse(rooms::snapshot_unavailable(state_enabled)));
+    }
+    let limits = ctx.ws_limits().rooms;
+    let afford = |next: &Selection| {
+        session.selection_lease.borrow_mut().try_resize(next.memory_bytes()).map_err(|e| {
+            ctx.stats().shed(crate::labels::Shed::MemoryBudget);
+            format!("server is over its memory budget ({}); nothing changed, retry later", e.key)
+        })
+    };
+    ctx.ws.apply(id, &c, &limits, afford).map_err(|e| c.refuse(e))
+}
+
 /// Answers one ingest frame. Each frame counts against the client's IP and
 /// token rates like an HTTP request, and needs the `ingest` scope.
 async fn ingest_frame(ctx: &ShardCtx, body: Utf8Bytes, mut lease: Lease, seq: u64, client: &Client) -> String {
@@ -690,7 +841,7 @@ async fn write_loop(mut writer: WriteHalf, session: &Session, ctx: &ShardCtx) {
     let stats = ctx.stats();
     let sub = &session.sub;
     let mut last_sent = Instant::now();
-    let mut next_tick = sub.request.coalesce.map(|every| Instant::now() + every);
+    let mut next_tick = sub.coalesce.map(|every| Instant::now() + every);
     let mut out = Vec::new();
     loop {
         let pending = !session.control.borrow().is_empty() || !sub.queue.borrow().is_empty();
@@ -712,7 +863,7 @@ async fn write_loop(mut writer: WriteHalf, session: &Session, ctx: &ShardCtx) {
             session.close.set(Some((1013, "subscriber too slow; queue full")));
         }
         if let Some(tick) = next_tick.filter(|t| now >= *t) {
-            next_tick = sub.request.coalesce.map(|every| tick.max(now - every) + every);
+            next_tick = sub.coalesce.map(|every| tick.max(now - every) + every);
             let latest: Vec<_> = sub.latest.borrow_mut().drain().map(|(_, q)| q).collect();
             for q in latest {
                 sub.held.set(sub.held.get() - q.json.len() - QUEUED_EVENT_OVERHEAD);
@@ -823,34 +974,84 @@ mod tests {
             ping_interval: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(2),
             max_message_bytes: 1 << 20,
+            rooms: RoomLimits { max_devices: 8, max_prefixes: 8, max_types: 8, max_control_frame_bytes: 1024 },
         }
+    }
+
+    fn every() -> Selection {
+        Selection::new("", &[], &[], &[])
+    }
+
+    fn sub(coalesce: Option<Duration>, lease: Lease) -> Rc<Subscriber> {
+        Rc::new(Subscriber::new(coalesce, lease))
+    }
+
+    /// Delivers `batch` to `s` alone, with every device selected: the lost events.
+    fn offer(s: &Rc<Subscriber>, batch: &CommittedBatch, limits: &WsLimits) -> u64 {
+        let subs = Subscribers::default();
+        subs.register(s.clone(), every());
+        subs.deliver(Some(batch), 0, limits).lost
+    }
+
+    fn queued(s: &Subscriber) -> Vec<String> {
+        s.queue.borrow().iter().map(|q| String::from_utf8(q.json.to_vec()).unwrap()).collect()
     }
 
     #[test]
     fn query_parsing() {
         let r = WsRequest::parse("device_id=d%201&type=boot&coalesce_ms=250").unwrap();
         assert_eq!(
-            (r.device_id.as_deref(), r.event_type.as_deref(), r.coalesce),
-            (Some("d 1"), Some("boot"), Some(Duration::from_millis(250)))
+            (r.devices, r.types, r.coalesce),
+            (vec!["d 1".into()], vec!["boot".into()], Some(Duration::from_millis(250)))
         );
+        let r = WsRequest::parse("device_id=a&device_id=b&device_prefix=f%2F&device_prefix=&type=x&type=y").unwrap();
+        assert_eq!(r.devices, ["a".into(), "b".into()], "repeats accumulate");
+        assert_eq!(r.prefixes, ["f/".into(), "".into()]);
+        assert_eq!(r.types, ["x".into(), "y".into()]);
         assert_eq!(WsRequest::parse("").unwrap(), WsRequest::default());
         assert!(WsRequest::parse("device=x").unwrap_err().contains("unknown query parameter"));
+        assert!(WsRequest::parse("device_id=").unwrap_err().contains("device_id must not be empty"));
+        assert!(WsRequest::parse(&format!("device_prefix={}", "p".repeat(129))).unwrap_err().contains("128"));
         assert!(WsRequest::parse("coalesce_ms=0").is_err());
         assert!(WsRequest::parse("subscribe=false").unwrap().ingest_only);
         assert!(WsRequest::parse("subscribe=maybe").is_err());
+        assert!(WsRequest::parse("snapshot=true").unwrap().snapshot);
+        assert!(WsRequest::parse("snapshot=yes").unwrap_err().contains("snapshot must be true or false"));
     }
 
     #[test]
-    fn filters_select_events() {
-        let s = Subscriber::new(WsRequest { device_id: Some("b".into()), ..Default::default() }, Lease::detached());
-        s.offer(&batch(&["a", "b", "c", "b"]), &limits(Overflow::Close, 10));
-        assert_eq!(s.queue.borrow().len(), 2);
+    fn each_event_reaches_exactly_its_rooms() {
+        let subs = Subscribers::default();
+        let l = limits(Overflow::Close, 100);
+        let b = sub(None, Lease::detached());
+        subs.register(b.clone(), Selection::new("", &["b".into()], &[], &[]));
+        let fleet = sub(None, Lease::detached());
+        subs.register(fleet.clone(), Selection::new("", &["a".into()], &["f/".into()], &[]));
+        let all = sub(None, Lease::detached());
+        let all_id = subs.register(all.clone(), every());
+        let d = subs.deliver(Some(&batch(&["a", "b", "f/1", "c", "b"])), 0, &l);
+        assert_eq!(d, Delivered::default());
+        assert_eq!(queued(&b).len(), 2);
+        assert_eq!(queued(&fleet).len(), 2);
+        assert_eq!(queued(&all).len(), 5);
+        assert!(queued(&fleet)[1].contains("\"f/1\""), "in batch order: {:?}", queued(&fleet));
+        // A control frame moves `all` into room c.
+        let c = rooms::classify(r#"{"op":"subscribe","devices":["c"]}"#, 1024).unwrap().unwrap();
+        let answer = subs.apply(all_id, &c, &l.rooms, |_| Ok(())).unwrap();
+        assert!(answer.contains("\"ok\":true") && answer.contains("\"devices\":1"), "{answer}");
+        let refused = subs.apply(all_id, &c, &l.rooms, |_| Err("no bytes".into()));
+        assert_eq!(refused, Err("no bytes".into()));
+        subs.deliver(Some(&batch(&["a", "c"])), 0, &l);
+        assert_eq!((queued(&all).len(), queued(&fleet).len()), (6, 3));
+        // Missed events reach everyone, whatever their rooms.
+        let d = subs.deliver(None, 3, &l);
+        assert_eq!(d, Delivered { lost: 9 + 11, slow_closes: 3 }, "the close policy loses the queued ones too");
     }
 
     #[test]
     fn close_policy_trips_and_empties() {
-        let s = Subscriber::new(WsRequest::default(), Lease::detached());
-        let lost = s.offer(&batch(&["a", "b", "c"]), &limits(Overflow::Close, 2));
+        let s = sub(None, Lease::detached());
+        let lost = offer(&s, &batch(&["a", "b", "c"]), &limits(Overflow::Close, 2));
         assert!(s.overflowed.get());
         assert_eq!(s.queue.borrow().len(), 0);
         assert_eq!(lost, 3);
@@ -858,8 +1059,8 @@ mod tests {
 
     #[test]
     fn drop_oldest_keeps_the_newest_and_counts() {
-        let s = Subscriber::new(WsRequest::default(), Lease::detached());
-        let lost = s.offer(&batch(&["a", "b", "c", "d", "e"]), &limits(Overflow::DropOldest, 2));
+        let s = sub(None, Lease::detached());
+        let lost = offer(&s, &batch(&["a", "b", "c", "d", "e"]), &limits(Overflow::DropOldest, 2));
         assert_eq!((lost, s.dropped.get(), s.queue.borrow().len()), (3, 3, 2));
         let kept: Vec<_> = s.queue.borrow().iter().map(|q| String::from_utf8(q.json.to_vec()).unwrap()).collect();
         assert!(kept[0].contains("\"d\"") && kept[1].contains("\"e\""), "{kept:?}");
@@ -868,19 +1069,19 @@ mod tests {
     #[test]
     fn the_live_feeds_budget_bounds_every_queue_together() {
         let budget = crate::budget::Budget::new("websocket.fanout_budget_bytes", 200 * 1024);
-        let a = Subscriber::new(WsRequest::default(), budget.lease());
-        let b = Subscriber::new(WsRequest::default(), budget.lease());
+        let a = sub(None, budget.lease());
+        let b = sub(None, budget.lease());
         let roomy = limits(Overflow::DropOldest, 1_000_000);
         let events: Vec<String> = (0..2000).map(|i| format!("d{i}")).collect();
         let names: Vec<&str> = events.iter().map(String::as_str).collect();
         // `a` never reads: it fills the budget, then drops its oldest.
-        let lost = a.offer(&batch(&names), &roomy);
+        let lost = offer(&a, &batch(&names), &roomy);
         assert!(lost > 0 && budget.used() <= budget.limit(), "lost {lost}, used {}", budget.used());
         // `b` gets what is left; `a` closes under the close policy and frees its share.
         let tight = limits(Overflow::Close, 1_000_000);
-        assert!(a.offer(&batch(&names), &tight) > 0 && a.overflowed.get());
+        assert!(offer(&a, &batch(&names), &tight) > 0 && a.overflowed.get());
         assert_eq!(a.lease.borrow().bytes(), 0);
-        assert_eq!(b.offer(&batch(&names[..100]), &tight), 0, "room again for the others");
+        assert_eq!(offer(&b, &batch(&names[..100]), &tight), 0, "room again for the others");
         while b.pop().is_some() {}
         b.give_back();
         assert_eq!(budget.used(), 0, "a reader that caught up holds nothing");
@@ -888,11 +1089,8 @@ mod tests {
 
     #[test]
     fn coalescing_keeps_latest_per_device() {
-        let s = Subscriber::new(
-            WsRequest { coalesce: Some(Duration::from_millis(10)), ..Default::default() },
-            Lease::detached(),
-        );
-        s.offer(&batch(&["a", "b", "a", "a"]), &limits(Overflow::Close, 10));
+        let s = sub(Some(Duration::from_millis(10)), Lease::detached());
+        offer(&s, &batch(&["a", "b", "a", "a"]), &limits(Overflow::Close, 10));
         assert_eq!(s.latest.borrow().len(), 2);
         assert!(s.queue.borrow().is_empty());
     }

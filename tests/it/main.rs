@@ -33,6 +33,8 @@
 //!   connection limits, the write timeout.
 //! - `lifecycle`: signals and graceful shutdown under load.
 //! - `ws`: `GET /ws` subscriptions and ingest over WebSocket.
+//! - `rooms`: several filters in the `GET /ws` URL, subscribe/unsubscribe
+//!   control frames, their bounds and a token's device prefix (issue 13).
 //! - `spec`: literal readings of SPEC.md where INTERFACE.md is silent.
 //! - `stall`: PostgreSQL locked, slowed, stopped or refusing: the memory
 //!   budget, the time bound on answers, `/health` with no traffic (issue 11).
@@ -53,6 +55,7 @@ mod ops;
 mod overload;
 mod pgbouncer;
 mod reliability;
+mod rooms;
 mod scale;
 mod security;
 mod spec;
