@@ -125,6 +125,9 @@ pub struct Answer {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Item {
     pub device_id: String,
+    /// The `event_id` of the device's newest event (what a snapshot
+    /// recognises in the live feed).
+    pub event_id: String,
     /// Its JSON object's bytes in [`Answer::body`].
     pub json: Range<usize>,
 }
@@ -379,7 +382,7 @@ impl Render {
             self.more = true;
             return Ok(false);
         }
-        let (device_id, object) = object_json(row).map_err(classify)?;
+        let (device_id, event_id, object) = object_json(row).map_err(classify)?;
         // Room for the object, its comma and the page's closing part.
         let needed = self.body.len() + object.len() + 1 + ROW_OVERHEAD_BYTES;
         if needed > self.lease.bytes() {
@@ -394,7 +397,7 @@ impl Render {
         }
         let start = self.body.len();
         self.body.push_str(&object);
-        self.items.push(Item { device_id, json: start..self.body.len() });
+        self.items.push(Item { device_id, event_id, json: start..self.body.len() });
         Ok(true)
     }
 
@@ -419,7 +422,8 @@ fn json_string(s: &str) -> String {
 /// One state row as JSON: the event as the WebSocket feed sends it
 /// (`event_id`, `device_id`, `type`, `ts`, `received_at`, `payload` when
 /// not null) plus `first_seen` and `events`.
-fn object_json(row: &postgres::Row) -> Result<(String, String), postgres::Error> {
+/// Returns the device's id, its newest event's id and the object.
+fn object_json(row: &postgres::Row) -> Result<(String, String, String), postgres::Error> {
     let device_id: &str = row.try_get(0)?;
     let event_id: &str = row.try_get(1)?;
     let event_type: &str = row.try_get(2)?;
@@ -449,7 +453,7 @@ fn object_json(row: &postgres::Row) -> Result<(String, String), postgres::Error>
     s.push_str("\",\"events\":");
     s.push_str(&events.to_string());
     s.push('}');
-    Ok((device_id.to_string(), s))
+    Ok((device_id.to_string(), event_id.to_string(), s))
 }
 
 /// As the WebSocket feed formats timestamps: RFC 3339 in UTC (`Z`), with

@@ -86,6 +86,7 @@ pub const LIVE_KEYS: &[&str] = &[
     "websocket.max_prefixes_per_socket",
     "websocket.max_types_per_socket",
     "websocket.max_control_frame_bytes",
+    "websocket.snapshot_max_devices",
     "websocket.max_subscribers_per_shard",
     "websocket.fanout_budget_bytes",
     "auth.mode",
@@ -360,6 +361,7 @@ impl Config {
         check(ws.max_prefixes_per_socket >= 1, "websocket.max_prefixes_per_socket", "must be at least 1");
         check(ws.max_types_per_socket >= 1, "websocket.max_types_per_socket", "must be at least 1");
         check(ws.max_control_frame_bytes >= 256, "websocket.max_control_frame_bytes", "must be at least 256");
+        check(ws.snapshot_max_devices >= 1, "websocket.snapshot_max_devices", "must be at least 1");
         check(ws.inbox_batches >= 1, "websocket.inbox_batches", "must be at least 1");
         check(ws.broadcast_ring >= 1, "websocket.broadcast_ring", "must be at least 1");
         check(

@@ -282,6 +282,9 @@ pub struct WebSocketConfig {
     /// Largest control frame (`{"op": "subscribe", …}`); a larger one is
     /// answered with an error, the socket stays open.
     pub max_control_frame_bytes: usize,
+    /// Most devices one snapshot (`snapshot=true`, `"snapshot": true`)
+    /// sends; past it the done marker says `"complete": false`.
+    pub snapshot_max_devices: usize,
     /// Committed batches waiting for one shard's fan-out; past it the
     /// shard's subscribers are told they missed events (overflow policy).
     pub inbox_batches: usize,
@@ -309,6 +312,7 @@ impl Default for WebSocketConfig {
             max_prefixes_per_socket: 16,
             max_types_per_socket: 32,
             max_control_frame_bytes: 64 * 1024,
+            snapshot_max_devices: 10_000,
             inbox_batches: 256,
             broadcast_ring: 1024,
             fanout_budget_bytes: 64 * 1024 * 1024,

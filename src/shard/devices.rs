@@ -169,25 +169,10 @@ fn outside_prefix(grant: &Grant) -> Response {
 
 /// Answers a `/devices…` request.
 pub async fn handle(ctx: &ShardCtx, head: &RequestHead, grant: Option<&Grant>) -> Response {
-    let Some(readers) = ctx.readers.as_ref() else {
+    if ctx.readers.is_none() {
         return Response::error(404, STATE_OFF);
-    };
-    let (max_page, timeout, max_answer, row_bytes, retry) = {
-        let c = ctx.config();
-        (
-            c.state.max_page,
-            Duration::from_millis(c.state.read_timeout_ms),
-            c.state.max_answer_bytes,
-            c.ingest.max_payload_bytes + ROW_OVERHEAD_BYTES,
-            c.server.retry_after_s,
-        )
-    };
-    let unavailable = |why: Option<Shed>, message: &str| {
-        if let Some(why) = why {
-            ctx.stats().shed(why);
-        }
-        Response::error(503, message).retry_after(retry)
-    };
+    }
+    let max_page = ctx.config().state.max_page;
     let target = head.path.as_deref().unwrap_or_default();
     let token_prefix = grant.map_or("", |g| &*g.device_prefix);
     let query = if head.target == Route::Device {
@@ -226,76 +211,120 @@ pub async fn handle(ctx: &ShardCtx, head: &RequestHead, grant: Option<&Grant>) -
             ..DeviceFilter::default()
         })
     };
-    // What the probe last saw: a read of a database known to be down would
-    // only wait for a connection until its deadline.
-    if !ctx.health.database.is_up() {
-        let status = ctx.health.database.status().as_str();
-        return unavailable(None, &format!("database {status}; retry later"));
-    }
-    if let Admission::Rejected { retry_after } = ctx.health.breaker.admit(Instant::now()) {
-        return unavailable(
-            Some(Shed::BreakerOpen),
-            &format!("database unavailable (circuit breaker open); retry in {} ms", retry_after.as_millis().max(1)),
-        );
-    }
-    let rows = match &query {
-        Query::Device(_) => 1,
-        Query::Page(f) => f.limit,
-    };
-    let lease = match ctx.budget.try_lease(rows.saturating_mul(row_bytes).min(max_answer)) {
-        Ok(lease) => lease,
-        Err(e) => {
-            return unavailable(
-                Some(Shed::MemoryBudget),
-                &format!("server is over its memory budget ({}); retry later", e.key),
-            );
-        }
-    };
     let wanted = match &query {
         Query::Device(id) => Some(id.clone()),
         Query::Page(_) => None,
     };
-    let deadline = Instant::now() + timeout;
-    let wait = match readers.try_submit(query, deadline, lease) {
-        Ok(wait) => wait,
-        Err(Refused::Busy) => {
-            return unavailable(Some(Shed::ReadersBusy), "every reader is busy (state.readers); retry later");
-        }
-        Err(Refused::Closed) => return unavailable(Some(Shed::ShuttingDown), "shutting down; retry later"),
-    };
-    let answered = monoio::select! {
-        r = wait => Some(r),
-        _ = monoio::time::sleep(deadline.saturating_duration_since(Instant::now())) => None,
-    };
-    let expired = || {
-        unavailable(
-            Some(Shed::ReadTimeout),
-            &format!(
-                "the read was not answered within state.read_timeout_ms ({} ms); retry later",
-                timeout.as_millis()
-            ),
-        )
-    };
-    match answered {
-        None | Some(Ok(Err(ReadError::Expired))) => expired(),
-        Some(Err(_canceled)) => unavailable(None, "the reader stopped before answering; retry"),
-        Some(Ok(Ok(Some(answer)))) => {
+    match read(ctx, query).await {
+        Ok(Some(answer)) => {
             let mut r = Response::json(200, answer.body);
             r.held = Some(Rc::new(answer.lease));
             r
         }
-        Some(Ok(Ok(None))) => Response::error(
+        Ok(None) => Response::error(
             404,
             &format!(
                 "no state for device_id {:?}: no event of it has been stored since [state] was enabled",
                 wanted.unwrap_or_default()
             ),
         ),
-        Some(Ok(Err(ReadError::Unavailable(why)))) => unavailable(None, &format!("database unavailable: {why}")),
-        Some(Ok(Err(ReadError::Failed(why)))) => Response::error(500, &format!("PostgreSQL refused the read: {why}")),
-        Some(Ok(Err(ReadError::OverBudget(key)))) => {
-            unavailable(Some(Shed::MemoryBudget), &format!("server is over its memory budget ({key}); retry later"))
+        Err(failed) => failed.response(ctx.config().server.retry_after_s),
+    }
+}
+
+/// Why a read of device state has no answer, as a client is told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadFailed {
+    /// 404 (state off), 500 (PostgreSQL refused the query) or 503 (a retry
+    /// may help: the database is down, the readers busy, the time up).
+    pub status: u16,
+    pub message: String,
+}
+
+impl ReadFailed {
+    fn new(status: u16, message: impl Into<String>) -> ReadFailed {
+        ReadFailed { status, message: message.into() }
+    }
+
+    /// The HTTP answer (503s carry `Retry-After`).
+    pub fn response(&self, retry_after_s: u32) -> Response {
+        let r = Response::error(self.status, &self.message);
+        if self.status == 503 { r.retry_after(retry_after_s) } else { r }
+    }
+}
+
+/// Reads device state through the readers without blocking the shard:
+/// checks the database's health and the breaker first, leases the answer's
+/// bytes, queues the query and awaits it within `state.read_timeout_ms`.
+/// `Ok(None)`: [`Query::Device`] found no such device. `GET /devices…` and
+/// WebSocket snapshots (`shard::snapshot`) both read through here.
+pub async fn read(ctx: &ShardCtx, query: Query) -> Result<Option<crate::read::Answer>, ReadFailed> {
+    let Some(readers) = ctx.readers.as_ref() else {
+        return Err(ReadFailed::new(404, STATE_OFF));
+    };
+    let (timeout, max_answer, row_bytes) = {
+        let c = ctx.config();
+        (
+            Duration::from_millis(c.state.read_timeout_ms),
+            c.state.max_answer_bytes,
+            c.ingest.max_payload_bytes + ROW_OVERHEAD_BYTES,
+        )
+    };
+    let unavailable = |why: Option<Shed>, message: &str| {
+        if let Some(why) = why {
+            ctx.stats().shed(why);
         }
+        ReadFailed::new(503, message)
+    };
+    // What the probe last saw: a read of a database known to be down would
+    // only wait for a connection until its deadline.
+    if !ctx.health.database.is_up() {
+        let status = ctx.health.database.status().as_str();
+        return Err(unavailable(None, &format!("database {status}; retry later")));
+    }
+    if let Admission::Rejected { retry_after } = ctx.health.breaker.admit(Instant::now()) {
+        return Err(unavailable(
+            Some(Shed::BreakerOpen),
+            &format!("database unavailable (circuit breaker open); retry in {} ms", retry_after.as_millis().max(1)),
+        ));
+    }
+    let rows = match &query {
+        Query::Device(_) => 1,
+        Query::Page(f) => f.limit,
+    };
+    let lease = ctx.budget.try_lease(rows.saturating_mul(row_bytes).min(max_answer)).map_err(|e| {
+        unavailable(Some(Shed::MemoryBudget), &format!("server is over its memory budget ({}); retry later", e.key))
+    })?;
+    let deadline = Instant::now() + timeout;
+    let wait = match readers.try_submit(query, deadline, lease) {
+        Ok(wait) => wait,
+        Err(Refused::Busy) => {
+            return Err(unavailable(Some(Shed::ReadersBusy), "every reader is busy (state.readers); retry later"));
+        }
+        Err(Refused::Closed) => return Err(unavailable(Some(Shed::ShuttingDown), "shutting down; retry later")),
+    };
+    let answered = monoio::select! {
+        r = wait => Some(r),
+        _ = monoio::time::sleep(deadline.saturating_duration_since(Instant::now())) => None,
+    };
+    match answered {
+        None | Some(Ok(Err(ReadError::Expired))) => Err(unavailable(
+            Some(Shed::ReadTimeout),
+            &format!(
+                "the read was not answered within state.read_timeout_ms ({} ms); retry later",
+                timeout.as_millis()
+            ),
+        )),
+        Some(Err(_canceled)) => Err(unavailable(None, "the reader stopped before answering; retry")),
+        Some(Ok(Ok(answer))) => Ok(answer),
+        Some(Ok(Err(ReadError::Unavailable(why)))) => Err(unavailable(None, &format!("database unavailable: {why}"))),
+        Some(Ok(Err(ReadError::Failed(why)))) => {
+            Err(ReadFailed::new(500, format!("PostgreSQL refused the read: {why}")))
+        }
+        Some(Ok(Err(ReadError::OverBudget(key)))) => Err(unavailable(
+            Some(Shed::MemoryBudget),
+            &format!("server is over its memory budget ({key}); retry later"),
+        )),
     }
 }
 

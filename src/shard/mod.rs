@@ -22,6 +22,9 @@
 //! - [`accept`]: one body of events from admission to answer (HTTP and
 //!   WebSocket ingest alike).
 //! - [`ws`]: WebSocket sessions: subscriptions, fan-out, ingest frames.
+//! - [`rooms`]: what a subscriber selects, control frames, the shard's index.
+//! - [`snapshot`]: a room's current state before its live events, and the
+//!   hand-over between them.
 //! - [`io`]: reads with deadlines and explicit cancellation.
 //! - [`transport`]: plain TCP or TLS (rustls, sans-I/O) under both.
 
@@ -32,6 +35,7 @@ pub mod http;
 pub mod io;
 pub mod rooms;
 pub mod routes;
+pub mod snapshot;
 pub mod transport;
 pub mod ws;
 

@@ -209,9 +209,8 @@ pub struct Control {
     pub prefixes: Vec<Box<str>>,
     pub types: Vec<Box<str>>,
     pub every_type: bool,
-    /// `"snapshot": true`: the current state of the rooms first. Parsed here;
-    /// the session refuses it until the snapshot hand-over exists (it will
-    /// run between applying the new selection and answering).
+    /// `"snapshot": true`: the current state of the rooms first (see
+    /// `snapshot`; the session sends it after the answer).
     pub snapshot: bool,
 }
 
@@ -258,14 +257,9 @@ impl ControlError {
     }
 }
 
-/// Why a snapshot cannot be had (for the URL and for frames).
-pub fn snapshot_unavailable(state_enabled: bool) -> &'static str {
-    if state_enabled {
-        "snapshot is not available in this build yet; subscribe without it"
-    } else {
-        "snapshot is not available: it needs the latest-state table ([state] enabled = true)"
-    }
-}
+/// Why a snapshot cannot be had with `[state]` off (for the URL and for frames).
+pub const SNAPSHOT_NEEDS_STATE: &str =
+    "snapshot is not available: it needs the latest-state table ([state] enabled = true)";
 
 /// `None` for an ingest frame; a control frame parsed or refused otherwise.
 /// Ingest frames pay one substring search (and a key scan only when an

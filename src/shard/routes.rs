@@ -338,8 +338,11 @@ pub fn upgrade(
             request.scope = grant.device_prefix.clone();
         }
     }
-    if request.snapshot {
-        return Err(Response::error(400, rooms::snapshot_unavailable(ctx.config().state.enabled)));
+    if request.snapshot && ctx.readers.is_none() {
+        return Err(Response::error(400, rooms::SNAPSHOT_NEEDS_STATE));
+    }
+    if request.snapshot && request.ingest_only {
+        return Err(Response::error(400, "snapshot=true needs a subscribing socket; drop subscribe=false"));
     }
     if let Err(why) = request.selection().check_bounds(&ctx.ws_limits().rooms) {
         return Err(Response::error(400, &why));

@@ -42,8 +42,10 @@ use tungstenite::{Message, Utf8Bytes};
 
 use super::ShardCtx;
 use super::accept::{self, Ingested};
+use super::devices;
 use super::io::{IDLE_READ_BYTES, LocalNotify, READ_CHUNK_BYTES, ReadOutcome};
-use super::rooms::{self, Control, ControlError, RoomLimits, Rooms, Selection};
+use super::rooms::{self, Control, ControlError, Op, RoomLimits, Rooms, Selection};
+use super::snapshot::{self, Seen, Settling};
 use super::transport::{ReadHalf, Transport, WriteHalf};
 use crate::auth::{Grant, Scope};
 use crate::broadcast::{Admission, CommittedBatch, EventRef};
@@ -52,6 +54,7 @@ use crate::config::{Overflow, WebSocketConfig as WsConfig};
 use crate::ingest::BodyKind;
 use crate::ingest::event::{MAX_ID_BYTES, MAX_TYPE_BYTES};
 use crate::limits::IpPass;
+use crate::read::{DeviceFilter, Query};
 
 /// Ingest answers a session holds unsent; past this the reader stops
 /// taking frames until the client reads (a client that sends and never
@@ -85,7 +88,7 @@ pub struct WsRequest {
     pub coalesce: Option<Duration>,
     /// `subscribe=false`: an ingest-only socket that gets no pushed events.
     pub ingest_only: bool,
-    /// `snapshot=true`: refused by the upgrade until the snapshot exists.
+    /// `snapshot=true`: the rooms' current state first (see `snapshot`).
     pub snapshot: bool,
     /// Set from the token (not the query): everything the socket selects
     /// lies within it; `""` without a token prefix.
@@ -133,7 +136,7 @@ impl WsRequest {
                 "access_token" => {}
                 other => {
                     return Err(format!(
-                        "unknown query parameter `{other}`; use device_id, device_prefix, type, coalesce_ms, \
+                        "unknown query parameter `{other}`; use device_id, device_prefix, type, coalesce_ms, snapshot, \
                          subscribe, access_token"
                     ));
                 }
@@ -205,6 +208,11 @@ pub struct Subscriber {
     wake: LocalNotify,
     /// The last batch that offered it an event (`Subscribers::deliver`).
     batch_seen: Cell<u64>,
+    /// A snapshot is being sent: events queue but are not sent yet.
+    holding: Cell<bool>,
+    /// After a snapshot: its state events, still recognised for a while,
+    /// and their bytes in the memory budget.
+    settling: RefCell<Option<(Settling, Lease)>>,
 }
 
 impl Subscriber {
@@ -220,12 +228,59 @@ impl Subscriber {
             overflowed: Cell::new(false),
             wake: LocalNotify::default(),
             batch_seen: Cell::new(0),
+            holding: Cell::new(false),
+            settling: RefCell::new(None),
         }
+    }
+
+    /// Whether `e` is a state event a recent snapshot already sent
+    /// (`snapshot`, step 4). Costs nothing once the settling time is over.
+    fn already_sent(&self, e: &EventRef<'_>, now: Instant) -> bool {
+        let mut settling = self.settling.borrow_mut();
+        let Some((s, _)) = settling.as_mut() else { return false };
+        if now >= s.until || s.seen.is_empty() {
+            *settling = None;
+            return false;
+        }
+        s.seen.recognises(e.device_id, e.json)
+    }
+
+    /// Ends a snapshot (`snapshot`, step 3): drops the held events it
+    /// already showed, keeps `seen` for the settling time, sends the rest.
+    fn release(&self, mut seen: Seen, lease: Lease) {
+        let drop = {
+            let queue = self.queue.borrow();
+            seen.release(queue.iter().map(|q| &q.json[..]))
+        };
+        let mut at = 0;
+        self.queue.borrow_mut().retain(|q| {
+            let keep = !drop.get(at).copied().unwrap_or(false);
+            at += 1;
+            if !keep {
+                self.queued_bytes.set(self.queued_bytes.get() - q.json.len());
+                self.held.set(self.held.get() - q.json.len() - QUEUED_EVENT_OVERHEAD);
+            }
+            keep
+        });
+        self.latest.borrow_mut().retain(|device, q| {
+            let keep = !seen.recognises(device, &q.json);
+            if !keep {
+                self.held.set(self.held.get() - q.json.len() - QUEUED_EVENT_OVERHEAD);
+            }
+            keep
+        });
+        *self.settling.borrow_mut() = (!seen.is_empty()).then(|| (Settling::new(seen, Instant::now()), lease));
+        self.holding.set(false);
+        self.give_back();
+        self.wake.notify();
     }
 
     /// Takes one event its selection matched. Returns how many events
     /// were dropped or lost to an overflow.
     fn take(&self, e: &EventRef<'_>, committed_at: Instant, limits: &WsLimits) -> u64 {
+        if self.already_sent(e, committed_at) {
+            return 0;
+        }
         let item = Queued { json: Bytes::copy_from_slice(e.json), committed_at };
         if self.coalesce.is_none() {
             return self.push(item, limits);
@@ -356,6 +411,11 @@ impl Subscribers {
 
     fn unregister(&self, id: u64) {
         self.rooms.borrow_mut().remove(id);
+    }
+
+    /// Subscriber `id`'s selection now.
+    fn selection(&self, id: u64) -> Option<Selection> {
+        self.rooms.borrow().selection(id).map(|s| s.clone())
     }
 
     /// Applies a control frame to subscriber `id`'s selection; the new one,
@@ -554,6 +614,12 @@ pub async fn serve(
         .max_frame_size(Some(limits.max_message_bytes));
     let sub = Rc::new(Subscriber::new(request.coalesce, ctx.hub.budget.lease()));
     let selection = request.selection();
+    // With snapshot=true (the upgrade checked that [state] is on), events
+    // queue from the registration on and wait for the snapshot.
+    let initial = (request.snapshot && !request.ingest_only).then(|| {
+        sub.holding.set(true);
+        Snapshot { filter: snapshot::filter(&selection, None), id: None }
+    });
     // The URL's filters are bounded (websocket.max_*_per_socket, checked at
     // the upgrade); their bytes are held without a refusal, like a request head's.
     let mut selection_lease = ctx.budget.lease();
@@ -593,7 +659,7 @@ pub async fn serve(
         return;
     }
     let (reader, writer) = stream.into_split();
-    let read_task = monoio::spawn(read_loop(reader, session.clone(), ctx.clone(), client));
+    let read_task = monoio::spawn(read_loop(reader, session.clone(), ctx.clone(), client, initial));
     write_loop(writer, &session, &ctx).await;
     session.stopped.notify();
     read_task.await;
@@ -603,8 +669,17 @@ pub async fn serve(
     drop(admission);
 }
 
-async fn read_loop(mut reader: ReadHalf, session: Rc<Session>, ctx: Rc<ShardCtx>, client: Client) {
+async fn read_loop(
+    mut reader: ReadHalf,
+    session: Rc<Session>,
+    ctx: Rc<ShardCtx>,
+    client: Client,
+    initial: Option<Snapshot>,
+) {
     let limits = ctx.ws_limits();
+    if let Some(s) = initial {
+        send_snapshot(&ctx, &session, s).await;
+    }
     let mut buf = Vec::new();
     // Reads start small (an idle subscriber pins little) and double while
     // they come back full (a client streaming ingest frames).
@@ -655,17 +730,8 @@ async fn read_loop(mut reader: ReadHalf, session: Rc<Session>, ctx: Rc<ShardCtx>
         }
         fresh = false;
         loop {
-            while session.control.borrow().len() >= MAX_PENDING_ANSWERS
-                || session.protocol.borrow().output.len() >= MAX_PENDING_OUTPUT_BYTES
-            {
-                session.sub.wake.notify();
-                let stopped = monoio::select! {
-                    _ = session.answered.wait() => false,
-                    _ = session.stopped.wait() => true,
-                };
-                if stopped {
-                    return;
-                }
+            if !room_for_answer(&session).await {
+                return;
             }
             let message = session.protocol.borrow_mut().with(|ws, mem| ws.read(mem));
             if message.is_ok() {
@@ -677,9 +743,15 @@ async fn read_loop(mut reader: ReadHalf, session: Rc<Session>, ctx: Rc<ShardCtx>
                 Ok(Message::Text(text)) => {
                     if let Some(control) = rooms::classify(&text, limits.rooms.max_control_frame_bytes) {
                         drop(text);
-                        let answer = control_frame(&ctx, &session, control, &client).unwrap_or_else(|e| e.answer());
+                        let (answer, snapshot) = match control_frame(&ctx, &session, control, &client) {
+                            Ok((answer, snapshot)) => (answer, snapshot),
+                            Err(e) => (e.answer(), None),
+                        };
                         session.control.borrow_mut().push_back(answer);
                         session.sub.wake.notify();
+                        if let Some(s) = snapshot {
+                            send_snapshot(&ctx, &session, s).await;
+                        }
                         continue;
                     }
                     seq += 1;
@@ -745,17 +817,19 @@ async fn read_loop(mut reader: ReadHalf, session: Rc<Session>, ctx: Rc<ShardCtx>
 /// counts against the client's IP and token rates like an ingest frame.
 /// The change takes effect before the answer is queued: every event
 /// committed after the client reads the answer is chosen by the new rooms
-/// (events already queued for it may still arrive).
+/// (events already queued for it may still arrive). With `"snapshot":
+/// true` the socket's queue is held from here until the snapshot that the
+/// caller sends next is out.
 fn control_frame(
     ctx: &ShardCtx,
     session: &Session,
     parsed: Result<Control, ControlError>,
     client: &Client,
-) -> Result<String, ControlError> {
+) -> Result<(String, Option<Snapshot>), ControlError> {
     let c = parsed?;
-    let (ip_rate, token_rate, state_enabled) = {
+    let (ip_rate, token_rate) = {
         let cfg = ctx.config();
-        (cfg.limits.ip_rate(), cfg.limits.token_rate(), cfg.state.enabled)
+        (cfg.limits.ip_rate(), cfg.limits.token_rate())
     };
     if client.ip.take(ip_rate.0, ip_rate.1).is_err() {
         return Err(c.refuse("too many requests from this address (limits.ip_requests_per_s); slow down"));
@@ -770,11 +844,11 @@ fn control_frame(
             "this socket was opened with subscribe=false and receives no events; open GET /ws without it to use rooms",
         ));
     };
-    if c.snapshot {
-        // The snapshot hand-over hooks in here: after the new selection is
-        // applied (so the live feed already queues its events) and before
-        // the answer, the matching state rows are sent ahead of them.
-        return Err(c.refuse(rooms::snapshot_unavailable(state_enabled)));
+    if c.snapshot && c.op != Op::Subscribe {
+        return Err(c.refuse("snapshot goes with subscribe"));
+    }
+    if c.snapshot && ctx.readers.is_none() {
+        return Err(c.refuse(rooms::SNAPSHOT_NEEDS_STATE));
     }
     let limits = ctx.ws_limits().rooms;
     let afford = |next: &Selection| {
@@ -783,7 +857,95 @@ fn control_frame(
             format!("server is over its memory budget ({}); nothing changed, retry later", e.key)
         })
     };
-    ctx.ws.apply(id, &c, &limits, afford).map_err(|e| c.refuse(e))
+    let answer = ctx.ws.apply(id, &c, &limits, afford).map_err(|e| c.refuse(e))?;
+    // No await since the new rooms went into the index: no event of them
+    // can have been sent yet.
+    let snapshot = c.snapshot.then(|| {
+        session.sub.holding.set(true);
+        let now = ctx.ws.selection(id);
+        Snapshot { filter: now.and_then(|now| snapshot::filter(&now, Some(&c))), id: c.id.clone() }
+    });
+    Ok((answer, snapshot))
+}
+
+/// A snapshot to send: what to read (`None`: the rooms hold no device) and
+/// the id of the frame that asked for it.
+struct Snapshot {
+    filter: Option<DeviceFilter>,
+    id: Option<serde_json::Value>,
+}
+
+/// Waits until the session may queue one more answer (the writer keeps up);
+/// false once the writer has stopped.
+async fn room_for_answer(session: &Session) -> bool {
+    while session.control.borrow().len() >= MAX_PENDING_ANSWERS
+        || session.protocol.borrow().output.len() >= MAX_PENDING_OUTPUT_BYTES
+    {
+        session.sub.wake.notify();
+        let stopped = monoio::select! {
+            _ = session.answered.wait() => false,
+            _ = session.stopped.wait() => true,
+        };
+        if stopped {
+            return false;
+        }
+    }
+    true
+}
+
+/// Sends a snapshot (see `snapshot`) while the subscriber's queue is held:
+/// the state of its devices page by page, then the done marker, releasing
+/// the queue in the same step. A failed read ends it with an error marker;
+/// the live feed goes on either way.
+async fn send_snapshot(ctx: &ShardCtx, session: &Session, s: Snapshot) {
+    let (max_devices, max_page) = {
+        let c = ctx.config();
+        (c.websocket.snapshot_max_devices, c.state.max_page)
+    };
+    let id = s.id.as_ref();
+    let mut seen = Seen::default();
+    let mut lease = ctx.budget.lease();
+    let mut sent = 0usize;
+    let end = 'read: {
+        let Some(mut filter) = s.filter else { break 'read snapshot::done(id, 0, true) };
+        loop {
+            if sent >= max_devices {
+                break 'read snapshot::done(id, sent, false);
+            }
+            filter.limit = max_page.min(max_devices - sent).max(1);
+            let answer = match devices::read(ctx, Query::Page(filter.clone())).await {
+                Ok(Some(answer)) => answer,
+                Ok(None) => break 'read snapshot::done(id, sent, true),
+                Err(failed) => break 'read snapshot::failed(id, sent, &failed.message),
+            };
+            for item in &answer.items {
+                seen.insert(&item.device_id, &item.event_id);
+            }
+            if let Err(e) = lease.try_resize(seen.memory_bytes()) {
+                ctx.stats().shed(crate::labels::Shed::MemoryBudget);
+                let why = format!("server is over its memory budget ({}); retry later", e.key);
+                break 'read snapshot::failed(id, sent, &why);
+            }
+            for item in &answer.items {
+                if !room_for_answer(session).await {
+                    return;
+                }
+                session.control.borrow_mut().push_back(snapshot::frame(answer.object(item)));
+                session.sub.wake.notify();
+                sent += 1;
+            }
+            match answer.next {
+                Some(next) => filter.after = Some(next),
+                None => break 'read snapshot::done(id, sent, true),
+            }
+        }
+    };
+    if !room_for_answer(session).await {
+        return;
+    }
+    session.sub.release(seen, lease);
+    session.control.borrow_mut().push_back(end);
+    session.sub.wake.notify();
 }
 
 /// Answers one ingest frame. Each frame counts against the client's IP and
@@ -844,7 +1006,7 @@ async fn write_loop(mut writer: WriteHalf, session: &Session, ctx: &ShardCtx) {
     let mut next_tick = sub.coalesce.map(|every| Instant::now() + every);
     let mut out = Vec::new();
     loop {
-        let pending = !session.control.borrow().is_empty() || !sub.queue.borrow().is_empty();
+        let pending = !session.control.borrow().is_empty() || (!sub.holding.get() && !sub.queue.borrow().is_empty());
         if !pending && session.close.get().is_none() && !session.peer_done.get() && !sub.overflowed.get() {
             let ping_at = last_sent + limits.ping_interval;
             let wake_at = next_tick.map_or(ping_at, |t| t.min(ping_at));
@@ -899,7 +1061,7 @@ async fn write_loop(mut writer: WriteHalf, session: &Session, ctx: &ShardCtx) {
                     let _ = ws.write(mem, Message::Text(format!("{{\"dropped\":{dropped}}}").into()));
                 }
                 let mut budget = WRITE_CHUNK_BYTES;
-                while budget > 0 {
+                while budget > 0 && !sub.holding.get() {
                     let Some(q) = sub.pop() else { break };
                     budget = budget.saturating_sub(q.json.len());
                     stats.ws_fanout_us.record_since(q.committed_at);
@@ -937,7 +1099,7 @@ async fn write_loop(mut writer: WriteHalf, session: &Session, ctx: &ShardCtx) {
         if closing.is_some() || session.peer_done.get() {
             return;
         }
-        if !sub.queue.borrow().is_empty() {
+        if !sub.holding.get() && !sub.queue.borrow().is_empty() {
             sub.wake.notify();
         }
     }

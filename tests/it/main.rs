@@ -35,6 +35,8 @@
 //! - `ws`: `GET /ws` subscriptions and ingest over WebSocket.
 //! - `rooms`: several filters in the `GET /ws` URL, subscribe/unsubscribe
 //!   control frames, their bounds and a token's device prefix (issue 13).
+//! - `snapshot`: the rooms' state before their live events, and the
+//!   hand-over under concurrent ingest (issue 13).
 //! - `spec`: literal readings of SPEC.md where INTERFACE.md is silent.
 //! - `stall`: PostgreSQL locked, slowed, stopped or refusing: the memory
 //!   budget, the time bound on answers, `/health` with no traffic (issue 11).
@@ -58,6 +60,7 @@ mod reliability;
 mod rooms;
 mod scale;
 mod security;
+mod snapshot;
 mod spec;
 mod stall;
 mod state;
