@@ -53,8 +53,8 @@
 use std::io::Write as _;
 use std::time::Duration;
 
-use postgres::error::SqlState;
 use postgres::Client;
+use postgres::error::SqlState;
 
 use super::connect::SharedAccess;
 use crate::config::DatabaseConfig;
