@@ -12,8 +12,10 @@
 #   pg_running DIR                 succeed if the cluster in DIR runs
 #   pg_ensure_database URL NAME    create database NAME if missing, print its URL
 #   pg_psql URL ARGS...            run psql against URL
-#   pg_tls_only DIR CERT KEY       the running cluster in DIR: TCP only over TLS
-#                                  (hostssl, scram-sha-256), reloaded
+#   pg_tls_only DIR CERT KEY [CLIENT_CA CERT_USER]
+#                                  the running cluster in DIR: TCP only over TLS
+#                                  (hostssl, scram-sha-256; CERT_USER only by a
+#                                  client certificate CLIENT_CA signed), reloaded
 #
 # Messages go to stderr; only results (URLs, ports) go to stdout.
 #
@@ -356,24 +358,37 @@ pg_ensure_database() {
     printf '%s/%s\n' "${url%/*}" "$name"
 }
 
-# pg_tls_only DIR CERT KEY: TLS on with CERT and KEY (PEM, copied into DIR
-# and owned by the cluster's user, as PostgreSQL requires of its key); TCP
-# only through hostssl with a password (scram-sha-256); the Unix socket
-# stays trust for administration. Reloads the running cluster.
+# pg_tls_only DIR CERT KEY [CLIENT_CA CERT_USER]: TLS on with CERT and KEY
+# (PEM, copied into DIR and owned by the cluster's user, as PostgreSQL
+# requires of its key); TCP only through hostssl with a password
+# (scram-sha-256); the Unix socket stays trust for administration. With
+# CLIENT_CA and CERT_USER, the server asks clients for a certificate signed
+# by CLIENT_CA (ssl_ca_file), and CERT_USER logs in only with one whose CN
+# is its name (pg_hba `cert`, before the password line: no fall-through).
+# Reloads the running cluster.
 pg_tls_only() {
-    local dir=$1 cert=$2 key=$3 pg_ctl
+    local dir=$1 cert=$2 key=$3 client_ca=${4:-} cert_user=${5:-} pg_ctl
+    local conf=("# Written by pg_tls_only in scripts/lib/pg.sh." "ssl = on"
+                "ssl_cert_file = 'server.crt'" "ssl_key_file = 'server.key'"
+                "password_encryption = 'scram-sha-256'")
+    local hba=("# Written by pg_tls_only in scripts/lib/pg.sh: TCP only over TLS."
+               "local   all all                trust")
     dir=$(realpath -m -- "$dir")
+    if [[ -n $client_ca || -n $cert_user ]]; then
+        [[ -n $client_ca && $cert_user =~ ^[a-z_][a-z0-9_]*$ ]] \
+            || { pg_msg "usage: pg_tls_only DIR CERT KEY [CLIENT_CA CERT_USER]"; return 1; }
+        pg_as install -m 600 /dev/stdin "$dir/client-ca.crt" <"$client_ca" || return 1
+        conf+=("ssl_ca_file = 'client-ca.crt'")
+        hba+=("hostssl all $cert_user 127.0.0.1/32   cert")
+    fi
+    hba+=("hostssl all all 127.0.0.1/32   scram-sha-256")
     pg_as install -m 600 /dev/stdin "$dir/server.crt" <"$cert" || return 1
     pg_as install -m 600 /dev/stdin "$dir/server.key" <"$key" || return 1
-    printf '%s\n' "# Written by pg_tls_only in scripts/lib/pg.sh." "ssl = on" \
-        "ssl_cert_file = 'server.crt'" "ssl_key_file = 'server.key'" \
-        "password_encryption = 'scram-sha-256'" | pg_as tee "$dir/ingestd-tls.conf" >/dev/null || return 1
+    printf '%s\n' "${conf[@]}" | pg_as tee "$dir/ingestd-tls.conf" >/dev/null || return 1
     if ! grep -q "ingestd-tls.conf" "$dir/postgresql.conf"; then
         printf "include_if_exists = 'ingestd-tls.conf'\n" | pg_as tee -a "$dir/postgresql.conf" >/dev/null || return 1
     fi
-    printf '%s\n' "# Written by pg_tls_only in scripts/lib/pg.sh: TCP only over TLS." \
-        "local   all all                trust" \
-        "hostssl all all 127.0.0.1/32   scram-sha-256" | pg_as tee "$dir/pg_hba.conf" >/dev/null || return 1
+    printf '%s\n' "${hba[@]}" | pg_as tee "$dir/pg_hba.conf" >/dev/null || return 1
     pg_ctl=$(pg_bin pg_ctl "$dir") || return 1
     pg_as "$pg_ctl" reload -D "$dir" >/dev/null
 }

@@ -138,6 +138,26 @@ impl Access {
             if code == "28P01" {
                 return Some(format!("PostgreSQL rejected the password; check {}", self.password_source()));
             }
+            // pg_hba.conf `cert` (or clientcert=verify-ca / verify-full):
+            // no certificate came, or it names another user.
+            if code == "28000" && db.message().contains("certificate") {
+                return Some(match &tls.client {
+                    None => "PostgreSQL requires a client certificate for this user (pg_hba.conf `cert` or \
+                             clientcert) and none is configured: set database.cert_file and database.key_file \
+                             (sslcert / sslkey)"
+                        .to_string(),
+                    Some((cert, _)) if db.message().contains("requires a valid client certificate") => format!(
+                        "PostgreSQL requires a client certificate but did not receive {} ({}): a server asks for \
+                         one only when its ssl_ca_file is set",
+                        cert.value, cert.from
+                    ),
+                    Some((cert, _)) => format!(
+                        "PostgreSQL did not accept the client certificate {} ({}) for the user in database.url: \
+                         with pg_hba.conf `cert` its CN must be that user name (or mapped to it in pg_ident.conf)",
+                        cert.value, cert.from
+                    ),
+                });
+            }
             return None;
         }
         if e.to_string().contains("password missing") {
@@ -170,10 +190,21 @@ impl Access {
                 rustls::Error::InvalidCertificate(c) => {
                     format!("the server's certificate is not acceptable ({c:?}) under {mode}, checked against {roots}")
                 }
-                rustls::Error::AlertReceived(alert) => format!(
-                    "PostgreSQL ended the TLS handshake ({alert:?}): if it wants a client certificate, check \
-                     database.cert_file / key_file (sslcert / sslkey)"
-                ),
+                rustls::Error::AlertReceived(alert) => match &tls.client {
+                    // Under TLS 1.3 the server checks the client's
+                    // certificate after the client's side of the handshake,
+                    // and says no with an alert.
+                    Some((cert, _)) if client_cert_alert(*alert) => format!(
+                        "PostgreSQL did not accept the client certificate {} ({}): {alert:?}; it must be signed \
+                         by a CA in the server's ssl_ca_file and be valid now",
+                        cert.value, cert.from
+                    ),
+                    Some(_) => format!("PostgreSQL ended the TLS handshake ({alert:?}) under {mode}"),
+                    None => format!(
+                        "PostgreSQL ended the TLS handshake ({alert:?}): if it wants a client certificate, set \
+                         database.cert_file / key_file (sslcert / sslkey)"
+                    ),
+                },
                 other => format!("TLS with PostgreSQL failed ({other}) under {mode}"),
             });
         }
@@ -205,6 +236,22 @@ pub fn describe(e: &postgres::Error) -> String {
             _ => e.to_string(),
         },
     }
+}
+
+/// The alerts a TLS server sends about the client's certificate.
+fn client_cert_alert(alert: rustls::AlertDescription) -> bool {
+    use rustls::AlertDescription as A;
+    matches!(
+        alert,
+        A::UnknownCA
+            | A::BadCertificate
+            | A::UnsupportedCertificate
+            | A::CertificateRevoked
+            | A::CertificateExpired
+            | A::CertificateUnknown
+            | A::CertificateRequired
+            | A::AccessDenied
+    )
 }
 
 /// Whether the error came from the TLS layer (the handshake, or the server
@@ -272,11 +319,22 @@ fn client_config(tls: &DbTls) -> Result<rustls::ClientConfig, Problem> {
             if chain.is_empty() {
                 return Err((cert_key, format!("{} holds no PEM certificate", cert.value)));
             }
-            let private = PrivateKeyDer::from_pem_file(&key.value)
-                .map_err(|e| (key_key.clone(), format!("cannot read a private key from {}: {e}", key.value)))?;
-            builder
-                .with_client_auth_cert(chain, private)
-                .map_err(|e| (cert_key, format!("{} does not go with the key in {}: {e}", cert.value, key.value)))
+            let private = PrivateKeyDer::from_pem_file(&key.value).map_err(|e| {
+                let why = match e {
+                    rustls::pki_types::pem::Error::NoItemsFound => {
+                        format!("{} holds no PEM private key (PKCS#8, PKCS#1 or SEC1)", key.value)
+                    }
+                    e => format!("cannot read a private key from {}: {e}", key.value),
+                };
+                (key_key.clone(), why)
+            })?;
+            builder.with_client_auth_cert(chain, private).map_err(|e| match e {
+                rustls::Error::InconsistentKeys(_) => (
+                    cert_key,
+                    format!("{} is not the certificate of the private key in {} ({key_key})", cert.value, key.value),
+                ),
+                e => (key_key, format!("{} is not a private key ingestd can use: {e}", key.value)),
+            })
         }
     }
 }

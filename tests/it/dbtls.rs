@@ -7,7 +7,16 @@
 //! naming the cause and the key; a rotated `password_file` is used after
 //! SIGHUP; passwords never show in `--check-config`.
 //!
-//! One test for the whole cluster: making it is most of the cost.
+//! Client certificates: a second cluster where the user `certuser` may log
+//! in only with a certificate (CN=certuser) signed by a client CA (pg_hba
+//! `cert`, no password). `sslcert`/`sslkey` in the URL and the keys
+//! `database.cert_file`/`key_file` store events over a certificate-
+//! authenticated session; no certificate, one from another CA or for
+//! another user fail at start-up with exit 69 naming the cause; a key file
+//! that is missing, not a key or not the certificate's fails with exit 64
+//! naming the key.
+//!
+//! One test per cluster: making it is most of the cost.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -18,6 +27,20 @@ struct Pki {
     dir: PathBuf,
     ca: PathBuf,
     other_ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    /// The CA PostgreSQL trusts for client certificates (`ssl_ca_file`).
+    client_ca: PathBuf,
+    /// CN=certuser, signed by `client_ca`.
+    client: ClientCert,
+    /// CN=certuser, signed by "some other CA".
+    stranger: ClientCert,
+    /// CN=app, signed by `client_ca`: a valid certificate for another user.
+    app: ClientCert,
+}
+
+/// A client certificate and its key, as files.
+struct ClientCert {
     cert: PathBuf,
     key: PathBuf,
 }
@@ -35,24 +58,57 @@ fn ca(name: &str) -> (rcgen::CertificateParams, rcgen::KeyPair, String) {
 fn pki() -> Pki {
     let dir = std::env::temp_dir().join(unique("ingestd-dbtls"));
     std::fs::create_dir_all(&dir).unwrap();
-    let (ca_params, ca_key, ca_pem) = ca("ingestd test CA");
-    let (_, _, other_pem) = ca("some other CA");
-    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
-    let key = rcgen::KeyPair::generate().unwrap();
-    // Valid for localhost only: connecting to 127.0.0.1 fails verify-full.
-    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap().signed_by(&key, &issuer).unwrap();
     let write = |name: &str, text: &str| {
         let path = dir.join(name);
         std::fs::write(&path, text).unwrap();
         path
+    };
+    let (ca_params, ca_key, ca_pem) = ca("ingestd test CA");
+    let (other_params, other_key, other_pem) = ca("some other CA");
+    let (client_ca_params, client_ca_key, client_ca_pem) = ca("ingestd test client CA");
+    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    // Valid for localhost only: connecting to 127.0.0.1 fails verify-full.
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap().signed_by(&key, &issuer).unwrap();
+    // PostgreSQL's `cert` method takes the user name from the CN.
+    let client = |name: &str, user: &str, params: &rcgen::CertificateParams, ca_key: &rcgen::KeyPair| {
+        let issuer = rcgen::Issuer::from_params(params, ca_key);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, user);
+        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = p.signed_by(&key, &issuer).unwrap();
+        ClientCert {
+            cert: write(&format!("{name}.crt"), &cert.pem()),
+            key: write(&format!("{name}.key"), &key.serialize_pem()),
+        }
     };
     Pki {
         ca: write("ca.pem", &ca_pem),
         other_ca: write("other-ca.pem", &other_pem),
         cert: write("server.crt", &cert.pem()),
         key: write("server.key", &key.serialize_pem()),
+        client_ca: write("client-ca.pem", &client_ca_pem),
+        client: client("certuser", "certuser", &client_ca_params, &client_ca_key),
+        stranger: client("stranger", "certuser", &other_params, &other_key),
+        app: client("app", "app", &client_ca_params, &client_ca_key),
         dir,
     }
+}
+
+/// A cluster of the test's own that takes TCP only over TLS with `pki`'s
+/// server certificate (and `client`: see [`PrivatePg::tls_only`]), once it
+/// has reloaded; and a superuser connection over the Unix socket.
+fn tls_cluster(pki: &Pki, client: Option<(&Path, &str)>) -> (PrivatePg, postgres::Client) {
+    let pg = PrivatePg::start();
+    pg.tls_only(&pki.cert, &pki.key, client);
+    let mut admin = pg.admin();
+    let ca_file = if client.is_some() { "client-ca.crt" } else { "" };
+    eventually(Duration::from_secs(10), "ssl = on (and ssl_ca_file) after the reload", || {
+        let row = admin.query_one("SELECT current_setting('ssl'), current_setting('ssl_ca_file')", &[]).unwrap();
+        (row.get::<_, String>(0) == "on" && row.get::<_, String>(1) == ca_file).then_some(())
+    });
+    (pg, admin)
 }
 
 impl Drop for Pki {
@@ -65,27 +121,21 @@ fn count(admin: &mut postgres::Client, table: &str, id: &str) -> i64 {
     admin.query_one(&format!("SELECT count(*) FROM {table} WHERE event_id = $1"), &[&id]).unwrap().get(0)
 }
 
-/// Runs ingestd to its exit; returns (code, stderr).
-fn start_fails(url: &str, password_file: &Path) -> (Option<i32>, String) {
-    let table = format!("database.table={}", unique("t"));
-    let pw = format!("database.password_file={}", password_file.display());
-    let out = run_cli(
-        &["--listen", "127.0.0.1:0", "--database-url", url, "--set", &table, "--set", &pw],
-        &[],
-        Duration::from_secs(30),
-    );
+/// Runs ingestd with `sets` (`key=value`) to its exit; returns (code, stderr).
+fn start_fails(url: &str, sets: &[String]) -> (Option<i32>, String) {
+    let mut args = vec!["--listen".to_string(), "127.0.0.1:0".into(), "--database-url".into(), url.into()];
+    for set in std::iter::once(format!("database.table={}", unique("t"))).chain(sets.iter().cloned()) {
+        args.extend(["--set".to_string(), set]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run_cli(&args, &[], Duration::from_secs(30));
     (out.code(), out.stderr)
 }
 
 #[test]
 fn tls_only_postgres() {
     let pki = pki();
-    let pg = PrivatePg::start();
-    pg.tls_only(&pki.cert, &pki.key);
-    let mut admin = pg.admin();
-    eventually(Duration::from_secs(10), "ssl = on after the reload", || {
-        (admin.query_one("SHOW ssl", &[]).unwrap().get::<_, String>(0) == "on").then_some(())
-    });
+    let (pg, mut admin) = tls_cluster(&pki, None);
     admin
         .batch_execute(
             "SET password_encryption = 'scram-sha-256'; CREATE ROLE app LOGIN PASSWORD 'first-secret'; \
@@ -94,6 +144,7 @@ fn tls_only_postgres() {
         .unwrap();
     let password_file = pki.dir.join("password");
     std::fs::write(&password_file, "first-secret\n").unwrap();
+    let pw = vec![format!("database.password_file={}", password_file.display())];
     let port = pg.port();
     let ca = pki.ca.display();
 
@@ -160,19 +211,19 @@ fn tls_only_postgres() {
     // A CA that did not sign the server's certificate.
     let url =
         format!("postgres://app@localhost:{port}/postgres?sslmode=verify-full&sslrootcert={}", pki.other_ca.display());
-    let (code, stderr) = start_fails(&url, &password_file);
+    let (code, stderr) = start_fails(&url, &pw);
     assert_eq!(code, Some(69), "{stderr}");
     assert!(stderr.contains("does not verify against") && stderr.contains("database.ca_file"), "{stderr}");
 
     // The right CA, but a host name the certificate does not carry.
     let url = format!("postgres://app@127.0.0.1:{port}/postgres?sslmode=verify-full&sslrootcert={ca}");
-    let (code, stderr) = start_fails(&url, &password_file);
+    let (code, stderr) = start_fails(&url, &pw);
     assert_eq!(code, Some(69), "{stderr}");
     assert!(stderr.contains("not valid for the host name"), "{stderr}");
 
     // TLS off against a server that requires it.
     let url = format!("postgres://app@127.0.0.1:{port}/postgres?sslmode=disable");
-    let (code, stderr) = start_fails(&url, &password_file);
+    let (code, stderr) = start_fails(&url, &pw);
     assert_eq!(code, Some(69), "{stderr}");
     assert!(stderr.contains("requires TLS") && stderr.contains("database.tls_mode"), "{stderr}");
     assert!(!stderr.contains("unreachable"), "{stderr}");
@@ -191,6 +242,106 @@ fn tls_only_postgres() {
     );
     assert_eq!(out.code(), Some(64), "{}", out.stderr);
     assert!(out.stderr.contains("database.tls_mode") && out.stderr.contains("sslmode=verify-full"), "{}", out.stderr);
+}
+
+#[test]
+fn client_certificates() {
+    let pki = pki();
+    let (pg, mut admin) = tls_cluster(&pki, Some((&pki.client_ca, "certuser")));
+    // No password: the certificate is the only way in.
+    admin.batch_execute("CREATE ROLE certuser LOGIN; GRANT ALL ON SCHEMA public TO certuser").unwrap();
+    let port = pg.port();
+    let ca = pki.ca.display();
+    let (cert, key) = (pki.client.cert.display(), pki.client.key.display());
+    // The sessions of certuser and the subject of their certificate.
+    let cert_sessions = |admin: &mut postgres::Client| -> Vec<String> {
+        admin
+            .query(
+                "SELECT coalesce(s.client_dn, '') FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+                 WHERE a.usename = 'certuser'",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    };
+
+    // sslcert / sslkey in the URL, verify-full.
+    let table = unique("t");
+    let server = Ingestd::new()
+        .database_url(&format!(
+            "postgres://certuser@localhost:{port}/postgres?sslmode=verify-full&sslrootcert={ca}&sslcert={cert}&sslkey={key}"
+        ))
+        .table(&table)
+        .start();
+    assert_ingest(&server.post_event(&event("cert-url-1")), 200, 1, &[]);
+    assert_eq!(count(&mut admin, &table, "cert-url-1"), 1);
+    let sessions = cert_sessions(&mut admin);
+    assert!(!sessions.is_empty() && sessions.iter().all(|dn| dn == "/CN=certuser"), "{sessions:?}");
+    drop(server);
+
+    // The same as keys, sslmode=require (the server's certificate unchecked).
+    let table = unique("t");
+    let server = Ingestd::new()
+        .database_url(&format!("postgres://certuser@127.0.0.1:{port}/postgres?sslmode=require"))
+        .set("database.cert_file", &cert)
+        .set("database.key_file", &key)
+        .table(&table)
+        .start();
+    assert_ingest(&server.post_event(&event("cert-keys-1")), 200, 1, &[]);
+    assert_eq!(count(&mut admin, &table, "cert-keys-1"), 1);
+    drop(server);
+
+    // No client certificate: PostgreSQL refuses (pg_hba.conf `cert`), and
+    // the message names the keys that give one.
+    let url = format!("postgres://certuser@localhost:{port}/postgres?sslmode=verify-full&sslrootcert={ca}");
+    let (code, stderr) = start_fails(&url, &[]);
+    assert_eq!(code, Some(69), "{stderr}");
+    assert!(stderr.contains("requires a valid client certificate"), "PostgreSQL's words: {stderr}");
+    assert!(stderr.contains("none is configured: set database.cert_file and database.key_file"), "{stderr}");
+
+    // A certificate for certuser from a CA the server does not trust: the
+    // server's alert, and the file it was about.
+    let with = |c: &ClientCert| {
+        vec![format!("database.cert_file={}", c.cert.display()), format!("database.key_file={}", c.key.display())]
+    };
+    let (code, stderr) = start_fails(&url, &with(&pki.stranger));
+    assert_eq!(code, Some(69), "{stderr}");
+    let why = format!(
+        "did not accept the client certificate {} (database.cert_file): UnknownCA",
+        pki.stranger.cert.display()
+    );
+    assert!(stderr.contains(&why), "{stderr}");
+
+    // A valid certificate, but for another user (CN=app).
+    let (code, stderr) = start_fails(&url, &with(&pki.app));
+    assert_eq!(code, Some(69), "{stderr}");
+    assert!(stderr.contains("certificate authentication failed for user"), "PostgreSQL's words: {stderr}");
+    assert!(stderr.contains(&format!("client certificate {}", pki.app.cert.display())), "{stderr}");
+    assert!(stderr.contains("its CN must be that user name"), "{stderr}");
+
+    // Key files that cannot serve: a configuration error (64) naming the
+    // key and the file, before anything connects.
+    let missing = pki.dir.join("missing.key");
+    let url_with_key = |k: &Path| format!("{url}&sslcert={cert}&sslkey={}", k.display());
+    let (code, stderr) = start_fails(&url_with_key(&missing), &[]);
+    assert_eq!(code, Some(64), "{stderr}");
+    let why =
+        format!("database.key_file (sslkey in database.url): cannot read a private key from {}", missing.display());
+    assert!(stderr.contains(&why) && stderr.contains("No such file"), "{stderr}");
+    let (code, stderr) =
+        start_fails(&url, &[format!("database.cert_file={cert}"), format!("database.key_file={cert}")]);
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(stderr.contains(&format!("database.key_file: {cert} holds no PEM private key")), "{stderr}");
+    let (code, stderr) = start_fails(&url_with_key(&pki.app.key), &[]);
+    assert_eq!(code, Some(64), "{stderr}");
+    let why = format!(
+        "database.cert_file (sslcert in database.url): {cert} is not the certificate of the private key in {} \
+         (database.key_file (sslkey in database.url))",
+        pki.app.key.display()
+    );
+    assert!(stderr.contains(&why), "{stderr}");
 }
 
 #[test]

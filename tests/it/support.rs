@@ -1461,9 +1461,12 @@ impl PrivatePg {
     }
 
     /// TCP only over TLS with this certificate and key (scripts/lib/pg.sh
-    /// `pg_tls_only`); the cluster reloads its configuration.
-    pub fn tls_only(&self, cert: &std::path::Path, key: &std::path::Path) {
-        pg_script(&format!("pg_tls_only '{}' '{}' '{}'", self.dir.display(), cert.display(), key.display()));
+    /// `pg_tls_only`); with `client` = (CA, user), that user logs in only
+    /// with a client certificate the CA signed. The cluster reloads its
+    /// configuration.
+    pub fn tls_only(&self, cert: &std::path::Path, key: &std::path::Path, client: Option<(&std::path::Path, &str)>) {
+        let client = client.map(|(ca, user)| format!(" '{}' '{user}'", ca.display())).unwrap_or_default();
+        pg_script(&format!("pg_tls_only '{}' '{}' '{}'{client}", self.dir.display(), cert.display(), key.display()));
     }
 
     /// A superuser connection over the Unix socket (trust), which stays
