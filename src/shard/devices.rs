@@ -12,6 +12,9 @@
 //! outside it is 403.
 //!
 //! With `[state]` off there is nothing to read: 404 saying how to turn it on.
+//!
+//! [`read`] (health and breaker checks, the answer's lease, the hand-off
+//! and the bounded wait) also serves WebSocket snapshots (`ws`).
 
 use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};

@@ -22,6 +22,10 @@
 //! or drop the oldest and report `{"dropped": N}` before the next event.
 //! Missed batches (a full inbox upstream) are reported the same way.
 //!
+//! A snapshot (`snapshot=true`, `"snapshot": true`) holds the queue while
+//! the rooms' state is read and sent, then releases it without what the
+//! snapshot already showed; `snapshot` has the hand-over.
+//!
 //! Ingest frames (one event or an array, as text) are answered in order with
 //! `{"seq": n, "accepted": N, "rejected": [...]}` after commit; `seq` counts
 //! the client's data frames from 1, control frames left out (their answers
