@@ -262,6 +262,8 @@ impl Config {
             // serde reports an unknown field at its parent; name the field itself.
             let key = match unknown_field_name(&message) {
                 Some(field) if path == "." => field.to_string(),
+                // Some paths already end with the field.
+                Some(field) if path == field || path.ends_with(&format!(".{field}")) => path,
                 Some(field) => format!("{path}.{field}"),
                 None => path,
             };
@@ -540,7 +542,9 @@ mod tests {
     #[test]
     fn unknown_key_is_named() {
         let e = with(&[("server.nope", "1")]).unwrap_err().to_string();
-        assert!(e.contains("server.nope"), "{e}");
+        assert!(e.contains("config key server.nope:"), "named once: {e}");
+        let e = Config::from_parts("[writer]\ncount = 2\n", std::iter::empty()).unwrap_err().to_string();
+        assert!(e.contains("config key writer.count:"), "named once: {e}");
     }
 
     #[test]
