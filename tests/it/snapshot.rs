@@ -226,3 +226,25 @@ fn under_concurrent_ingest_nothing_is_missing_nothing_twice_and_order_holds() {
         }
     }
 }
+
+#[test]
+fn a_snapshot_that_cannot_be_read_says_so_and_the_live_feed_goes_on() {
+    let pg = PrivatePg::start();
+    let server = Ingestd::new().set("state.enabled", "true").database_url(&pg.url).start();
+    let device = unique("d");
+    assert_eq!(server.post_event(&ev(&device, 0, now_ms())).status, 200);
+    pg.stop();
+    let mut ws = connect(&server, &format!("?device_id={}&snapshot=true", q(&device)));
+    let (states, end) = snapshot(&mut ws);
+    assert!(states.is_empty(), "{states:?}");
+    assert_eq!((end["ok"].as_bool(), end["devices"].as_u64()), (Some(false), Some(0)), "{end}");
+    assert!(end["error"].as_str().is_some_and(|e| e.contains("database")), "says why: {end}");
+    pg.start_again();
+    // The socket stays subscribed: the next committed event is pushed.
+    let live = ev(&device, 1, now_ms());
+    eventually(Duration::from_secs(20), "ingest accepted again after PostgreSQL is back", || {
+        (server.post_event(&live).status == 200).then_some(())
+    });
+    let m = next_json(&mut ws);
+    assert_eq!(m["event_id"], live["event_id"], "{m}");
+}
