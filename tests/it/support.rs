@@ -286,6 +286,7 @@ fn drain(mut pipe: impl Read + Send + 'static, into: Arc<Mutex<Vec<u8>>>) -> Joi
         let mut buf = [0u8; 8192];
         loop {
             match pipe.read(&mut buf) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Ok(0) | Err(_) => break,
                 Ok(n) => into.lock().unwrap().extend_from_slice(&buf[..n]),
             }
@@ -900,6 +901,7 @@ impl Conn {
                 Ok(0) => return self.buf.is_empty(),
                 Ok(n) => self.buf.extend_from_slice(&b[..n]),
                 Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return self.buf.is_empty(),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => return false,
             }
         }
@@ -934,7 +936,7 @@ impl<S: Read + Write> Conn<S> {
 
     fn fill(&mut self) -> io::Result<usize> {
         let mut b = [0u8; 16384];
-        let n = self.stream.read(&mut b)?;
+        let n = retry_interrupted(|| self.stream.read(&mut b))?;
         self.buf.extend_from_slice(&b[..n]);
         Ok(n)
     }
@@ -1736,10 +1738,24 @@ impl TlsConn {
 /// tungstenite); panics on a close or an error.
 pub fn next_json<S: Read + Write>(ws: &mut tungstenite::WebSocket<S>) -> Value {
     loop {
-        match ws.read().expect("read WebSocket message") {
-            tungstenite::Message::Text(t) => return serde_json::from_str(t.as_str()).expect("JSON text frame"),
-            tungstenite::Message::Close(c) => panic!("closed by the server: {c:?}"),
-            _ => {}
+        match ws.read() {
+            Ok(tungstenite::Message::Text(t)) => return serde_json::from_str(t.as_str()).expect("JSON text frame"),
+            Ok(tungstenite::Message::Close(c)) => panic!("closed by the server: {c:?}"),
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => panic!("read WebSocket message: {e}"),
+        }
+    }
+}
+
+/// `read` again when a signal or a stop/continue of the test process
+/// interrupted it (a blocking read with a timeout then fails with EINTR
+/// instead of restarting; std's `read_exact` retries the same way).
+pub fn retry_interrupted<T>(mut read: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    loop {
+        match read() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            other => return other,
         }
     }
 }
@@ -1758,6 +1774,7 @@ pub fn drain_json(ws: &mut tungstenite::WebSocket<TcpStream>, quiet: Duration) -
             {
                 break;
             }
+            Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => panic!("read: {e}"),
         }
     }
