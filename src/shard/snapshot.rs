@@ -157,24 +157,23 @@ impl Seen {
     /// Which of the held events (their JSON, in queue order) to drop (step
     /// 3): per device sent, those up to and including its state event.
     /// The devices whose state event was found are forgotten.
-    pub fn release<'a>(&mut self, held: impl Iterator<Item = &'a [u8]> + Clone) -> Vec<bool> {
+    pub fn release<'a>(&mut self, held: impl Iterator<Item = &'a [u8]>) -> Vec<bool> {
+        // Each held event's ids, parsed once.
+        let ids: Vec<_> = held.map(ids).collect();
         // The last position of each sent state event among the held ones.
-        let mut upto: HashMap<String, usize> = HashMap::new();
-        for (i, json) in held.clone().enumerate() {
-            if let Some((device, event)) = ids(json)
-                && self.sent.get(&*device).is_some_and(|sent| **sent == *event)
-            {
-                upto.insert(device.into_owned(), i);
+        let mut upto: HashMap<&str, usize> = HashMap::new();
+        for (i, (device, event)) in ids.iter().enumerate().filter_map(|(i, e)| Some((i, e.as_ref()?))) {
+            if self.sent.get(&**device).is_some_and(|sent| **sent == **event) {
+                upto.insert(device, i);
             }
         }
-        let drop = held
+        let drop = ids
+            .iter()
             .enumerate()
-            .map(|(i, json)| {
-                ids(json).and_then(|(device, _)| upto.get(&*device).map(|&last| i <= last)).unwrap_or(false)
-            })
+            .map(|(i, e)| e.as_ref().and_then(|(device, _)| upto.get(&**device)).is_some_and(|&last| i <= last))
             .collect();
         for device in upto.keys() {
-            self.sent.remove(device.as_str());
+            self.sent.remove(*device);
         }
         drop
     }
