@@ -9,9 +9,12 @@
 #                                        arguments after it to the test harness
 #
 # PostgreSQL, PgBouncer (for tests/it/pgbouncer.rs), promtool (package
-# prometheus, for the /metrics lint test) and Chromium (the browser tests in
-# tests/it/cors.rs run it headless; scripts/lib/chromium.sh) are installed from
-# Debian packages if missing. The cluster lives in
+# prometheus, for the /metrics lint test), Chromium (the browser tests in
+# tests/it/cors.rs run it headless; scripts/lib/chromium.sh) and Redis and
+# NATS (tests/it/cluster.rs starts redis-server and nats-server itself;
+# scripts/lib/bus.sh; their paths are exported as INGESTD_TEST_REDIS_SERVER
+# and INGESTD_TEST_NATS_SERVER) are installed from Debian packages if
+# missing. The cluster lives in
 # a temporary directory on a free port and is removed on exit; tests find it in
 # INGESTD_TEST_DATABASE_URL (if the caller already sets that variable, its
 # database is used and no cluster is started). Other INGESTD_* variables are
@@ -80,6 +83,17 @@ chromium_ensure_installed
 step "PgBouncer"
 pgbouncer_ensure_installed
 /usr/sbin/pgbouncer --version | head -n 1 >&2
+
+# shellcheck source-path=SCRIPTDIR source=lib/bus.sh
+. "$ROOT/scripts/lib/bus.sh"
+step "Redis and NATS (for tests/it/cluster.rs)"
+redis_ensure_installed
+nats_ensure_installed
+INGESTD_TEST_REDIS_SERVER=$(bus_redis_bin)
+INGESTD_TEST_NATS_SERVER=$(bus_nats_bin)
+export INGESTD_TEST_REDIS_SERVER INGESTD_TEST_NATS_SERVER
+"$INGESTD_TEST_REDIS_SERVER" --version >&2
+"$INGESTD_TEST_NATS_SERVER" --version >&2
 
 step "cargo build --release --bins"
 cargo build --release --bins
