@@ -8,6 +8,9 @@
 //! by `scripts/test.sh`), talks raw HTTP/1.1 to it and checks the database.
 //!
 //! - `support`: the harness (spawning, raw HTTP client, database helpers).
+//! - `cluster`: one live feed across three instances over a real Redis or
+//!   NATS bus (issue 16): exactly once per subscriber, the bus killed and
+//!   restarted under load, `[cluster]` configuration.
 //! - `config`: command line, `--check-config`, config errors, exit codes.
 //! - `cors`: browsers as clients: CORS and the WebSocket `Origin` check, in
 //!   a real headless Chromium.
@@ -43,6 +46,7 @@
 
 mod support;
 
+mod cluster;
 mod config;
 mod cors;
 mod dbtls;
