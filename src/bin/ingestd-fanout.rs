@@ -13,9 +13,21 @@
 //! round-robin over those devices, so each event is delivered once, to the
 //! one subscriber in its room.
 //!
+//! With `--addr` given several times (instances sharing one live feed,
+//! issue 16's `[cluster] feed`), subscriber *i* connects to address *i* mod
+//! *n*, and each address gets `--rate`/*n* events/s from an ingest thread of
+//! its own: every subscriber should still receive every event (or, with
+//! `--rooms`, the events of its room) wherever it was sent.
+//!
+//! `--watch NAME=PID` (repeatable) reports the CPU each of those processes
+//! used during the ingest (cores, from `/proc/PID/stat`), e.g. each ingestd
+//! and the bus server.
+//!
 //! ```text
 //! ingestd-fanout --addr 127.0.0.1:8080 --subscribers 100 --rate 20000 --duration 10
 //! ingestd-fanout --addr 127.0.0.1:8080 --subscribers 1000 --rate 20000 --duration 10 --rooms
+//! ingestd-fanout --addr 127.0.0.1:8081 --addr 127.0.0.1:8082 --addr 127.0.0.1:8083 \
+//!     --subscribers 300 --rate 3000 --watch redis=4242
 //! ```
 
 // A tool: a panic here is a failed measurement, not a crashed appliance.
@@ -30,45 +42,58 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use hdrhistogram::Histogram;
 use parking_lot::Mutex;
 
+// The CPU readings of ingestd-load, shared rather than copied.
+#[allow(dead_code)]
+#[path = "ingestd-load/procstat.rs"]
+mod procstat;
+
 struct Args {
-    addr: String,
+    /// One or more instances; subscribers and ingest are spread over them.
+    addrs: Vec<String>,
     subscribers: usize,
     rate: u64,
     duration: Duration,
     batch: usize,
     filter: String,
     rooms: bool,
+    /// `NAME=PID` of processes whose CPU is reported.
+    watch: Vec<procstat::Watched>,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut a = Args {
-        addr: "127.0.0.1:8080".into(),
+        addrs: Vec::new(),
         subscribers: 100,
         rate: 10_000,
         duration: Duration::from_secs(10),
         batch: 100,
         filter: String::new(),
         rooms: false,
+        watch: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or(format!("{flag} needs a value"));
         match flag.as_str() {
-            "--addr" => a.addr = value()?,
+            "--addr" => a.addrs.push(value()?),
             "--subscribers" => a.subscribers = value()?.parse().map_err(|e| format!("--subscribers: {e}"))?,
             "--rate" => a.rate = value()?.parse().map_err(|e| format!("--rate: {e}"))?,
             "--duration" => a.duration = Duration::from_secs(value()?.parse().map_err(|e| format!("--duration: {e}"))?),
             "--batch" => a.batch = value()?.parse().map_err(|e| format!("--batch: {e}"))?,
             "--filter" => a.filter = value()?,
             "--rooms" => a.rooms = true,
+            "--watch" => a.watch.push(procstat::Watched::parse(&value()?, procstat::Scope::Process)?),
             "-h" | "--help" => {
-                return Err("usage: ingestd-fanout --addr HOST:PORT [--subscribers N] [--rate EVENTS_PER_S] [--duration S] [--batch N] [--filter 'device_id=x' | --rooms]".into());
+                return Err("usage: ingestd-fanout --addr HOST:PORT [--addr HOST:PORT]... [--subscribers N] [--rate EVENTS_PER_S] [--duration S] [--batch N] [--filter 'device_id=x' | --rooms] [--watch NAME=PID]...".into());
             }
             other => return Err(format!("unknown argument {other}")),
         }
     }
     if a.rooms && !a.filter.is_empty() {
         return Err("--rooms and --filter do not go together".into());
+    }
+    if a.addrs.is_empty() {
+        a.addrs.push("127.0.0.1:8080".into());
     }
     Ok(a)
 }
@@ -143,6 +168,59 @@ fn get(addr: &str, path: &str) -> Option<serde_json::Value> {
     serde_json::from_str(text.split_once("\r\n\r\n")?.1).ok()
 }
 
+/// What one ingest thread committed and had refused.
+#[derive(Default)]
+struct Sent {
+    events: u64,
+    refused: u64,
+}
+
+/// Posts `batch`-event batches to `addr` at `rate` events/s (open loop: one
+/// batch every batch/rate seconds, whatever the answers) until `until`.
+/// `seq` starts at `first` and steps by `step`, so that several threads
+/// number their events apart (the room of an event is `seq` mod rooms).
+fn ingest(args: &Args, addr: &str, rate: f64, first: u64, step: u64, started: Instant) -> Sent {
+    let ingest = TcpStream::connect(addr).expect("connect for ingest");
+    let _ = ingest.set_nodelay(true);
+    let mut conn = BufReader::new(ingest);
+    let interval = Duration::from_secs_f64(args.batch as f64 / rate.max(0.001));
+    let mut next = started;
+    let mut sent = Sent::default();
+    let mut seq = first;
+    let device = args.filter.strip_prefix("device_id=").unwrap_or("fanout").to_string();
+    while started.elapsed() < args.duration {
+        let mut body = Vec::with_capacity(args.batch * 200);
+        body.push(b'[');
+        let ts = now_unix_us() / 1000;
+        for i in 0..args.batch {
+            if i > 0 {
+                body.push(b',');
+            }
+            seq += step;
+            let room = args.rooms.then(|| format!("room-{}", seq % args.subscribers as u64));
+            let device = room.as_deref().unwrap_or(&device);
+            let _ = write!(
+                body,
+                r#"{{"device_id":"{device}","type":"fanout","ts":{ts},"payload":{{"seq":{seq},"v":21.5,"note":"fan-out measurement"}}}}"#
+            );
+        }
+        body.push(b']');
+        match post(&mut conn, addr, &body) {
+            Ok(200) => sent.events += args.batch as u64,
+            Ok(_) => sent.refused += 1,
+            Err(e) => {
+                eprintln!("ingest {addr}: {e}");
+                break;
+            }
+        }
+        next += interval;
+        if let Some(wait) = next.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+    }
+    sent
+}
+
 fn main() {
     let args = match parse_args() {
         Ok(a) => a,
@@ -151,21 +229,23 @@ fn main() {
             std::process::exit(64);
         }
     };
+    let args = Arc::new(args);
     let query = if args.filter.is_empty() { String::new() } else { format!("?{}", args.filter) };
     let delivered = Arc::new(AtomicU64::new(0));
     let latency = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds")));
     let stop = Arc::new(AtomicBool::new(false));
     let mut readers = Vec::new();
     for i in 0..args.subscribers {
-        let stream = match TcpStream::connect(&args.addr) {
+        let addr = &args.addrs[i % args.addrs.len()];
+        let stream = match TcpStream::connect(addr) {
             Ok(s) => s,
             Err(e) => {
-                eprintln!("subscriber {i}: connect: {e}");
+                eprintln!("subscriber {i}: connect {addr}: {e}");
                 std::process::exit(1);
             }
         };
         let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
-        let url = format!("ws://{}/ws{query}", args.addr);
+        let url = format!("ws://{addr}/ws{query}");
         let mut ws = match tungstenite::client(url.as_str(), stream) {
             Ok((ws, _)) => ws,
             Err(e) => {
@@ -202,57 +282,47 @@ fn main() {
             let _ = latency.lock().add(&local);
         }));
     }
-    // Open loop: one batch every batch/rate seconds, whatever the answers.
-    let ingest = TcpStream::connect(&args.addr).expect("connect for ingest");
-    let _ = ingest.set_nodelay(true);
-    let mut conn = BufReader::new(ingest);
-    let interval = Duration::from_secs_f64(args.batch as f64 / args.rate.max(1) as f64);
+    // One ingest thread per address, each with its share of the rate.
+    let n = args.addrs.len();
+    let watched: Vec<Option<procstat::Reading>> = args.watch.iter().map(procstat::Watched::read).collect();
     let started = Instant::now();
-    let mut next = started;
-    let (mut sent, mut refused, mut seq) = (0u64, 0u64, 0u64);
-    let device = args.filter.strip_prefix("device_id=").unwrap_or("fanout").to_string();
-    while started.elapsed() < args.duration {
-        let mut body = Vec::with_capacity(args.batch * 200);
-        body.push(b'[');
-        let ts = now_unix_us() / 1000;
-        for i in 0..args.batch {
-            if i > 0 {
-                body.push(b',');
-            }
-            seq += 1;
-            let room = args.rooms.then(|| format!("room-{}", seq % args.subscribers as u64));
-            let device = room.as_deref().unwrap_or(&device);
-            let _ = write!(
-                body,
-                r#"{{"device_id":"{device}","type":"fanout","ts":{ts},"payload":{{"seq":{seq},"v":21.5,"note":"fan-out measurement"}}}}"#
-            );
-        }
-        body.push(b']');
-        match post(&mut conn, &args.addr, &body) {
-            Ok(200) => sent += args.batch as u64,
-            Ok(_) => refused += 1,
-            Err(e) => {
-                eprintln!("ingest: {e}");
-                break;
-            }
-        }
-        next += interval;
-        if let Some(wait) = next.checked_duration_since(Instant::now()) {
-            std::thread::sleep(wait);
-        }
-    }
+    let senders: Vec<_> = (0..n)
+        .map(|k| {
+            let args = args.clone();
+            std::thread::spawn(move || {
+                ingest(&args, &args.addrs[k], args.rate as f64 / n as f64, k as u64, n as u64, started)
+            })
+        })
+        .collect();
+    let sent: Vec<Sent> = senders.into_iter().map(|t| t.join().expect("ingest thread")).collect();
     let ingest_elapsed = started.elapsed();
     std::thread::sleep(Duration::from_secs(1));
+    let cpu_secs = started.elapsed().as_secs_f64();
+    let cpu: serde_json::Map<String, serde_json::Value> = args
+        .watch
+        .iter()
+        .zip(&watched)
+        .map(|(w, before)| {
+            let cores = match (before, w.read()) {
+                (Some(b), Some(a)) => serde_json::json!((procstat::cores(b, &a, cpu_secs) * 1000.0).round() / 1000.0),
+                _ => serde_json::Value::Null,
+            };
+            (w.name.clone(), cores)
+        })
+        .collect();
     stop.store(true, Ordering::Relaxed);
     for r in readers {
         let _ = r.join();
     }
     let h = latency.lock();
     let delivered = delivered.load(Ordering::Relaxed);
+    let (sent, refused) = sent.iter().fold((0, 0), |(e, r), s| (e + s.events, r + s.refused));
     // In rooms, each event has one subscriber.
     let expected = if args.rooms { sent } else { sent * args.subscribers as u64 };
-    let server = get(&args.addr, "/stats").unwrap_or_default();
-    let result = serde_json::json!({
+    let servers: Vec<serde_json::Value> = args.addrs.iter().map(|a| get(a, "/stats").unwrap_or_default()).collect();
+    let sum = |key: &str| servers.iter().filter_map(|s| s[key].as_u64()).sum::<u64>();
+    let mut result = serde_json::json!({
+        "instances": n,
         "subscribers": args.subscribers,
         "filter": args.filter,
         "rooms": args.rooms,
@@ -268,9 +338,23 @@ fn main() {
             "p999": h.value_at_quantile(0.999) as f64 / 1000.0,
             "max": h.max() as f64 / 1000.0,
         },
-        "server_commit_to_frame_ms": server["ws_fanout_latency_ms"],
-        "server_ws_dropped": server["ws_dropped"],
-        "server_ws_slow_closes": server["ws_slow_closes"],
+        "server_commit_to_frame_ms": servers[0]["ws_fanout_latency_ms"],
+        "server_ws_dropped": sum("ws_dropped"),
+        "server_ws_slow_closes": sum("ws_slow_closes"),
     });
+    if n > 1 {
+        // Per instance: its own latency figures, and what /health says of the feed.
+        result["server_commit_to_frame_ms"] =
+            servers.iter().map(|s| s["ws_fanout_latency_ms"].clone()).collect::<Vec<_>>().into();
+        result["cluster"] = args
+            .addrs
+            .iter()
+            .map(|a| get(a, "/health").map(|h| h["cluster"].clone()).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .into();
+    }
+    if !cpu.is_empty() {
+        result["cpu_cores"] = cpu.into();
+    }
     println!("{}", serde_json::to_string_pretty(&result).unwrap_or_default());
 }
