@@ -899,6 +899,9 @@ fn cluster_config_is_checked_and_shown() {
     let out = check_config(&["--set", "cluster.feed=kafka", "--set", "cluster.url=redis://127.0.0.1:6379"], &[]);
     assert_eq!(out.code(), Some(64), "unknown feed: {out:?}");
     assert!(out.stderr.contains("cluster.feed"), "the error names cluster.feed: {}", out.stderr);
+    let out = check_config(&["--set", "cluster.feed=nats", "--set", "cluster.url=redis://127.0.0.1:6379"], &[]);
+    assert_eq!(out.code(), Some(64), "a redis:// URL for the nats feed: {out:?}");
+    assert!(out.stderr.contains("cluster.url"), "the error names cluster.url: {}", out.stderr);
     // The default is off, shown with the other keys.
     let out = check_config(&[], &[]);
     assert_eq!(out.code(), Some(0), "{out:?}");
