@@ -42,6 +42,8 @@ pub struct Config {
     pub cors: CorsConfig,
     /// Abuse limits across shards: per IP and per token.
     pub limits: LimitsConfig,
+    /// One live feed across instances, through Redis or NATS.
+    pub cluster: ClusterConfig,
     pub log: LogConfig,
 }
 
@@ -405,6 +407,9 @@ impl Config {
         for (key, why) in self.breaker.problems() {
             problems.push((format!("breaker.{key}"), why.to_string()));
         }
+        for (key, why) in self.cluster.problems() {
+            problems.push((format!("cluster.{key}"), why));
+        }
         let exposed = [self.server.listen_addr().ok(), self.tls.listen_addr().ok()]
             .into_iter()
             .flatten()
@@ -432,6 +437,7 @@ impl Config {
     pub fn to_toml(&self) -> String {
         let mut shown = self.clone();
         shown.database.url = mask_password(&shown.database.url);
+        shown.cluster.url = shown.cluster.url_masked();
         for t in &mut shown.auth.tokens {
             t.token = "***".into();
         }
