@@ -654,4 +654,27 @@ mod tests {
         drop(rx.recv().unwrap());
         assert_eq!(budget.used(), 0, "and give them back when dropped");
     }
+
+    #[test]
+    fn with_the_bus_on_batches_go_out_without_local_subscribers_and_losses_are_counted_for_it() {
+        let (hub, publisher, rx) = Hub::new(1, 10, 10, 1, Budget::unlimited());
+        hub.export_to_bus();
+        publisher.publish(Published::new(vec![rows()], None, Instant::now()));
+        assert_eq!(rx.len(), 1, "published for the bus although nobody subscribes here");
+        publisher.publish(Published::new(vec![rows()], None, Instant::now()));
+        assert_eq!(hub.export.dropped(BusDrop::QueueFull), 2, "the ring was full");
+        assert_eq!(hub.export.take_lost(), 2);
+        assert_eq!(hub.export.take_lost(), 0, "taken once");
+        // The outlet: two batches fit, the third is lost to the bus.
+        let (mut out, mut queue) = outlet(2, Budget::unlimited());
+        let batch = Arc::new(CommittedBatch::build(&rx.recv().unwrap()));
+        for _ in 0..3 {
+            out.offer(&hub, &batch);
+        }
+        assert_eq!(hub.export.dropped(BusDrop::QueueFull), 4);
+        assert!(queue.try_recv().is_ok() && queue.try_recv().is_ok());
+        let (mut tight, _q) = outlet(8, Budget::new("cluster.queue_bytes", 1));
+        tight.offer(&hub, &batch);
+        assert_eq!(hub.export.dropped(BusDrop::Budget), 2, "past the queue's bytes");
+    }
 }

@@ -706,6 +706,30 @@ mod tests {
             assert!(text.lines().any(|l| l == line), "no line {line:?} in\n{text}");
         }
         assert!(!text.contains("quantile="), "no summaries left");
+        assert!(!text.contains("ingestd_cluster_"), "no bus families with the feed off");
+    }
+
+    #[test]
+    fn the_bus_shows_in_health_and_metrics_when_the_feed_is_on() {
+        let mut r = report();
+        let status = Arc::new(cluster::Status::new(crate::config::Feed::Redis, "node-a".into()));
+        status.received_events.fetch_add(7, Ordering::Relaxed);
+        r.cluster = Some(status);
+        r.hub.export_to_bus();
+        r.hub.export.lost(BusDrop::Timeout, 3);
+        let text = r.prometheus();
+        for line in [
+            "ingestd_cluster_bus_up 0",
+            "ingestd_cluster_received_events_total 7",
+            "ingestd_cluster_publish_dropped_events_total{reason=\"timeout\"} 3",
+            "ingestd_cluster_publish_dropped_events_total{reason=\"bus_down\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no line {line:?} in\n{text}");
+        }
+        let health: serde_json::Value = serde_json::from_str(&r.health_json()).unwrap();
+        assert_eq!(health["cluster"]["bus"], "connecting");
+        assert_eq!(health["cluster"]["instance"], "node-a");
+        assert_eq!(health["cluster"]["publish_dropped_events"], 3);
     }
 
     #[test]

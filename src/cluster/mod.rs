@@ -97,7 +97,7 @@ pub struct Status {
 }
 
 impl Status {
-    fn new(feed: Feed, instance: String) -> Status {
+    pub fn new(feed: Feed, instance: String) -> Status {
         Status {
             feed,
             instance,

@@ -546,6 +546,25 @@ mod tests {
     }
 
     #[test]
+    fn cluster_feed_needs_a_url_of_its_kind_and_masks_its_password() {
+        let e = with(&[("cluster.feed", "\"redis\"")]).unwrap_err().to_string();
+        assert!(e.contains("cluster.url") && e.contains("required"), "{e}");
+        let e = with(&[("cluster.feed", "\"nats\""), ("cluster.url", "\"redis://h\"")]).unwrap_err().to_string();
+        assert!(e.contains("cluster.url") && e.contains("nats://"), "{e}");
+        let e = with(&[("cluster.feed", "\"redis\""), ("cluster.url", "\"redis://\"")]).unwrap_err().to_string();
+        assert!(e.contains("no host"), "{e}");
+        let e =
+            with(&[("cluster.feed", "\"redis\""), ("cluster.url", "\"redis://h\""), ("cluster.channel", "\"a b\"")])
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("cluster.channel"), "{e}");
+        let c = with(&[("cluster.feed", "\"redis\""), ("cluster.url", "\"redis://:s3cret@h:6379/0\"")]).unwrap();
+        let shown = c.to_toml();
+        assert!(shown.contains("redis://:***@h:6379/0") && !shown.contains("s3cret"), "{shown}");
+        assert!(with(&[("cluster.url", "\"anything\"")]).is_ok(), "off: the url is not looked at");
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let e = with(&[("server.nope", "1")]).unwrap_err().to_string();
         assert!(e.contains("config key server.nope:"), "named once: {e}");

@@ -535,6 +535,8 @@ impl ClusterConfig {
                 "url",
                 format!("must start with {} for feed = \"{}\"", schemes.join(" or "), self.feed.as_str()),
             ));
+        } else if self.url.split_once("://").is_none_or(|(_, rest)| rest.trim().is_empty()) {
+            out.push(("url", "names no host".into()));
         } else {
             // The client's own parser, without connecting.
             let parsed = match self.feed {
