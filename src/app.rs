@@ -26,7 +26,8 @@ use std::time::{Duration, Instant};
 use crate::breaker::Breaker;
 use crate::broadcast::{self, Hub};
 use crate::budget::Budget;
-use crate::config::{AckMode, Config, LiveConfig, Sources};
+use crate::cluster;
+use crate::config::{AckMode, Config, Feed, LiveConfig, Sources};
 use crate::drain::{DrainReport, Drainer};
 use crate::health::{DbStatus, Health};
 use crate::metrics::Metrics;
@@ -103,7 +104,7 @@ struct Running {
 }
 
 /// The threads, in the order `stop` joins them: shards, then the spool's,
-/// then writers, then the broadcaster and the probe.
+/// then writers, then the broadcaster, the bus and the probe.
 struct Threads {
     shards: Vec<JoinHandle<()>>,
     spool: Option<(JoinHandle<crate::spool::AppenderReport>, JoinHandle<DrainReport>)>,
@@ -111,6 +112,8 @@ struct Threads {
     /// `reader-{n}`, with `[state]` on: they stop when the shards are gone.
     readers: Vec<JoinHandle<()>>,
     broadcaster: JoinHandle<()>,
+    /// `cluster-bus`, with `[cluster] feed` on: ends after the broadcaster.
+    cluster: Option<JoinHandle<()>>,
     probe: JoinHandle<()>,
     /// Dropped to stop the probe.
     probe_stop: crossbeam_channel::Sender<()>,
@@ -147,6 +150,19 @@ fn start(config: Config, resources: Resources) -> Result<Running, RunError> {
     let (hub, publisher, published) =
         Hub::new(shards, ws.max_subscribers, ws.max_per_ip, ws.broadcast_ring, fanout_budget);
     let (inbox_senders, inboxes) = broadcast::inboxes(shards, ws.inbox_batches);
+    // The live feed across instances (crate::cluster): its thread takes
+    // batches from the broadcaster and gives the shards other instances'.
+    let cluster = match config.cluster.feed {
+        Feed::Off => None,
+        _ => Some(
+            cluster::start(&config.cluster, hub.clone(), inbox_senders.clone())
+                .map_err(|e| RunError::Internal(e.to_string()))?,
+        ),
+    };
+    let (outlet, cluster_status, cluster_thread) = match cluster {
+        Some(c) => (Some(c.outlet), Some(c.status), Some(c.thread)),
+        None => (None, None, None),
+    };
     let metrics = Arc::new(Metrics::new(shards, writers));
     let report = Arc::new(Report {
         metrics: metrics.clone(),
@@ -156,10 +172,11 @@ fn start(config: Config, resources: Resources) -> Result<Running, RunError> {
         budget: budget.clone(),
         hub: hub.clone(),
         pool: pool.clone(),
+        cluster: cluster_status,
     });
     let broadcaster = {
         let hub = hub.clone();
-        spawn("broadcaster", move || broadcast::run(hub, published, inbox_senders))?
+        spawn("broadcaster", move || broadcast::run(hub, published, inbox_senders, outlet))?
     };
     let recent =
         RecentIds::new(Duration::from_millis(config.writer.dedup_window_ms), config.writer.dedup_max_ids).map(Arc::new);
@@ -266,6 +283,7 @@ fn start(config: Config, resources: Resources) -> Result<Running, RunError> {
         writers: writer_threads,
         readers: reader_threads,
         broadcaster,
+        cluster: cluster_thread,
         probe,
         probe_stop,
     };
@@ -434,7 +452,7 @@ fn stop(running: Running, signal: i32) -> Ended {
 /// Joins the threads in the shutdown order; what the writers and the spool
 /// report.
 fn join(threads: Threads) -> (WriterReport, u64) {
-    let Threads { shards, spool, writers, readers, broadcaster, probe, probe_stop } = threads;
+    let Threads { shards, spool, writers, readers, broadcaster, cluster, probe, probe_stop } = threads;
     drop(probe_stop);
     for t in shards {
         let _ = t.join();
@@ -466,8 +484,12 @@ fn join(threads: Threads) -> (WriterReport, u64) {
             total.lost += r.lost;
         }
     }
-    // Writers are gone, so the broadcaster's ring has closed.
+    // Writers are gone, so the broadcaster's ring has closed; its end closes
+    // the bus's queue (what is queued goes out within publish_timeout_ms).
     let _ = broadcaster.join();
+    if let Some(cluster) = cluster {
+        let _ = cluster.join();
+    }
     let _ = probe.join();
     (total, left_in_spool)
 }

@@ -21,6 +21,13 @@
 //! missed is recorded ([`Hub`]'s lag counters) and every affected subscriber
 //! is told, by its overflow policy (close 1013, or a `{"dropped": N}` notice).
 //!
+//! With `[cluster] feed` on (see `cluster`), the broadcaster also offers
+//! every batch to the bus ([`Outlet`]), whether or not anyone here
+//! subscribes, and batches other instances published come back through
+//! [`deliver`] into the same inboxes. Events lost before the bus (a full
+//! ring or outlet, no budget) are counted in [`Export`] so that the bus's
+//! sequence tells the other instances exactly how many they missed.
+//!
 //! Counts alone do not bound memory (1,024 batches of up to 16 MiB each), so
 //! every hop also holds a lease in the live feed's byte budget
 //! (`websocket.fanout_budget_bytes`, [`Hub::budget`]): the published rows,
@@ -32,7 +39,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::ops::Range;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -147,6 +154,59 @@ impl CommittedBatch {
     }
 }
 
+impl CommittedBatch {
+    /// A batch of no events: wakes shards to tell their subscribers of
+    /// events missed upstream when no batch follows at once.
+    pub fn empty(committed_at: Instant) -> CommittedBatch {
+        CommittedBatch {
+            text: Bytes::new(),
+            keys: String::new(),
+            events: Vec::new(),
+            committed_at,
+            lease: Lease::detached(),
+        }
+    }
+
+    /// A batch another instance serialised: `text` is its events' JSON back
+    /// to back, `keys` their `device_id`s and `type`s back to back, `lens`
+    /// each event's (JSON, device, type) lengths in bytes. `None` when the
+    /// lengths do not add up or cut text that is not UTF-8 (a foreign or
+    /// damaged message).
+    pub fn from_wire(
+        text: Bytes,
+        keys: String,
+        lens: impl ExactSizeIterator<Item = (u32, u16, u16)>,
+        committed_at: Instant,
+        lease: Lease,
+    ) -> Option<CommittedBatch> {
+        let utf8 = std::str::from_utf8(&text).ok()?;
+        let mut events = Vec::with_capacity(lens.len());
+        let (mut t, mut k) = (0u32, 0u32);
+        for (json, device, kind) in lens {
+            let json = t..t.checked_add(json)?;
+            let device = k..k.checked_add(u32::from(device))?;
+            let kind = device.end..device.end.checked_add(u32::from(kind))?;
+            // Out of range is not a char boundary either.
+            if !utf8.is_char_boundary(json.end as usize)
+                || ![device.end, kind.end].iter().all(|at| keys.is_char_boundary(*at as usize))
+            {
+                return None;
+            }
+            (t, k) = (json.end, kind.end);
+            events.push(EventIndex { json, device, kind });
+        }
+        if t as usize != text.len() || k as usize != keys.len() {
+            return None;
+        }
+        Some(CommittedBatch { text, keys, events, committed_at, lease })
+    }
+
+    /// Bytes of this batch's JSON text.
+    pub fn text_len(&self) -> usize {
+        self.text.len()
+    }
+}
+
 fn json_string(out: &mut Vec<u8>, bytes: &[u8]) {
     // Rows hold validated UTF-8 text; serde_json does the escaping.
     let s = std::str::from_utf8(bytes).unwrap_or_default();
@@ -196,9 +256,79 @@ pub struct ShardSlot {
     pub lagged: AtomicU64,
 }
 
+/// Why events did not reach the bus (`ingestd_cluster_publish_dropped_events_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BusDrop {
+    /// The broadcaster ring or the bus's queue was full.
+    QueueFull,
+    /// No room in the live feed's budget or the bus queue's bytes.
+    Budget,
+    /// Not sent within `cluster.publish_timeout_ms`.
+    Timeout,
+    /// The bus was not connected.
+    BusDown,
+}
+
+impl BusDrop {
+    pub const ALL: [BusDrop; 4] = [BusDrop::QueueFull, BusDrop::Budget, BusDrop::Timeout, BusDrop::BusDown];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            BusDrop::QueueFull => "queue_full",
+            BusDrop::Budget => "budget",
+            BusDrop::Timeout => "timeout",
+            BusDrop::BusDown => "bus_down",
+        }
+    }
+}
+
+/// The bus's share of the hub: whether batches go out to other instances,
+/// and the events that were lost on the way there.
+#[derive(Default)]
+pub struct Export {
+    on: AtomicBool,
+    /// Lost events not yet folded into the bus's running count (the
+    /// publisher takes them before its next message, so that every other
+    /// instance sees the gap).
+    pending: AtomicU64,
+    dropped: [AtomicU64; 4],
+}
+
+impl Export {
+    pub fn is_on(&self) -> bool {
+        self.on.load(Ordering::Relaxed)
+    }
+
+    /// `events` committed here that will never reach the bus.
+    pub fn lost(&self, why: BusDrop, events: u64) {
+        if self.is_on() && events > 0 {
+            self.note(why, events);
+            self.pending.fetch_add(events, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts `events` as dropped that are already in the bus's running
+    /// count (a message whose send failed: it may have arrived).
+    pub fn note(&self, why: BusDrop, events: u64) {
+        self.dropped[why as usize].fetch_add(events, Ordering::Relaxed);
+    }
+
+    /// Lost events since the last call, for the publisher's running count.
+    pub fn take_lost(&self) -> u64 {
+        self.pending.swap(0, Ordering::Relaxed)
+    }
+
+    /// Events lost for `why` since start.
+    pub fn dropped(&self, why: BusDrop) -> u64 {
+        self.dropped[why as usize].load(Ordering::Relaxed)
+    }
+}
+
 /// Shared subscription state: counts, limits and lag.
 pub struct Hub {
     pub slots: Box<[ShardSlot]>,
+    /// What goes out to the other instances (`[cluster] feed`).
+    pub export: Export,
     /// Bytes the live feed may hold: `websocket.fanout_budget_bytes`.
     pub budget: Budget,
     total: AtomicUsize,
@@ -223,16 +353,16 @@ impl Clone for Publisher {
 impl Publisher {
     /// Called by a writer after a commit, before answering. Never blocks.
     pub fn publish(&self, mut published: Published) {
-        if self.hub.subscribers() == 0 {
+        if !self.hub.wanted() {
             return;
         }
         let bytes = published.rows.iter().map(RowBuf::memory_bytes).sum();
         match self.hub.budget.try_lease(bytes) {
             Ok(lease) => published.lease = lease,
-            Err(_) => return self.hub.missed(published.events()),
+            Err(_) => return self.hub.lost(published.events(), BusDrop::Budget),
         }
         if let Err(e) = self.ring.try_send(published) {
-            self.hub.missed(e.into_inner().events());
+            self.hub.lost(e.into_inner().events(), BusDrop::QueueFull);
         }
     }
 }
@@ -280,6 +410,7 @@ impl Hub {
         let hub = Arc::new(Hub {
             slots: (0..shards).map(|_| ShardSlot::default()).collect(),
             budget,
+            export: Export::default(),
             total: AtomicUsize::new(0),
             per_ip: Mutex::new(HashMap::new()),
             max_total,
@@ -294,6 +425,22 @@ impl Hub {
         for slot in self.slots.iter().filter(|s| s.subscribers.load(Ordering::Relaxed) > 0) {
             slot.lagged.fetch_add(events, Ordering::Relaxed);
         }
+    }
+
+    /// `events` lost before the broadcaster: missed here and on the bus.
+    fn lost(&self, events: u64, why: BusDrop) {
+        self.missed(events);
+        self.export.lost(why, events);
+    }
+
+    /// Sends every batch to the bus from now on, subscribers here or not.
+    pub fn export_to_bus(&self) {
+        self.export.on.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether committed batches are wanted: subscribers here, or the bus.
+    pub fn wanted(&self) -> bool {
+        self.subscribers() > 0 || self.export.is_on()
     }
 
     /// Subscribers across all shards.
@@ -328,15 +475,66 @@ impl Hub {
 
 /// The shard side of an inbox.
 pub type Inbox = futures_channel::mpsc::Receiver<Arc<CommittedBatch>>;
-type InboxSender = futures_channel::mpsc::Sender<Arc<CommittedBatch>>;
+/// The broadcaster's (and the bus receiver's) side of a shard's inbox.
+pub type InboxSender = futures_channel::mpsc::Sender<Arc<CommittedBatch>>;
+
+/// Offers `batch` to every shard that has subscribers; a full inbox counts
+/// the batch's events as missed for that shard.
+pub fn deliver(hub: &Hub, inboxes: &mut [InboxSender], batch: &Arc<CommittedBatch>) {
+    for (shard, inbox) in inboxes.iter_mut().enumerate() {
+        let slot = &hub.slots[shard];
+        if slot.subscribers.load(Ordering::Relaxed) == 0 {
+            continue;
+        }
+        if inbox.try_send(batch.clone()).is_err() {
+            slot.lagged.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+/// One batch on its way to the bus, with its bytes in the bus queue's bound.
+pub struct Outgoing {
+    pub batch: Arc<CommittedBatch>,
+    pub lease: Lease,
+}
+
+/// The broadcaster's side of the queue to the bus (`cluster`): bounded in
+/// batches (`cluster.queue_batches`) and bytes (`cluster.queue_bytes`).
+pub struct Outlet {
+    tx: futures_channel::mpsc::Sender<Outgoing>,
+    budget: Budget,
+}
+
+/// The bus publisher's side of the queue.
+pub type OutletReceiver = futures_channel::mpsc::Receiver<Outgoing>;
+
+/// A queue to the bus of `batches` batches and `budget` bytes.
+pub fn outlet(batches: usize, budget: Budget) -> (Outlet, OutletReceiver) {
+    // futures' channel holds `buffer + senders`; one sender, so `batches - 1`.
+    let (tx, rx) = futures_channel::mpsc::channel(batches.saturating_sub(1));
+    (Outlet { tx, budget }, rx)
+}
+
+impl Outlet {
+    /// Queues `batch` for the bus, or counts its events as lost there.
+    fn offer(&mut self, hub: &Hub, batch: &Arc<CommittedBatch>) {
+        let Ok(lease) = self.budget.try_lease(batch.memory_bytes()) else {
+            return hub.export.lost(BusDrop::Budget, batch.len() as u64);
+        };
+        if self.tx.try_send(Outgoing { batch: batch.clone(), lease }).is_err() {
+            hub.export.lost(BusDrop::QueueFull, batch.len() as u64);
+        }
+    }
+}
 
 /// One inbox per shard: senders for the broadcaster, receivers for shards.
 pub fn inboxes(shards: usize, capacity: usize) -> (Vec<InboxSender>, Vec<Inbox>) {
     (0..shards).map(|_| futures_channel::mpsc::channel(capacity)).unzip()
 }
 
-/// Runs the `broadcaster` thread until every writer is gone.
-pub fn run(hub: Arc<Hub>, ring: Receiver<Published>, mut inboxes: Vec<InboxSender>) {
+/// Runs the `broadcaster` thread until every writer is gone; dropping
+/// `outlet` then tells the bus publisher to finish.
+pub fn run(hub: Arc<Hub>, ring: Receiver<Published>, mut inboxes: Vec<InboxSender>, mut outlet: Option<Outlet>) {
     loop {
         let published = match ring.recv_timeout(Duration::from_millis(200)) {
             Ok(p) => p,
@@ -346,7 +544,7 @@ pub fn run(hub: Arc<Hub>, ring: Receiver<Published>, mut inboxes: Vec<InboxSende
         // The serialised batch is leased before it is built (then trued up);
         // the published rows are let go right after.
         let Ok(lease) = hub.budget.try_lease(CommittedBatch::estimate(&published)) else {
-            hub.missed(published.events());
+            hub.lost(published.events(), BusDrop::Budget);
             continue;
         };
         let mut batch = CommittedBatch::build(&published);
@@ -357,14 +555,9 @@ pub fn run(hub: Arc<Hub>, ring: Receiver<Published>, mut inboxes: Vec<InboxSende
         batch.lease = lease;
         batch.lease.set(batch.memory_bytes());
         let batch = Arc::new(batch);
-        for (shard, inbox) in inboxes.iter_mut().enumerate() {
-            let slot = &hub.slots[shard];
-            if slot.subscribers.load(Ordering::Relaxed) == 0 {
-                continue;
-            }
-            if inbox.try_send(batch.clone()).is_err() {
-                slot.lagged.fetch_add(batch.len() as u64, Ordering::Relaxed);
-            }
+        deliver(&hub, &mut inboxes, &batch);
+        if let Some(outlet) = outlet.as_mut() {
+            outlet.offer(&hub, &batch);
         }
     }
 }
@@ -460,5 +653,28 @@ mod tests {
         assert!(budget.used() > 0, "queued rows hold their bytes");
         drop(rx.recv().unwrap());
         assert_eq!(budget.used(), 0, "and give them back when dropped");
+    }
+
+    #[test]
+    fn with_the_bus_on_batches_go_out_without_local_subscribers_and_losses_are_counted_for_it() {
+        let (hub, publisher, rx) = Hub::new(1, 10, 10, 1, Budget::unlimited());
+        hub.export_to_bus();
+        publisher.publish(Published::new(vec![rows()], None, Instant::now()));
+        assert_eq!(rx.len(), 1, "published for the bus although nobody subscribes here");
+        publisher.publish(Published::new(vec![rows()], None, Instant::now()));
+        assert_eq!(hub.export.dropped(BusDrop::QueueFull), 2, "the ring was full");
+        assert_eq!(hub.export.take_lost(), 2);
+        assert_eq!(hub.export.take_lost(), 0, "taken once");
+        // The outlet: two batches fit, the third is lost to the bus.
+        let (mut out, mut queue) = outlet(2, Budget::unlimited());
+        let batch = Arc::new(CommittedBatch::build(&rx.recv().unwrap()));
+        for _ in 0..3 {
+            out.offer(&hub, &batch);
+        }
+        assert_eq!(hub.export.dropped(BusDrop::QueueFull), 4);
+        assert!(queue.try_recv().is_ok() && queue.try_recv().is_ok());
+        let (mut tight, _q) = outlet(8, Budget::new("cluster.queue_bytes", 1));
+        tight.offer(&hub, &batch);
+        assert_eq!(hub.export.dropped(BusDrop::Budget), 2, "past the queue's bytes");
     }
 }

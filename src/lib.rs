@@ -46,6 +46,7 @@ pub mod auth;
 pub mod breaker;
 pub mod broadcast;
 pub mod budget;
+pub mod cluster;
 pub mod config;
 pub mod deadletter;
 pub mod drain;

@@ -9,8 +9,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use crate::broadcast::Hub;
+use crate::broadcast::{BusDrop, Hub};
 use crate::budget::Budget;
+use crate::cluster;
 use crate::health::{DbStatus, Health};
 use crate::labels::{RejectKind, Route, Shed};
 use crate::metrics::{
@@ -32,6 +33,8 @@ pub struct Report {
     pub hub: Arc<Hub>,
     /// The writers' connection pool, for its state.
     pub pool: crate::writer::db::Pool,
+    /// The live feed across instances, when `[cluster] feed` is on.
+    pub cluster: Option<Arc<cluster::Status>>,
 }
 
 impl Report {
@@ -64,8 +67,31 @@ impl Report {
             "uptime_s": self.metrics.started.elapsed().as_secs(),
             "auth": if self.health.auth_tokens.load(Ordering::Relaxed) { "tokens" } else { "off" },
             "tls": self.health.tls.load(Ordering::Relaxed),
+            "cluster": self.cluster_json(),
         })
         .to_string()
+    }
+
+    /// The bus as `/health` and `/stats` show it (`null` with the feed off).
+    /// The bus never makes ingestd unready: ingest does not depend on it.
+    fn cluster_json(&self) -> serde_json::Value {
+        let Some(c) = &self.cluster else { return serde_json::Value::Null };
+        let export = &self.hub.export;
+        let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        serde_json::json!({
+            "feed": c.feed.as_str(),
+            "instance": c.instance,
+            "bus": c.bus(),
+            "peers": c.peers.load(Ordering::Relaxed),
+            "published_batches": get(&c.published_batches),
+            "published_events": get(&c.published_events),
+            "publish_dropped_events": BusDrop::ALL.iter().map(|w| export.dropped(*w)).sum::<u64>(),
+            "received_batches": get(&c.received_batches),
+            "received_events": get(&c.received_events),
+            "missed_events": get(&c.missed_events),
+            "reconnects": get(&c.reconnects),
+            "lag_ms": c.lag_us.load(Ordering::Relaxed) as f64 / 1000.0,
+        })
     }
 
     /// The `/stats` body: totals since start, per-reason rejections, and
@@ -169,6 +195,7 @@ impl Report {
         // recursion limit.
         if let Some(map) = stats.as_object_mut() {
             map.insert("dead_letters_waiting".into(), self.metrics.dead_letters_waiting().into());
+            map.insert("cluster".into(), self.cluster_json());
         }
         stats.to_string()
     }
@@ -187,8 +214,69 @@ impl Report {
         self.queue(o, now);
         self.latencies(o, now);
         self.pool_and_spool(o);
+        self.cluster(o);
         process(o, self.metrics.started);
         out
+    }
+
+    fn cluster(&self, o: &mut String) {
+        let Some(c) = &self.cluster else { return };
+        let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let values: [(&str, &str, u64); 9] = [
+            (
+                "ingestd_cluster_bus_up",
+                "1 when this instance both publishes to and is subscribed on the bus.",
+                c.is_up().into(),
+            ),
+            (
+                "ingestd_cluster_peers",
+                "Other instances heard from on the bus in the last minute.",
+                c.peers.load(Ordering::Relaxed) as u64,
+            ),
+            (
+                "ingestd_cluster_published_batches_total",
+                "Messages with events this instance put on the bus.",
+                get(&c.published_batches),
+            ),
+            (
+                "ingestd_cluster_published_events_total",
+                "Events this instance put on the bus.",
+                get(&c.published_events),
+            ),
+            (
+                "ingestd_cluster_received_batches_total",
+                "Other instances' messages with events taken off the bus.",
+                get(&c.received_batches),
+            ),
+            (
+                "ingestd_cluster_received_events_total",
+                "Other instances' events taken off the bus.",
+                get(&c.received_events),
+            ),
+            (
+                "ingestd_cluster_missed_events_total",
+                "Other instances' events that never arrived here (gaps in their counts); subscribers were told.",
+                get(&c.missed_events),
+            ),
+            ("ingestd_cluster_reconnects_total", "Bus connections made again after one was lost.", get(&c.reconnects)),
+            (
+                "ingestd_cluster_foreign_messages_total",
+                "Messages on the channel that were not ingestd's or were damaged.",
+                get(&c.foreign_messages),
+            ),
+        ];
+        for (name, help, value) in values {
+            family(o, name, if name.ends_with("_total") { "counter" } else { "gauge" }, help);
+            let _ = writeln!(o, "{name} {value}");
+        }
+        let name = "ingestd_cluster_publish_dropped_events_total";
+        family(o, name, "counter", "Events committed here that did not go out on the bus, by reason.");
+        for why in BusDrop::ALL {
+            let _ = writeln!(o, "{name}{{reason=\"{}\"}} {}", why.label(), self.hub.export.dropped(why));
+        }
+        let name = "ingestd_cluster_receive_lag_seconds";
+        family(o, name, "gauge", "Age of the latest message from another instance when it arrived (sender's clock).");
+        let _ = writeln!(o, "{name} {:.6}", c.lag_us.load(Ordering::Relaxed) as f64 / 1e6);
     }
 
     fn readiness(&self, o: &mut String) {
@@ -581,6 +669,7 @@ mod tests {
                 crate::writer::db::pool(&db, &Arc::new(arc_swap::ArcSwap::from_pointee(access)), 1)
                     .expect("a lazy pool")
             },
+            cluster: None,
         }
     }
 
@@ -617,6 +706,30 @@ mod tests {
             assert!(text.lines().any(|l| l == line), "no line {line:?} in\n{text}");
         }
         assert!(!text.contains("quantile="), "no summaries left");
+        assert!(!text.contains("ingestd_cluster_"), "no bus families with the feed off");
+    }
+
+    #[test]
+    fn the_bus_shows_in_health_and_metrics_when_the_feed_is_on() {
+        let mut r = report();
+        let status = Arc::new(cluster::Status::new(crate::config::Feed::Redis, "node-a".into()));
+        status.received_events.fetch_add(7, Ordering::Relaxed);
+        r.cluster = Some(status);
+        r.hub.export_to_bus();
+        r.hub.export.lost(BusDrop::Timeout, 3);
+        let text = r.prometheus();
+        for line in [
+            "ingestd_cluster_bus_up 0",
+            "ingestd_cluster_received_events_total 7",
+            "ingestd_cluster_publish_dropped_events_total{reason=\"timeout\"} 3",
+            "ingestd_cluster_publish_dropped_events_total{reason=\"bus_down\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no line {line:?} in\n{text}");
+        }
+        let health: serde_json::Value = serde_json::from_str(&r.health_json()).unwrap();
+        assert_eq!(health["cluster"]["bus"], "connecting");
+        assert_eq!(health["cluster"]["instance"], "node-a");
+        assert_eq!(health["cluster"]["publish_dropped_events"], 3);
     }
 
     #[test]

@@ -42,6 +42,8 @@ pub struct Config {
     pub cors: CorsConfig,
     /// Abuse limits across shards: per IP and per token.
     pub limits: LimitsConfig,
+    /// One live feed across instances, through Redis or NATS.
+    pub cluster: ClusterConfig,
     pub log: LogConfig,
 }
 
@@ -405,6 +407,9 @@ impl Config {
         for (key, why) in self.breaker.problems() {
             problems.push((format!("breaker.{key}"), why.to_string()));
         }
+        for (key, why) in self.cluster.problems() {
+            problems.push((format!("cluster.{key}"), why));
+        }
         let exposed = [self.server.listen_addr().ok(), self.tls.listen_addr().ok()]
             .into_iter()
             .flatten()
@@ -432,6 +437,7 @@ impl Config {
     pub fn to_toml(&self) -> String {
         let mut shown = self.clone();
         shown.database.url = mask_password(&shown.database.url);
+        shown.cluster.url = shown.cluster.url_masked();
         for t in &mut shown.auth.tokens {
             t.token = "***".into();
         }
@@ -537,6 +543,25 @@ mod tests {
         let c = with(&[]).expect("defaults");
         assert_eq!(c.ingest.ack, AckMode::Commit);
         assert_eq!(c.pool_size(), 3);
+    }
+
+    #[test]
+    fn cluster_feed_needs_a_url_of_its_kind_and_masks_its_password() {
+        let e = with(&[("cluster.feed", "\"redis\"")]).unwrap_err().to_string();
+        assert!(e.contains("cluster.url") && e.contains("required"), "{e}");
+        let e = with(&[("cluster.feed", "\"nats\""), ("cluster.url", "\"redis://h\"")]).unwrap_err().to_string();
+        assert!(e.contains("cluster.url") && e.contains("nats://"), "{e}");
+        let e = with(&[("cluster.feed", "\"redis\""), ("cluster.url", "\"redis://\"")]).unwrap_err().to_string();
+        assert!(e.contains("no host"), "{e}");
+        let e =
+            with(&[("cluster.feed", "\"redis\""), ("cluster.url", "\"redis://h\""), ("cluster.channel", "\"a b\"")])
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("cluster.channel"), "{e}");
+        let c = with(&[("cluster.feed", "\"redis\""), ("cluster.url", "\"redis://:s3cret@h:6379/0\"")]).unwrap();
+        let shown = c.to_toml();
+        assert!(shown.contains("redis://:***@h:6379/0") && !shown.contains("s3cret"), "{shown}");
+        assert!(with(&[("cluster.url", "\"anything\"")]).is_ok(), "off: the url is not looked at");
     }
 
     #[test]

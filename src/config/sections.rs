@@ -431,6 +431,151 @@ fn origin_is_valid(origin: &str) -> bool {
     host_ok && port_ok
 }
 
+/// Which bus carries the live feed between instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Feed {
+    /// Each instance's subscribers see only its own events.
+    #[default]
+    Off,
+    /// Redis pub/sub (`redis://` or `rediss://`).
+    Redis,
+    /// NATS core subjects (`nats://`).
+    Nats,
+}
+
+impl Feed {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Feed::Off => "off",
+            Feed::Redis => "redis",
+            Feed::Nats => "nats",
+        }
+    }
+}
+
+/// One live feed across instances: the `[cluster]` section (see `cluster`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// `off`, `redis` or `nats`.
+    pub feed: Feed,
+    /// The bus: `redis://host:6379` (`rediss://` for TLS, `redis://:password@…`)
+    /// or `nats://host:4222` (`nats://user:password@…`).
+    pub url: String,
+    /// The Redis channel or NATS subject; instances that share the bus and
+    /// this name share one feed.
+    pub channel: String,
+    /// This instance's name on the bus; empty: `<hostname>-<pid>-<random>`,
+    /// new at every start.
+    pub instance_id: String,
+    /// Batches waiting for the bus; past it batches are dropped (counted,
+    /// and told to the other instances as missed events).
+    pub queue_batches: usize,
+    /// Bytes of the batches waiting for the bus.
+    pub queue_bytes: usize,
+    /// A batch not on the bus this long after its commit is dropped.
+    pub publish_timeout_ms: u64,
+    /// Largest message on the bus; a bigger batch goes as several messages
+    /// (NATS refuses messages over its `max_payload`, 1 MiB by default).
+    pub max_message_bytes: usize,
+    /// Longest pause between reconnection attempts (from 50 ms, doubling).
+    pub reconnect_max_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            feed: Feed::Off,
+            url: String::new(),
+            channel: "ingestd.feed".into(),
+            instance_id: String::new(),
+            queue_batches: 256,
+            queue_bytes: 32 * 1024 * 1024,
+            publish_timeout_ms: 1_000,
+            max_message_bytes: 512 * 1024,
+            reconnect_max_ms: 2_000,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// `url` with any password in it shown as `***`.
+    pub fn url_masked(&self) -> String {
+        let Some((scheme, rest)) = self.url.split_once("://") else { return self.url.clone() };
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        match rest[..authority_end].rfind('@') {
+            Some(at) => {
+                let userinfo = &rest[..at];
+                let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+                let shown = if userinfo.contains(':') { format!("{user}:***") } else { userinfo.to_string() };
+                format!("{scheme}://{shown}{}", &rest[at..])
+            }
+            None => self.url.clone(),
+        }
+    }
+
+    /// What is wrong with the section, key by key.
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        if self.feed == Feed::Off {
+            return out;
+        }
+        let schemes: &[&str] = match self.feed {
+            Feed::Redis => &["redis://", "rediss://"],
+            _ => &["nats://", "tls://"],
+        };
+        if self.url.trim().is_empty() {
+            out.push((
+                "url",
+                format!("is required with feed = \"{}\" (e.g. {}127.0.0.1)", self.feed.as_str(), schemes[0]),
+            ));
+        } else if !schemes.iter().any(|s| self.url.starts_with(s)) {
+            out.push((
+                "url",
+                format!("must start with {} for feed = \"{}\"", schemes.join(" or "), self.feed.as_str()),
+            ));
+        } else if self.url.split_once("://").is_none_or(|(_, rest)| rest.trim().is_empty()) {
+            out.push(("url", "names no host".into()));
+        } else {
+            // The client's own parser, without connecting.
+            let parsed = match self.feed {
+                Feed::Redis => redis::Client::open(self.url.as_str()).map(|_| ()).map_err(|e| e.to_string()),
+                _ => self.url.parse::<async_nats::ServerAddr>().map(|_| ()).map_err(|e| e.to_string()),
+            };
+            if let Err(why) = parsed {
+                out.push(("url", format!("is not a valid {} URL ({why}): {}", self.feed.as_str(), self.url_masked())));
+            }
+        }
+        let name_ok = |s: &str| {
+            !s.is_empty() && s.len() <= 200 && s.bytes().all(|b| b.is_ascii_graphic() && b != b'*' && b != b'>')
+        };
+        if !name_ok(&self.channel) {
+            out.push(("channel", "must be 1-200 visible ASCII characters without * or >".into()));
+        }
+        let id_ok = self.instance_id.len() <= 200 && self.instance_id.bytes().all(|b| b.is_ascii_graphic());
+        if !id_ok {
+            out.push(("instance_id", "must be empty (generated) or 1-200 visible ASCII characters".into()));
+        }
+        if self.queue_batches < 2 {
+            out.push(("queue_batches", "must be at least 2".into()));
+        }
+        if self.queue_bytes < 1024 * 1024 {
+            out.push(("queue_bytes", "must be at least 1048576".into()));
+        }
+        if !(10..=60_000).contains(&self.publish_timeout_ms) {
+            out.push(("publish_timeout_ms", "must be between 10 and 60000".into()));
+        }
+        if !(64 * 1024..=64 * 1024 * 1024).contains(&self.max_message_bytes) {
+            out.push(("max_message_bytes", "must be between 65536 and 67108864".into()));
+        }
+        if !(100..=600_000).contains(&self.reconnect_max_ms) {
+            out.push(("reconnect_max_ms", "must be between 100 and 600000".into()));
+        }
+        out
+    }
+}
+
 /// Logging to stderr.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]

@@ -1171,9 +1171,9 @@ mod tests {
             (vec!["d 1".into()], vec!["boot".into()], Some(Duration::from_millis(250)))
         );
         let r = WsRequest::parse("device_id=a&device_id=b&device_prefix=f%2F&device_prefix=&type=x&type=y").unwrap();
-        assert_eq!(r.devices, ["a".into(), "b".into()], "repeats accumulate");
-        assert_eq!(r.prefixes, ["f/".into(), "".into()]);
-        assert_eq!(r.types, ["x".into(), "y".into()]);
+        assert_eq!(r.devices, [Box::<str>::from("a"), Box::<str>::from("b")], "repeats accumulate");
+        assert_eq!(r.prefixes, [Box::<str>::from("f/"), Box::<str>::from("")]);
+        assert_eq!(r.types, [Box::<str>::from("x"), Box::<str>::from("y")]);
         assert_eq!(WsRequest::parse("").unwrap(), WsRequest::default());
         assert!(WsRequest::parse("device=x").unwrap_err().contains("unknown query parameter"));
         assert!(WsRequest::parse("device_id=").unwrap_err().contains("device_id must not be empty"));

@@ -613,7 +613,7 @@ impl Writer {
             stats.ack_us.record_since(job.enqueued);
             report.committed += job.rows.len() as u64;
         }
-        if self.publisher.hub.subscribers() > 0 {
+        if self.publisher.hub.wanted() {
             let mask = batch.inserted_mask(jobs.clone(), done);
             let rows = batch.jobs[jobs.clone()].iter_mut().map(|j| std::mem::take(&mut j.rows)).collect();
             self.publisher.publish(Published::new(rows, mask, Instant::now()));
