@@ -192,13 +192,16 @@ pub enum Receiver {
 }
 
 impl Receiver {
-    /// The next message. A Redis subscription that brings nothing for
-    /// `quiet` is pinged (bounded by `quiet` too): a connection that died
-    /// without a word is found within two `quiet`s.
-    pub async fn next(&mut self, quiet: Duration) -> Result<Bytes, BusError> {
+    /// The next message for which `keep` says yes (Redis hands back our
+    /// own messages too: they are left before being copied). A Redis
+    /// subscription that brings nothing for `quiet` is pinged (bounded by
+    /// `quiet` too): a connection that died without a word is found within
+    /// two `quiet`s.
+    pub async fn next(&mut self, quiet: Duration, keep: impl Fn(&[u8]) -> bool) -> Result<Bytes, BusError> {
         match self {
             Receiver::Redis { sink, stream } => loop {
                 match tokio::time::timeout(quiet, stream.next()).await {
+                    Ok(Some(msg)) if !keep(msg.get_payload_bytes()) => {}
                     Ok(Some(msg)) => return Ok(Bytes::copy_from_slice(msg.get_payload_bytes())),
                     Ok(None) => return Err(BusError::Failed("the subscription's connection closed".into())),
                     Err(_) => {
@@ -206,9 +209,12 @@ impl Receiver {
                     }
                 }
             },
-            Receiver::Nats(sub) => match sub.next().await {
-                Some(msg) => Ok(msg.payload),
-                None => Err(BusError::Failed("the NATS client closed".into())),
+            Receiver::Nats(sub) => loop {
+                match sub.next().await {
+                    Some(msg) if !keep(&msg.payload) => {}
+                    Some(msg) => return Ok(msg.payload),
+                    None => return Err(BusError::Failed("the NATS client closed".into())),
+                }
             },
         }
     }

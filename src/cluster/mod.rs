@@ -371,7 +371,7 @@ impl Link {
                 status.set(&status.receiver_up, true);
             }
             loop {
-                match rx.next(QUIET).await {
+                match rx.next(QUIET, |msg| !wire::is_from(msg, &status.instance)).await {
                     Ok(msg) => self.take(msg, &mut inboxes, &mut peers.borrow_mut()),
                     Err(e) => {
                         crate::warn!(

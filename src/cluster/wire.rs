@@ -133,6 +133,12 @@ impl Encoder {
     }
 }
 
+/// Whether `msg` is one of `instance`'s own (read before anything is copied).
+pub fn is_from(msg: &[u8], instance: &str) -> bool {
+    let id = instance.as_bytes();
+    msg.len() > 5 + id.len() && msg.starts_with(MAGIC) && msg[4] as usize == id.len() && &msg[5..5 + id.len()] == id
+}
+
 /// Reads a message's header; the offset where its index starts.
 pub fn header(msg: &[u8]) -> Result<(Header, usize), WireError> {
     let rest = msg.strip_prefix(MAGIC).ok_or(WireError::NotOurs)?;
@@ -209,6 +215,7 @@ mod tests {
 
     fn roundtrip(msg: &Bytes) -> (Header, CommittedBatch) {
         let (h, at) = header(msg).unwrap();
+        assert!(is_from(msg, &h.instance) && !is_from(msg, "node-b") && !is_from(msg, ""));
         let b = batch(msg, &h, at, Instant::now(), Lease::detached()).unwrap();
         (h, b)
     }
