@@ -18,8 +18,10 @@
 //! - the bus killed (SIGKILL) and started again under load: ingest keeps its
 //!   speed, `/health` stays 200 and shows the bus down then up again by
 //!   itself, drops are counted, nothing stored is lost, the feed resumes,
-//!   and every subscriber's events plus its `{"dropped": N}` notices add up
-//!   to what was committed.
+//!   and a subscriber of everything has its events plus its `{"dropped": N}`
+//!   notices add up to what was committed (a filtered one is told the whole
+//!   gap: a receiver cannot know the devices of events it never got); with
+//!   `overflow = "close"` the subscriber is closed with 1013 instead.
 //! - configuration: `feed` without `url` and an unknown `feed` exit 64 naming
 //!   the key; a bus that is not there at start-up does not stop ingestd, which
 //!   connects once it appears.
