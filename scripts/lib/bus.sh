@@ -1,7 +1,6 @@
 # shellcheck shell=bash
 # The message buses of the cluster feed (issue 16, `[cluster] feed`): Redis
-# and NATS, installed from Debian packages when missing (the way
-# scripts/lib/pg.sh installs PostgreSQL), and private servers of either on a
+# and NATS, installed from Debian packages when missing (scripts/lib/apt.sh), and private servers of either on a
 # free port for scripts/fanout.sh --cluster. The integration tests
 # (tests/it/cluster.rs) start their own servers from Rust, so that a test can
 # kill one and restart it on the same port; they find the binaries in
@@ -27,53 +26,16 @@
 #
 # Messages go to stderr; only results (URLs, ports, pids) go to stdout.
 
+# shellcheck source-path=SCRIPTDIR source=apt.sh
+source "$(dirname -- "${BASH_SOURCE[0]}")/apt.sh"
+
 bus_msg() { printf 'bus.sh: %s\n' "$*" >&2; }
 
 bus_redis_bin() { printf '%s\n' "${INGESTD_TEST_REDIS_SERVER:-/usr/bin/redis-server}"; }
 bus_nats_bin() { printf '%s\n' "${INGESTD_TEST_NATS_SERVER:-/usr/sbin/nats-server}"; }
 
-# bus_apt_install WHAT PACKAGE BIN: install PACKAGE with apt-get so that BIN
-# exists. Idempotent: does nothing (and prints nothing) when BIN is present.
-bus_apt_install() {
-    local what=$1 pkg=$2 bin=$3
-    [[ -x $bin ]] && return 0
-    local sudo=()
-    if [[ $(id -u) -ne 0 ]]; then
-        if command -v sudo >/dev/null 2>&1; then
-            sudo=(sudo)
-        else
-            bus_msg "$what is not installed and we are not root (no sudo either)."
-            bus_msg "Install it (Debian: apt-get install $pkg) or point the tests at it (see scripts/lib/bus.sh)."
-            return 1
-        fi
-    fi
-    if ! command -v apt-get >/dev/null 2>&1; then
-        bus_msg "$what is not installed and apt-get is not available; install $pkg yourself."
-        return 1
-    fi
-    bus_msg "$what not found; installing it from Debian packages (apt-get) ..."
-    local apt=("${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -q -y
-               -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold)
-    local log
-    log=$(mktemp "${TMPDIR:-/tmp}/ingestd-apt.XXXXXX")
-    # The package list may be older than the archive: install, else update and retry.
-    if ! "${apt[@]}" install --no-install-recommends "$pkg" >"$log" 2>&1; then
-        if ! { "${apt[@]}" update && "${apt[@]}" install --no-install-recommends "$pkg"; } >>"$log" 2>&1; then
-            tail -n 40 "$log" >&2; rm -f "$log"
-            bus_msg "apt-get install $pkg failed"
-            return 1
-        fi
-    fi
-    rm -f "$log"
-    if [[ ! -x $bin ]]; then
-        bus_msg "$pkg installed but $bin is missing"
-        return 1
-    fi
-    bus_msg "$what installed: $("$bin" --version 2>/dev/null | head -n 1 || echo "$bin")"
-}
-
-redis_ensure_installed() { bus_apt_install "Redis (redis-server)" redis-server "$(bus_redis_bin)"; }
-nats_ensure_installed() { bus_apt_install "NATS (nats-server)" nats-server "$(bus_nats_bin)"; }
+redis_ensure_installed() { apt_ensure bus.sh "Redis (redis-server)" redis-server "$(bus_redis_bin)"; }
+nats_ensure_installed() { apt_ensure bus.sh "NATS (nats-server)" nats-server "$(bus_nats_bin)"; }
 
 # Print a TCP port that is free on 127.0.0.1 right now.
 bus_free_port() {

@@ -29,6 +29,9 @@
 PG_OS_USER=${INGESTD_PG_OS_USER:-ingestd-pg}
 PG_SUPERUSER=${INGESTD_PG_SUPERUSER:-postgres}
 
+# shellcheck source-path=SCRIPTDIR source=apt.sh
+source "$(dirname -- "${BASH_SOURCE[0]}")/apt.sh"
+
 pg_msg() { printf 'pg: %s\n' "$*" >&2; }
 
 # Print the directory holding the server binaries, or fail.
@@ -133,38 +136,7 @@ pg_ensure_installed() {
 
 # Install PgBouncer from Debian packages when /usr/sbin/pgbouncer is missing
 # (tests/it/pgbouncer.rs runs it in front of the test cluster). Idempotent.
-pgbouncer_ensure_installed() {
-    [[ -x /usr/sbin/pgbouncer ]] && return 0
-    local sudo=()
-    if [[ $(id -u) -ne 0 ]]; then
-        if command -v sudo >/dev/null 2>&1; then
-            sudo=(sudo)
-        else
-            pg_msg "PgBouncer is not installed and we are not root (no sudo either): apt-get install pgbouncer"
-            return 1
-        fi
-    fi
-    if ! command -v apt-get >/dev/null 2>&1; then
-        pg_msg "PgBouncer is not installed and apt-get is not available; install pgbouncer yourself"
-        return 1
-    fi
-    pg_msg "PgBouncer not found; installing it from Debian packages (apt-get) ..."
-    local apt=("${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -q -y
-               -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold)
-    local log
-    log=$(mktemp "${TMPDIR:-/tmp}/ingestd-apt.XXXXXX")
-    # The package list may be older than the archive: install, else update and retry.
-    if ! "${apt[@]}" install --no-install-recommends pgbouncer >"$log" 2>&1; then
-        if ! { "${apt[@]}" update && "${apt[@]}" install --no-install-recommends pgbouncer; } >>"$log" 2>&1; then
-            tail -n 40 "$log" >&2; rm -f "$log"
-            pg_msg "apt-get install pgbouncer failed"
-            return 1
-        fi
-    fi
-    rm -f "$log"
-    [[ -x /usr/sbin/pgbouncer ]] || { pg_msg "pgbouncer installed but /usr/sbin/pgbouncer is missing"; return 1; }
-    pg_msg "PgBouncer installed: $(/usr/sbin/pgbouncer --version | head -n 1)"
-}
+pgbouncer_ensure_installed() { apt_ensure pg PgBouncer pgbouncer /usr/sbin/pgbouncer; }
 
 # Succeed if nothing accepts connections on 127.0.0.1:PORT.
 pg_port_free() {
