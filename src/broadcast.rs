@@ -7,7 +7,7 @@
 //!    stored rows are not events anew) to the broadcaster ring with
 //!    `try_send`. Publishing before acknowledging means a client that sends
 //!    its next event after an ack can never see the two pushed out of order.
-//!    Nothing is published while nobody subscribes.
+//!    Nothing is published while nobody subscribes (and the bus is off).
 //! 2. The `broadcaster` thread serialises each event to JSON once per batch
 //!    into one shared buffer ([`CommittedBatch`]) and sends an `Arc` of it to
 //!    every shard that has subscribers, through that shard's bounded inbox.

@@ -407,6 +407,9 @@ impl Link {
         else {
             return;
         };
+        // Once per message (a batch or a heartbeat), over a handful of
+        // peers: /health shows a new instance as soon as it is heard.
+        status.peers.store(peers.recent(now), Ordering::Relaxed);
         let lag_us = unix_us(SystemTime::now()).saturating_sub(header.committed_unix_us).max(0);
         status.lag_us.store(lag_us, Ordering::Relaxed);
         if missed > 0 {
